@@ -1,0 +1,387 @@
+"""Typed configs for NVLM and its parts, the named presets, and the NVLM-D-72B ``config.json`` mapping.
+
+The released checkpoint's ``config.json`` nests a ``vision_config`` (InternViT) and an ``llm_config``
+(Qwen2, though it says ``model_type: "llama"``). ``NVLMConfig.from_hf`` reads it; ``to_hf`` writes it back
+in the same shape so that vLLM's ``NVLM_D`` loader and the HF remote code can read what we save.
+Spec: NVLM_SPEC.md sections 2, 4 and 9.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+Arch = Literal["D", "X", "H"]
+LLMFamily = Literal["qwen2", "llama"]
+
+
+class ConfigError(ValueError):
+    """A ``config.json`` that does not describe a model this package can build."""
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """InternViT as NVLM uses it (InternViT-6B-448px-V1-5 by default)."""
+
+    hidden_size: int = 3200
+    num_layers: int = 45
+    num_heads: int = 25  # real heads; the released checkpoint stores 7 more all-zero "dummy" heads
+    intermediate_size: int = 12800
+    image_size: int = 448
+    patch_size: int = 14
+    norm_eps: float = 1e-6
+    qk_norm: bool = True
+    qkv_bias: bool = False
+    layer_scale_init: float = 0.1
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """A decoder-only LLM of the Qwen2 family (q/k/v biases) or the Llama/Yi family (no biases)."""
+
+    family: LLMFamily = "qwen2"
+    vocab_size: int = 152064
+    hidden_size: int = 8192
+    intermediate_size: int = 29568
+    num_layers: int = 80
+    num_heads: int = 64
+    num_kv_heads: int = 8
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 151643
+    eos_token_id: int | None = 151645
+    # Kept for the round trip only: the released HF code (transformers 4.39 Qwen2) and Megatron's training
+    # apply no RoPE scaling, and neither do we.
+    rope_scaling: dict[str, Any] | None = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.family == "qwen2"
+
+
+@dataclass(frozen=True)
+class ProjectorConfig:
+    """``mlp1``: LayerNorm -> Linear (no bias) -> GELU -> Linear (no bias), after pixel shuffle."""
+
+    input_size: int = 12800  # ViT width * (1 / downsample_ratio)^2
+    hidden_size: int = 29568  # the LLM's FFN size
+    output_size: int = 8192  # the LLM's width
+    norm_eps: float = 1e-5  # nn.LayerNorm's default, as in the HF code (Megatron used 1e-6)
+
+
+@dataclass(frozen=True)
+class NVLMConfig:
+    """The whole model: architecture, its three parts, and the image tiling and tagging."""
+
+    arch: Arch = "D"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    select_layer: int = -1
+    downsample_ratio: float = 0.5
+    ps_version: str = "v2"
+    min_tiles: int = 1
+    max_tiles: int = 6
+    use_thumbnail: bool = True
+    template: str = "chatml"
+    image_token: str = "<|vision_pad|>"
+    image_start: str = "<Image>"
+    image_end: str = "</Image>"
+    tile_tag: str = "<tile_{}>"  # 1-based, row-major
+    thumbnail_tag: str = "<tile_global_thumbnail>"
+    torch_dtype: str = "bfloat16"
+
+    @property
+    def tile_size(self) -> int:
+        return self.vision.image_size
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return int(self.vision.num_patches * self.downsample_ratio**2)
+
+    def validate(self) -> "NVLMConfig":
+        v, lm, p = self.vision, self.llm, self.projector
+        problems = []
+        if self.arch not in ("D", "X", "H"):
+            problems.append(f"arch must be D, X or H, not {self.arch!r}")
+        if v.hidden_size % v.num_heads:
+            problems.append(f"vision hidden_size {v.hidden_size} is not divisible by num_heads {v.num_heads}")
+        if v.image_size % v.patch_size:
+            problems.append(f"vision image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
+        side = v.image_size // v.patch_size
+        scale = round(1 / self.downsample_ratio)
+        if side % scale:
+            problems.append(f"a {side}x{side} patch grid cannot be pixel-shuffled by {self.downsample_ratio}")
+        if p.input_size != v.hidden_size * scale * scale:
+            problems.append(f"projector input_size {p.input_size} != vision width * {scale * scale}")
+        if p.output_size != lm.hidden_size:
+            problems.append(f"projector output_size {p.output_size} != LLM hidden_size {lm.hidden_size}")
+        if lm.hidden_size % lm.num_heads or lm.num_heads % lm.num_kv_heads:
+            problems.append("LLM heads do not divide its width, or KV heads do not divide its heads")
+        if not -v.num_layers <= self.select_layer < v.num_layers:
+            problems.append(f"select_layer {self.select_layer} is outside the ViT's {v.num_layers} layers")
+        if self.ps_version != "v2":
+            problems.append(f"ps_version {self.ps_version!r}: NVLM uses pixel shuffle v2 only")
+        if not 1 <= self.min_tiles <= self.max_tiles:
+            problems.append(f"tiles: need 1 <= min_tiles <= max_tiles, got {self.min_tiles}, {self.max_tiles}")
+        if problems:
+            raise ConfigError("invalid NVLM config: " + "; ".join(problems))
+        return self
+
+    # ---------------------------------------------------------------- HF config.json (NVLM-D-72B layout)
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> "NVLMConfig":
+        """Read a released-style ``config.json`` dict (NVLM_D, or our NVLM_X / NVLM_H)."""
+        try:
+            arch_name = (cfg.get("architectures") or [cfg.get("model_type", "")])[0]
+            arch = {"NVLM_D": "D", "NVLM_X": "X", "NVLM_H": "H"}.get(arch_name)
+            if arch is None:
+                raise ConfigError(f"architectures {cfg.get('architectures')!r} is not NVLM_D, NVLM_X or NVLM_H")
+            vc, lc = cfg["vision_config"], cfg["llm_config"]
+            vision = VisionConfig(
+                hidden_size=vc["hidden_size"],
+                num_layers=vc["num_hidden_layers"],
+                num_heads=vc["num_attention_heads"],
+                intermediate_size=vc["intermediate_size"],
+                image_size=cfg.get("force_image_size") or vc["image_size"],
+                patch_size=vc["patch_size"],
+                norm_eps=vc.get("layer_norm_eps", 1e-6),
+                qk_norm=vc.get("qk_normalization", True),
+                qkv_bias=vc.get("qkv_bias", False),
+                layer_scale_init=vc.get("initializer_factor", 0.1),
+            )
+            if vc.get("norm_type", "rms_norm") != "rms_norm":
+                raise ConfigError(f"vision_config.norm_type {vc['norm_type']!r}: NVLM's InternViT uses rms_norm")
+            lm_arch = (lc.get("architectures") or [""])[0]
+            if lm_arch.startswith("Qwen2") or lc.get("model_type") == "qwen2":
+                family: LLMFamily = "qwen2"
+            elif lm_arch.startswith("Llama") or lc.get("model_type") == "llama":
+                family = "llama"
+            else:
+                raise ConfigError(f"llm_config architectures {lc.get('architectures')!r}: need Qwen2 or Llama")
+            if family == "llama" and lc.get("attention_bias"):
+                raise ConfigError("llm_config: a Llama-family LLM with attention_bias is not supported")
+            llm = LLMConfig(
+                family=family,
+                vocab_size=lc["vocab_size"],
+                hidden_size=lc["hidden_size"],
+                intermediate_size=lc["intermediate_size"],
+                num_layers=lc["num_hidden_layers"],
+                num_heads=lc["num_attention_heads"],
+                num_kv_heads=lc.get("num_key_value_heads") or lc["num_attention_heads"],
+                rope_theta=float(lc.get("rope_theta", 10000.0)),
+                rms_norm_eps=lc.get("rms_norm_eps", 1e-6),
+                max_position_embeddings=lc.get("max_position_embeddings", 32768),
+                tie_word_embeddings=lc.get("tie_word_embeddings", False),
+                bos_token_id=lc.get("bos_token_id"),
+                eos_token_id=lc.get("eos_token_id"),
+                rope_scaling=lc.get("rope_scaling"),
+            )
+            ratio = cfg.get("downsample_ratio", 0.5)
+            projector = replace(_default_projector(vision, llm, ratio), **cfg.get("projector_config", {}))
+            extra = {f.name: cfg[f.name] for f in fields(cls) if f.name in _TOP_LEVEL_OURS and f.name in cfg}
+            return cls(
+                arch=arch,
+                vision=vision,
+                llm=llm,
+                projector=projector,
+                select_layer=cfg.get("select_layer", -1),
+                downsample_ratio=ratio,
+                ps_version=cfg.get("ps_version", "v1"),
+                min_tiles=cfg.get("min_dynamic_patch", 1),
+                max_tiles=cfg.get("max_dynamic_patch", 6),
+                use_thumbnail=cfg.get("use_thumbnail", False),
+                template=cfg.get("template", "chatml"),
+                torch_dtype=cfg.get("torch_dtype") or "bfloat16",
+                **extra,
+            ).validate()
+        except KeyError as e:
+            raise ConfigError(f"config.json lacks the key {e.args[0]!r}") from None
+        except TypeError as e:
+            raise ConfigError(f"config.json has a value of the wrong type: {e}") from None
+
+    def to_hf(self) -> dict[str, Any]:
+        """The ``config.json`` dict in the NVLM-D-72B layout (vision_config / llm_config nested)."""
+        v, lm = self.vision, self.llm
+        name = f"NVLM_{self.arch}"
+        out: dict[str, Any] = {
+            "architectures": [name],
+            "model_type": name,
+            "downsample_ratio": self.downsample_ratio,
+            "dynamic_image_size": True,
+            "force_image_size": v.image_size,
+            "max_dynamic_patch": self.max_tiles,
+            "min_dynamic_patch": self.min_tiles,
+            "ps_version": self.ps_version,
+            "select_layer": self.select_layer,
+            "template": self.template,
+            "torch_dtype": self.torch_dtype,
+            "use_backbone_lora": 0,
+            "use_llm_lora": 0,
+            "use_thumbnail": self.use_thumbnail,
+            "llm_config": {
+                "architectures": ["Qwen2ForCausalLM" if lm.family == "qwen2" else "LlamaForCausalLM"],
+                "model_type": "llama",  # as released, even for Qwen2
+                "attention_bias": lm.qkv_bias,
+                "bos_token_id": lm.bos_token_id,
+                "eos_token_id": lm.eos_token_id,
+                "hidden_act": "silu",
+                "hidden_size": lm.hidden_size,
+                "intermediate_size": lm.intermediate_size,
+                "max_position_embeddings": lm.max_position_embeddings,
+                "num_attention_heads": lm.num_heads,
+                "num_hidden_layers": lm.num_layers,
+                "num_key_value_heads": lm.num_kv_heads,
+                "rms_norm_eps": lm.rms_norm_eps,
+                "rope_scaling": lm.rope_scaling,
+                "rope_theta": lm.rope_theta,
+                "tie_word_embeddings": lm.tie_word_embeddings,
+                "torch_dtype": self.torch_dtype,
+                "vocab_size": lm.vocab_size,
+            },
+            "vision_config": {
+                "architectures": ["InternVisionModel"],
+                "model_type": "intern_vit_6b",
+                "hidden_act": "gelu",
+                "hidden_size": v.hidden_size,
+                "image_size": v.image_size,
+                "initializer_factor": v.layer_scale_init,
+                "intermediate_size": v.intermediate_size,
+                "layer_norm_eps": v.norm_eps,
+                "norm_type": "rms_norm",
+                "num_attention_heads": v.num_heads,
+                "num_channels": 3,
+                "num_hidden_layers": v.num_layers,
+                "patch_size": v.patch_size,
+                "qk_normalization": v.qk_norm,
+                "qkv_bias": v.qkv_bias,
+                "torch_dtype": self.torch_dtype,
+                "use_flash_attn": False,
+            },
+        }
+        if self.arch == "D":
+            out["auto_map"] = {
+                "AutoConfig": "configuration_nvlm_d.NVLM_D_Config",
+                "AutoModel": "modeling_nvlm_d.NVLM_D_Model",
+                "AutoModelForCausalLM": "modeling_nvlm_d.NVLM_D_Model",
+            }
+        defaults = NVLMConfig()
+        for name_ in _TOP_LEVEL_OURS:
+            if getattr(self, name_) != getattr(defaults, name_):
+                out[name_] = getattr(self, name_)
+        if self.projector != _default_projector(v, lm, self.downsample_ratio):
+            out["projector_config"] = asdict(self.projector)
+        return out
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "NVLMConfig":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no config.json there") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a JSON object was expected")
+        try:
+            return cls.from_hf(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+
+def _default_projector(vision: VisionConfig, llm: LLMConfig, downsample_ratio: float) -> ProjectorConfig:
+    """The released rule: ViT width x (1/ratio)^2 -> the LLM's FFN size -> the LLM's width."""
+    scale = round(1 / downsample_ratio)
+    return ProjectorConfig(vision.hidden_size * scale * scale, llm.intermediate_size, llm.hidden_size)
+
+
+# Our own top-level keys (tag strings): written only when they differ from NVLM-D's.
+_TOP_LEVEL_OURS = ("image_token", "image_start", "image_end", "tile_tag", "thumbnail_tag")
+
+
+# ------------------------------------------------------------------------------------------- presets
+
+
+def _tiny(arch: Arch, family: LLMFamily = "qwen2") -> NVLMConfig:
+    """A few-hundred-kB model for tests and the CPU demo: 56-px tiles (4 tokens each), 2 layers each."""
+    vision = VisionConfig(hidden_size=40, num_layers=2, num_heads=5, intermediate_size=80, image_size=56)
+    llm = LLMConfig(
+        family=family,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        rope_theta=10000.0,
+        max_position_embeddings=4096,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    projector = ProjectorConfig(input_size=160, hidden_size=128, output_size=64)
+    return NVLMConfig(arch=arch, vision=vision, llm=llm, projector=projector, torch_dtype="float32")
+
+
+def _nvlm_d_72b() -> NVLMConfig:
+    return NVLMConfig(
+        arch="D",
+        llm=LLMConfig(rope_scaling={"factor": 3.0, "type": "dynamic"}),
+    )
+
+
+def _nvlm_d_34b() -> NVLMConfig:
+    llm = LLMConfig(
+        family="llama",
+        vocab_size=64000,
+        hidden_size=7168,
+        intermediate_size=20480,
+        num_layers=60,
+        num_heads=56,
+        num_kv_heads=8,
+        rope_theta=5_000_000.0,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=7,
+    )
+    return NVLMConfig(
+        arch="D",
+        llm=llm,
+        projector=ProjectorConfig(hidden_size=20480, output_size=7168),
+        thumbnail_tag="<tile_global>",
+    )
+
+
+PRESETS = {
+    "nvlm-d-72b": _nvlm_d_72b,
+    "nvlm-d-34b": _nvlm_d_34b,
+    "tiny-d": lambda: _tiny("D"),
+    "tiny-d-llama": lambda: _tiny("D", "llama"),
+}
+
+
+def preset(name: str) -> NVLMConfig:
+    """A named config: ``nvlm-d-72b`` (the released model's exact dimensions), ``tiny-d``, ..."""
+    try:
+        return copy.deepcopy(PRESETS[name]().validate())
+    except KeyError:
+        raise KeyError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
