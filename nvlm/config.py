@@ -102,6 +102,7 @@ class NVLMConfig:
     use_thumbnail: bool = True
     template: str = "chatml"
     image_token: str = "<|vision_pad|>"
+    image_token_id: int = 151654  # Qwen2.5's id; from_pretrained reads the checkpoint's tokenizer.json
     image_start: str = "<Image>"
     image_end: str = "</Image>"
     tile_tag: str = "<tile_{}>"  # 1-based, row-major
@@ -135,7 +136,7 @@ class NVLMConfig:
             problems.append(f"projector output_size {p.output_size} != LLM hidden_size {lm.hidden_size}")
         if lm.hidden_size % lm.num_heads or lm.num_heads % lm.num_kv_heads:
             problems.append("LLM heads do not divide its width, or KV heads do not divide its heads")
-        if not -v.num_layers <= self.select_layer < v.num_layers:
+        if not -v.num_layers <= self.select_layer <= v.num_layers:
             problems.append(f"select_layer {self.select_layer} is outside the ViT's {v.num_layers} layers")
         if self.ps_version != "v2":
             problems.append(f"ps_version {self.ps_version!r}: NVLM uses pixel shuffle v2 only")
@@ -315,7 +316,7 @@ def _default_projector(vision: VisionConfig, llm: LLMConfig, downsample_ratio: f
 
 
 # Our own top-level keys (tag strings): written only when they differ from NVLM-D's.
-_TOP_LEVEL_OURS = ("image_token", "image_start", "image_end", "tile_tag", "thumbnail_tag")
+_TOP_LEVEL_OURS = ("image_token", "image_token_id", "image_start", "image_end", "tile_tag", "thumbnail_tag")
 
 
 # ------------------------------------------------------------------------------------------- presets

@@ -1,0 +1,238 @@
+"""Checkpoints in the ``nvidia/NVLM-D-72B`` layout: sharded safetensors + index + ``config.json``.
+
+Our module names are the released keys (``vision_model.*``, ``mlp1.*``, ``language_model.*``), so the
+only translation is the ViT's attention padding: the release pads InternViT's 25 heads with 7 all-zero
+"dummy" heads (qkv [3*32*128, C], q/k-norm [4096], proj [C, 4096]) for tensor parallelism 8. We load
+padded or unpadded checkpoints, telling them apart from the tensor shapes, and always write the padded
+form that vLLM's ``NVLM_D`` and the HF remote code (both hard-code 7 dummy heads) expect.
+Loading streams one tensor at a time into a model built on the meta device: peak memory stays near one
+copy of the weights. Spec: NVLM_SPEC.md sections 2.2 and 9.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from nvlm.config import ConfigError, NVLMConfig
+
+NUM_DUMMY_HEADS = 7
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Files that make a checkpoint directory stand alone, copied from the source directory on save.
+SIDE_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "preprocessor_config.json", "processor_config.json", "generation_config.json",
+    "chat_template.jinja", "chat_template.json",
+)  # fmt: skip
+_VIT_ATTN = re.compile(r"^vision_model\.encoder\.layers\.\d+\.attn\.(qkv\.weight|qkv\.bias|q_norm\.weight|k_norm\.weight|proj\.weight)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that does not match the model it should hold."""
+
+
+# ------------------------------------------------------------------------------------ dummy heads
+
+
+def unpad_vit_attention(name: str, tensor: torch.Tensor, width: int, head_dim: int) -> torch.Tensor:
+    """Drop dummy heads (appended after the real ones) from a padded ViT attention tensor, if padded."""
+    kind = _VIT_ATTN.match(name).group(1)
+    if kind.startswith("qkv"):
+        padded = tensor.shape[0] // 3
+        if tensor.shape[0] % 3 or padded % head_dim or padded < width:
+            raise CheckpointError(f"{name}: shape {tuple(tensor.shape)} fits no qkv layout of width {width}")
+        return torch.cat([part[:width] for part in tensor.split(padded, dim=0)], dim=0)
+    if kind == "proj.weight":
+        return tensor[:, :width]
+    return tensor[:width]  # q_norm / k_norm
+
+
+def pad_vit_attention(name: str, tensor: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Append ``NUM_DUMMY_HEADS`` all-zero heads, as in the released checkpoint."""
+    kind = _VIT_ATTN.match(name).group(1)
+    extra = NUM_DUMMY_HEADS * head_dim
+    if kind.startswith("qkv"):
+        parts = tensor.chunk(3, dim=0)
+        zeros = tensor.new_zeros(extra, *tensor.shape[1:])
+        return torch.cat([t for part in parts for t in (part, zeros)], dim=0)
+    if kind == "proj.weight":
+        return torch.cat([tensor, tensor.new_zeros(tensor.shape[0], extra)], dim=1)
+    # q/k-norm: dummy channels of q and k are zero whatever their norm weight; write zeros.
+    return torch.cat([tensor, tensor.new_zeros(extra)])
+
+
+# ------------------------------------------------------------------------------------------ save
+
+
+def save_pretrained(
+    model: torch.nn.Module,
+    path: str | Path,
+    processor: Any = None,
+    max_shard_size: int = 5 * 1024**3,
+) -> None:
+    """Write config.json, ``model-0000k-of-0000n.safetensors`` shards and their index, and side files."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg: NVLMConfig = model.config
+    state = _hf_state_dict(model)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    for old in path.glob("model*.safetensors"):
+        old.unlink()
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        fname = SINGLE_FILE if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in shard.items()}, str(path / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    hf = cfg.to_hf()
+    hf["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    if processor is not None:
+        processor.save_pretrained(path)
+    elif model.name_or_path and Path(model.name_or_path).resolve() != path.resolve():
+        src = Path(model.name_or_path)
+        for name in SIDE_FILES + tuple(p.name for p in src.glob("*.py")):
+            if (src / name).is_file():
+                shutil.copy2(src / name, path / name)
+
+
+def _hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    head_dim = model.config.vision.head_dim
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name == "language_model.lm_head.weight" and model.config.llm.tie_word_embeddings:
+            continue
+        tensor = tensor.detach().cpu()
+        out[name] = pad_vit_attention(name, tensor, head_dim) if _VIT_ATTN.match(name) else tensor
+    return out
+
+
+# ------------------------------------------------------------------------------------------ load
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, cfg: NVLMConfig) -> torch.dtype:
+    name = dtype if dtype is not None else cfg.torch_dtype
+    if isinstance(name, torch.dtype):
+        return name
+    resolved = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return resolved
+
+
+def _shard_files(path: Path) -> list[Path]:
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+        files = [path / f for f in dict.fromkeys(weight_map.values())]
+    elif (path / SINGLE_FILE).is_file():
+        files = [path / SINGLE_FILE]
+    else:
+        raise CheckpointError(f"{path}: no {INDEX_FILE} or {SINGLE_FILE}")
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{path}: shard files named in the index are missing: {', '.join(missing)}")
+    return files
+
+
+def iter_checkpoint(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of every shard, one at a time."""
+    for file in _shard_files(path):
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except (OSError, RuntimeError, ValueError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
+
+
+def _image_token_id(path: Path, token: str) -> int | None:
+    """The id of the image token in the directory's tokenizer.json, which wins over config.json."""
+    tok = path / "tokenizer.json"
+    if not tok.is_file():
+        return None
+    for added in json.loads(tok.read_text()).get("added_tokens", []):
+        if added.get("content") == token:
+            return int(added["id"])
+    return None
+
+
+def load_pretrained(
+    path: str | Path,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | dict[str, Any] | None = None,
+    arch: str | None = None,
+) -> torch.nn.Module:
+    """Build the model on the meta device, then stream each tensor into place (cast and moved once)."""
+    from nvlm.devices import resolve_device_map
+    from nvlm.models.nvlm import NVLM
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory")
+    cfg = NVLMConfig.from_json_file(path / "config.json")
+    token_id = _image_token_id(path, cfg.image_token)
+    if token_id is not None and token_id != cfg.image_token_id:
+        cfg = NVLMConfig(**{**cfg.__dict__, "image_token_id": token_id})
+    torch_dtype = _resolve_dtype(dtype, cfg)
+    with torch.device("meta"):
+        model = NVLM(cfg)
+    device_map = resolve_device_map(model, device)
+    params = dict(model.named_parameters())
+    if cfg.llm.tie_word_embeddings:
+        params.pop("language_model.lm_head.weight")
+    loaded: set[str] = set()
+    width, head_dim = cfg.vision.hidden_size, cfg.vision.head_dim
+    for name, tensor in iter_checkpoint(path):
+        if name not in params:
+            raise CheckpointError(f"{path}: unexpected tensor {name!r} {tuple(tensor.shape)} for an NVLM-{cfg.arch} model")
+        if _VIT_ATTN.match(name):
+            tensor = unpad_vit_attention(name, tensor, width, head_dim)
+        param = params[name]
+        if tensor.shape != param.shape:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, the config asks for {tuple(param.shape)}"
+            )
+        target = device_map(name)
+        _assign(model, name, tensor.to(device=target, dtype=torch_dtype if tensor.is_floating_point() else None))
+        loaded.add(name)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{path}: missing tensors: {shown}")
+    if cfg.llm.tie_word_embeddings:
+        model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+    model.name_or_path = str(path)
+    return model.eval()
+
+
+def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=module._parameters[attr].requires_grad)
+
+
+__all__ = ["CheckpointError", "ConfigError", "load_pretrained", "save_pretrained", "iter_checkpoint"]

@@ -1,0 +1,181 @@
+"""The decoder LLM: Qwen2 (q/k/v biases) or Llama/Yi (no biases), with a KV cache.
+
+GQA attention through ``F.scaled_dot_product_attention``, non-interleaved ("rotate half") RoPE as in
+HF checkpoints, RMSNorm, SwiGLU. Module names follow HF's ``Qwen2ForCausalLM`` so that the released
+``language_model.*`` keys load as they are. Spec: NVLM_SPEC.md section 4.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nvlm.config import LLMConfig
+from nvlm.models.vision import RMSNorm
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated to ``max_len`` on first use.
+
+    All rows of a batch share one write position: batches are left-padded, and padding is masked out.
+    """
+
+    def __init__(self, num_layers: int, max_len: int) -> None:
+        self.max_len = max_len
+        self.length = 0  # positions filled so far
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write (B, H_kv, T, D) at the current position; return everything cached so far for this layer."""
+        b, h, t, d = k.shape
+        if self.length + t > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {self.length} + {t} do not fit")
+        if self.k[layer] is None:
+            self.k[layer] = k.new_zeros(b, h, self.max_len, d)
+            self.v[layer] = v.new_zeros(b, h, self.max_len, d)
+        end = self.length + t
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, t: int) -> None:
+        self.length += t
+
+
+def rope_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (B, T, head_dim) for integer positions (B, T), computed in float32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim)
+    freqs = position_ids.float()[..., None] * inv_freq  # (B, T, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D); rotate the two halves of the head dimension."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LLMConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, C)
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,  # (B, 1, T, S) bool, True = may attend; None = plain causal
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D)
+        gqa = self.num_heads != self.num_kv_heads
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LLMConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LLMConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache):  # (B, T, C) -> (B, T, C)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: LLMConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LanguageModel(nn.Module):
+    """``language_model`` of the checkpoint: ``model`` (embeddings, layers, norm) and ``lm_head``."""
+
+    def __init__(self, cfg: LLMConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C)
+        return self.model.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        embeds: torch.Tensor,  # (B, T, C)
+        position_ids: torch.Tensor,  # (B, T)
+        mask: torch.Tensor | None = None,  # (B, 1, T, S) bool; None = causal without padding
+        cache: KVCache | None = None,
+        num_logits_to_keep: int = 0,  # 0 = logits at every position
+    ) -> torch.Tensor:  # (B, T or num_logits_to_keep, vocab)
+        cfg = self.config
+        x = embeds
+        for layer in self.model.layers:
+            device = layer.input_layernorm.weight.device  # layers may sit on several devices
+            x, position_ids = x.to(device), position_ids.to(device)
+            cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
+            x = layer(x, cos, sin, None if mask is None else mask.to(device), cache)
+        if cache is not None:
+            cache.advance(embeds.shape[1])
+        x = self.model.norm(x.to(self.model.norm.weight.device))
+        if num_logits_to_keep:
+            x = x[:, -num_logits_to_keep:]
+        return self.lm_head(x.to(self.lm_head.weight.device))
+
+
+def attention_mask_4d(attention_mask: torch.Tensor, num_new: int) -> torch.Tensor:
+    """(B, S) padding mask over cached + new positions -> (B, 1, T, S) causal bool mask for T new tokens.
+
+    A padded query position may still see itself, so that no row is all-masked (SDPA would give NaN).
+    """
+    b, s = attention_mask.shape
+    offset = s - num_new
+    q_pos = torch.arange(offset, s, device=attention_mask.device)[:, None]  # (T, 1)
+    k_pos = torch.arange(s, device=attention_mask.device)[None, :]  # (1, S)
+    allowed = (k_pos <= q_pos)[None] & attention_mask.bool()[:, None, :]  # (B, T, S)
+    allowed |= (k_pos == q_pos)[None]
+    return allowed[:, None]
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: (B, S) mask -> (B, S) ids, 0 at each row's first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
