@@ -1,0 +1,24 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/reference/* are importable as `reference.*`
+
+from reference.hf_nvlm_d import Reference, write_nvlm_d_checkpoint  # noqa: E402
+
+IMAGE_TOKEN_ID = 500  # a tiny vocabulary's image placeholder id, for tests that build input ids by hand
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def reference() -> Reference:
+    return Reference()
+
+
+@pytest.fixture(scope="session")
+def nvlm_d_dir(reference: Reference, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny NVLM-D checkpoint in the released layout (padded ViT heads, 3 shards, index)."""
+    return write_nvlm_d_checkpoint(reference, tmp_path_factory.mktemp("nvlm-d"), IMAGE_TOKEN_ID)
