@@ -55,7 +55,7 @@ def resolve_device_map(model: torch.nn.Module, device: str | torch.device | Devi
 
     def lookup(name: str) -> torch.device:
         for prefix, dev in entries:
-            if name == prefix or name.startswith(prefix + "."):
+            if not prefix or name == prefix or name.startswith(prefix + "."):  # "" places everything
                 return dev
         raise ValueError(f"device map places no prefix of {name!r}")
 
