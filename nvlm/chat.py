@@ -1,0 +1,51 @@
+"""A multi-turn conversation with images, streamed token by token.
+
+Each turn renders the whole conversation (images included, as HF ``chat()`` does with its history) and
+generates the assistant's answer, which joins the history.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+from nvlm.generation import stream
+from nvlm.tokenizer import StreamDecoder
+
+if TYPE_CHECKING:
+    from nvlm.models.nvlm import NVLM
+    from nvlm.processor import Processor
+
+
+class Chat:
+    def __init__(self, model: "NVLM", processor: "Processor", system: str | None = None, **sampling: Any) -> None:
+        self.model, self.processor = model, processor
+        self.system = system
+        self.sampling = {"max_new_tokens": 1024, **sampling}
+        self.messages: list[dict[str, Any]] = []
+
+    def reset(self) -> None:
+        self.messages = []
+
+    def stream(self, text: str, images: Sequence[Any] = (), **sampling: Any) -> Iterator[str]:
+        """Ask ``text`` about ``images`` (PIL images, paths or bytes); yield the answer as it is decoded."""
+        content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": text}]
+        system = [{"role": "system", "content": self.system}] if self.system is not None else []
+        messages = system + self.messages + [{"role": "user", "content": content}]
+        inputs = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        params = {"eos_token_id": self.processor.eos_token_ids, **self.sampling, **sampling}
+        decoder = StreamDecoder(self.processor.tokenizer, skip_special_tokens=True)
+        stops = set(params["eos_token_id"])
+        for token in stream(self.model, **inputs, **params):
+            if int(token[0]) in stops:
+                break
+            delta = decoder.feed(int(token[0]))
+            if delta:
+                yield delta
+        tail = decoder.flush()
+        if tail:
+            yield tail
+        self.messages += [{"role": "user", "content": content}, {"role": "assistant", "content": decoder.text}]
+
+    def ask(self, text: str, images: Sequence[Any] = (), **sampling: Any) -> str:
+        """The whole answer at once."""
+        return "".join(self.stream(text, images, **sampling))
