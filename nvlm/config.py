@@ -336,10 +336,13 @@ def _tiny(arch: Arch, family: LLMFamily = "qwen2") -> NVLMConfig:
         rope_theta=10000.0,
         max_position_embeddings=4096,
         bos_token_id=None,
-        eos_token_id=None,
+        eos_token_id=491,  # <|im_end|> of nvlm.tokenizer.build_tiny_tokenizer()
     )
     projector = ProjectorConfig(input_size=160, hidden_size=128, output_size=64)
-    return NVLMConfig(arch=arch, vision=vision, llm=llm, projector=projector, torch_dtype="float32")
+    return NVLMConfig(
+        arch=arch, vision=vision, llm=llm, projector=projector, torch_dtype="float32",
+        image_token_id=500,  # <|vision_pad|> of build_tiny_tokenizer()
+    )  # fmt: skip
 
 
 def _nvlm_d_72b() -> NVLMConfig:

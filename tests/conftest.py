@@ -22,3 +22,18 @@ def reference() -> Reference:
 def nvlm_d_dir(reference: Reference, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny NVLM-D checkpoint in the released layout (padded ViT heads, 3 shards, index)."""
     return write_nvlm_d_checkpoint(reference, tmp_path_factory.mktemp("nvlm-d"), IMAGE_TOKEN_ID)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(nvlm_d_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference checkpoint plus the tiny tokenizer: a directory that stands alone."""
+    import shutil
+
+    from nvlm.tokenizer import build_tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-nvlm-d") / "model"
+    shutil.copytree(nvlm_d_dir, path)
+    tok = build_tiny_tokenizer()
+    assert tok.token_to_id("<|vision_pad|>") == IMAGE_TOKEN_ID
+    tok.save(path)
+    return path
