@@ -1,0 +1,278 @@
+"""Chat messages or prompt text + images -> ``input_ids`` / ``attention_mask`` / ``pixel_values``.
+
+Each ``<image>`` placeholder becomes ``<Image>`` + per crop (tile tag + tokens_per_tile x ``<|vision_pad|>``)
++ ``</Image>`` (spec section 3.1), built as text and tokenized together with the rest of the prompt, as HF
+``chat()`` and vLLM do: the tags are not special tokens, and BPE merges across their edges.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from nvlm.config import ConfigError, NVLMConfig
+from nvlm.image import ImageProcessor, load_image
+from nvlm.template import IMAGE_PLACEHOLDER, PromptError, Rendered, render
+from nvlm.tokenizer import Tokenizer
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+class BatchInputs(dict):
+    """The model's keyword arguments; a dict, so ``model(**inputs)`` works, plus ``to(device)``."""
+
+    def to(self, device: torch.device | str) -> "BatchInputs":
+        return BatchInputs({k: v.to(device) for k, v in self.items()})
+
+
+class Processor:
+    """Tokenizer + image tiling + the NVLM prompt format, in one object."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        image_processor: ImageProcessor,
+        config: NVLMConfig,
+        chat_template: str = "nvlm",
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.config = config
+        self.chat_template = chat_template  # "nvlm", "checkpoint", or Jinja source
+        self.image_token_id = tokenizer.token_to_id(config.image_token)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, chat_template: str = "nvlm", max_tiles: int | None = None
+    ) -> "Processor":
+        """Read config.json, the tokenizer files and (optionally) preprocessor_config.json.
+
+        config.json fixes the tile size; ``max_dynamic_patch`` / ``min_dynamic_patch`` / ``use_thumbnail`` in
+        preprocessor_config.json, then ``max_tiles`` here, override its tiling (e.g. fewer tiles for memory).
+        """
+        path = Path(path)
+        cfg = NVLMConfig.from_json_file(path / "config.json")
+        tiling = {"max_tiles": cfg.max_tiles, "min_tiles": cfg.min_tiles, "use_thumbnail": cfg.use_thumbnail}
+        pre = path / "preprocessor_config.json"
+        if pre.is_file():
+            try:
+                data = json.loads(pre.read_text())
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{pre}: not valid JSON ({e})") from None
+            for key in ("image_size", "crop_size", "size"):
+                size = _side(data.get(key))
+                if size is not None and size != cfg.tile_size:
+                    raise ConfigError(f"{pre}: {key} {size} differs from the model's tile size {cfg.tile_size}")
+            for src, dst in (("max_dynamic_patch", "max_tiles"), ("min_dynamic_patch", "min_tiles"),
+                             ("use_thumbnail", "use_thumbnail")):  # fmt: skip
+                if src in data:
+                    tiling[dst] = data[src]
+        if max_tiles is not None:
+            tiling["max_tiles"] = max_tiles
+            tiling["min_tiles"] = min(tiling["min_tiles"], max_tiles)
+        images = ImageProcessor(tile_size=cfg.tile_size, **tiling)
+        return cls(Tokenizer.from_pretrained(path), images, cfg, chat_template)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Tokenizer files + an HF CLIP-style preprocessor_config.json (the released checkpoint's shape).
+
+        No processor_config.json: transformers' AutoProcessor would look for a class it cannot import.
+        """
+        path = Path(path)
+        self.tokenizer.save(path)
+        ip, cfg, size = self.image_processor, self.config, self.config.tile_size
+        pre = {
+            "crop_size": size, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+            "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": IMAGENET_MEAN,
+            "image_size": size, "image_std": IMAGENET_STD, "resample": 3, "size": size,
+            "dynamic_image_size": True, "max_dynamic_patch": getattr(ip, "max_tiles", cfg.max_tiles),
+            "min_dynamic_patch": getattr(ip, "min_tiles", cfg.min_tiles),
+            "use_thumbnail": getattr(ip, "use_thumbnail", cfg.use_thumbnail),
+        }  # fmt: skip
+        (path / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
+
+    # ------------------------------------------------------------------------------------ prompt text
+
+    def image_string(self, n_crops: int) -> str:
+        """The tile-tagged text of one image with ``n_crops`` crops (the last crop is the thumbnail)."""
+        if n_crops < 1:
+            raise ValueError(f"an image has at least one crop, not {n_crops}")
+        c = self.config
+        tags = [c.tile_tag.format(k) for k in range(1, n_crops)] + [c.thumbnail_tag]
+        pad = c.image_token * c.tokens_per_tile
+        return c.image_start + "".join(tag + pad for tag in tags) + c.image_end
+
+    def expand(self, text: str, crops_per_image: Sequence[int]) -> str:
+        """Replace the k-th ``<image>`` in ``text`` by the string of image k."""
+        parts = text.split(IMAGE_PLACEHOLDER)
+        if len(parts) - 1 != len(crops_per_image):
+            raise PromptError(f"the prompt has {len(parts) - 1} {IMAGE_PLACEHOLDER} placeholders "
+                              f"but {len(crops_per_image)} images were given")  # fmt: skip
+        out = [parts[0]]
+        for n, rest in zip(crops_per_image, parts[1:]):
+            out += [self.image_string(n), rest]
+        return "".join(out)
+
+    # ------------------------------------------------------------------------------------- batching
+
+    def __call__(
+        self, text: str | Sequence[str], images: Any = None, return_tensors: str = "pt"
+    ) -> BatchInputs:
+        """Left-padded ``input_ids`` / ``attention_mask``, and ``pixel_values`` of all crops when there are images.
+
+        ``images`` is a flat list (taken in order across prompts) or one list per prompt.
+        """
+        if return_tensors != "pt":
+            raise ValueError(f"only return_tensors='pt' is supported, not {return_tensors!r}")
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts:
+            raise PromptError("no prompt text given")
+        per_prompt = self._assign_images(texts, images)
+        rows, crops = [], []
+        for t, imgs in zip(texts, per_prompt):
+            pix = [self.image_processor(load_image(_source(im))) for im in imgs]
+            crops += pix
+            ids = self.tokenizer.encode(self.expand(t, [p.shape[0] for p in pix]))
+            bos = self.tokenizer.bos_token_id
+            if self.tokenizer.add_bos_token and (not ids or ids[0] != bos):
+                ids = [bos] + ids
+            rows.append(ids)
+        width = max(len(r) for r in rows)
+        pad = _first_not_none(self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, 0)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            if r:
+                input_ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+                mask[i, width - len(r) :] = 1
+        out = BatchInputs(input_ids=input_ids, attention_mask=mask)
+        if crops:
+            out["pixel_values"] = torch.cat(crops).float()
+        return out
+
+    def _assign_images(self, texts: list[str], images: Any) -> list[list[Any]]:
+        counts = [t.count(IMAGE_PLACEHOLDER) for t in texts]
+        if images is None:
+            images = []
+        elif not isinstance(images, (list, tuple)):
+            images = [images]
+        nested = bool(images) and all(isinstance(x, (list, tuple)) for x in images)
+        if nested:
+            if len(images) != len(texts):
+                raise PromptError(f"{len(texts)} prompts but {len(images)} per-prompt image lists")
+            for i, (n, imgs) in enumerate(zip(counts, images)):
+                if n != len(imgs):
+                    raise PromptError(f"prompt {i} has {n} {IMAGE_PLACEHOLDER} placeholders "
+                                      f"but {len(imgs)} images were given")  # fmt: skip
+            return [list(x) for x in images]
+        if sum(counts) != len(images):
+            raise PromptError(f"the prompts have {sum(counts)} {IMAGE_PLACEHOLDER} placeholders "
+                              f"but {len(images)} images were given")  # fmt: skip
+        out, start = [], 0
+        for n in counts:
+            out.append(list(images[start : start + n]))
+            start += n
+        return out
+
+    # --------------------------------------------------------------------------------- chat messages
+
+    def render(
+        self, messages: Any, add_generation_prompt: bool = True, chat_template: str | None = None
+    ) -> Rendered:
+        """One conversation through template.py, in this processor's (or the given) prompt format."""
+        name = chat_template or self.chat_template
+        tok = self.tokenizer
+        if name == "nvlm":
+            return render(messages, "nvlm", add_generation_prompt=add_generation_prompt)
+        if name == "checkpoint" or "{%" in name or "{{" in name:
+            source = tok.chat_template if name == "checkpoint" else name
+            special = {k: _name(tok.config.get(k)) for k in ("bos_token", "eos_token", "pad_token")}
+            eot = special["eos_token"] or "<|im_end|>"
+            return render(messages, "checkpoint", jinja_template=source,
+                          add_generation_prompt=add_generation_prompt, end_of_turn=eot, **special)  # fmt: skip
+        raise PromptError(f"unknown chat_template {name!r}: use 'nvlm', 'checkpoint' or Jinja source")
+
+    def apply_chat_template(
+        self,
+        messages_or_batch: Any,
+        add_generation_prompt: bool = True,
+        tokenize: bool = True,
+        chat_template: str | None = None,
+    ) -> BatchInputs | str | list[str]:
+        """A conversation or a list of them -> model inputs (or, with ``tokenize=False``, the prompt text)."""
+        batch = isinstance(messages_or_batch, (list, tuple)) and bool(messages_or_batch) and all(
+            isinstance(c, (list, tuple)) for c in messages_or_batch
+        )
+        convs = list(messages_or_batch) if batch else [messages_or_batch]
+        rendered = [self.render(c, add_generation_prompt, chat_template) for c in convs]
+        texts = [r.text for r in rendered]
+        images = [[load_image(_source(im)) for im in r.images] for r in rendered]
+        if tokenize:
+            return self(texts, images)
+        out = [self.expand(t, [self.image_processor.num_crops(*im.size) for im in ims])
+               for t, ims in zip(texts, images)]  # fmt: skip
+        return out if batch else out[0]
+
+    # ------------------------------------------------------------------------------------- decoding
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.reshape(-1).tolist()
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(
+        self, sequences: Sequence[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = True
+    ) -> list[str]:
+        return [self.decode(s, skip_special_tokens) for s in sequences]
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Generation stop tokens: ``<|im_end|>`` (the end of an assistant turn), then the tokenizer's eos."""
+        ids = []
+        try:
+            ids.append(self.tokenizer.token_to_id("<|im_end|>"))
+        except ValueError:
+            pass
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and eos not in ids:
+            ids.append(eos)
+        return ids
+
+
+def _source(image: Any) -> Any:
+    """``data:`` and ``file://`` URLs -> bytes / paths that ``load_image`` reads; anything else unchanged."""
+    if isinstance(image, str):
+        if image.startswith("data:"):
+            head, _, data = image.partition(",")
+            if ";base64" not in head:
+                raise PromptError("only base64 data: URLs are supported for images")
+            try:
+                return base64.b64decode(data, validate=True)
+            except ValueError as e:
+                raise PromptError(f"bad base64 in image data: URL ({e})") from None
+        if image.startswith("file://"):
+            return image[len("file://") :]
+        if image.startswith(("http://", "https://")):
+            raise PromptError(f"remote image URLs are not fetched ({image[:60]}); pass a path, bytes or a data: URL")
+    return image
+
+
+def _side(v: Any) -> int | None:
+    if isinstance(v, int):
+        return v
+    if isinstance(v, dict):
+        return v.get("height") or v.get("shortest_edge")
+    return None
+
+
+def _name(tok: Any) -> str | None:
+    return tok.get("content") if isinstance(tok, dict) else tok
+
+
+def _first_not_none(*xs: int | None) -> int:
+    return next(x for x in xs if x is not None)
