@@ -8,6 +8,10 @@ from nvlm.tokenizer import QWEN25_CHAT_TEMPLATE, build_tiny_tokenizer
 Q = "What is shown in this image?"
 
 
+def msg(role: str, content: object) -> dict:
+    return {"role": role, "content": content}
+
+
 def user_with_image(question: str = Q, image: object = "cat.png") -> dict:
     return {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}
 
@@ -39,8 +43,7 @@ def test_system_message_overrides_the_default() -> None:
 
 
 def test_segments_tag_roles_for_training_labels() -> None:
-    msgs = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"},
-            {"role": "assistant", "content": "A2"}]  # fmt: skip
+    msgs = [msg("user", "Q1"), msg("assistant", "A1"), msg("user", "Q2"), msg("assistant", "A2")]
     r = render(msgs, add_generation_prompt=False)
     assert "".join(t for t, _ in r.segments) == r.text
     assert [t for t, role in r.segments if role == "assistant"] == ["A1<|im_end|>", "A2<|im_end|>"]
@@ -92,9 +95,11 @@ def test_checkpoint_format_is_qwen25() -> None:
         "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
         f"<|im_start|>user\n<image>\n{Q}<|im_end|>\n<|im_start|>assistant\n"
     )
-    msgs = [{"role": "system", "content": "Sys."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+    msgs = [msg("system", "Sys."), msg("user", "Hi"), msg("assistant", "Yo")]
     r = render(msgs, "checkpoint", jinja_template=QWEN25_CHAT_TEMPLATE, add_generation_prompt=False)
-    assert r.text == "<|im_start|>system\nSys.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>\n"
+    assert r.text == (
+        "<|im_start|>system\nSys.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>\n"
+    )
     assert [(t, role) for t, role in r.segments if role != TEMPLATE] == [
         ("Sys.", "system"), ("Hi", "user"), ("Yo<|im_end|>", "assistant")
     ]  # fmt: skip
@@ -107,7 +112,7 @@ def test_checkpoint_format_matches_transformers() -> None:
     with tempfile.TemporaryDirectory() as d:
         build_tiny_tokenizer().save(d)
         hf = transformers.AutoTokenizer.from_pretrained(d)
-    msgs = [{"role": "user", "content": "<image>\nA?"}, {"role": "assistant", "content": "B"}, {"role": "user", "content": "C"}]
+    msgs = [msg("user", "<image>\nA?"), msg("assistant", "B"), msg("user", "C")]
     want = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert render(msgs, "checkpoint", jinja_template=QWEN25_CHAT_TEMPLATE).text == want
 
