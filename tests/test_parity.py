@@ -66,3 +66,28 @@ def test_greedy_decoding_matches_hf_generate(nvlm_d_dir, reference):
     hf = reference.llm.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=12,
                                 do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
     assert ours.tolist() == hf.tolist()
+
+
+def test_llama_family_matches_transformers_llama():
+    """The Yi/Llama branch (no biases) against LlamaForCausalLM, keys loaded as they are."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nvlm import preset
+    from nvlm.models.llm import LanguageModel
+
+    cfg = preset("tiny-d-llama").llm
+    torch.manual_seed(0)
+    ref = LlamaForCausalLM(LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps, attention_bias=False, tie_word_embeddings=False,
+    )).eval()  # fmt: skip
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(0.15 * torch.randn_like(p))
+    ours = LanguageModel(cfg)
+    ours.load_state_dict(ref.state_dict(), strict=True)  # no q/k/v biases to miss
+    ids = torch.randint(0, 400, (2, 11))
+    positions = torch.arange(11).expand(2, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ours.embed(ids), positions), ref(ids).logits, atol=1e-4, rtol=1e-4)
