@@ -5,6 +5,10 @@ card line by line. torchvision cannot be installed beside this torch, so its thr
 out as torchvision implements them for PIL input: ``Resize((448, 448), BICUBIC)`` is ``img.resize((448,
 448), BICUBIC)``; ``ToTensor`` is ``torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous().float()
 .div(255)``; ``Normalize`` is ``tensor.clone().sub_(mean[:, None, None]).div_(std[:, None, None])``.
+(Recent torchvision returns a PIL image already at the target size from ``Resize`` unchanged; PIL returns a
+copy: the same pixels either way.) Two additions to the card's ``load_image``: it also takes a PIL image
+(converted to RGB the same way) and a ``use_thumbnail`` switch (the card hard-codes True); ``max_num``
+defaults to 6, the value the card's example passes (the helper's own default is 12).
 """
 
 import numpy as np
