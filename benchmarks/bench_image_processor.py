@@ -1,11 +1,11 @@
 """ImageProcessor against the model card's load_image on the same inputs (outputs checked torch.equal).
 
-    .venv/bin/python benchmarks/bench_image_processor.py [--repeats 9]
+    .venv/bin/python benchmarks/bench_image_processor.py [--repeats 15]
 
 Two rows per size: "PIL" starts both sides from the same decoded RGB image (the tiling and normalisation
 alone); "JPEG file" / "PNG file" starts from the file, so decoding is included (the card's
-``Image.open(path).convert('RGB')`` against our ``load_image(path)``). The speed-up is the card's median
-time over ours. Prints a markdown table for docs/BENCHMARKS.md.
+``Image.open(path).convert('RGB')`` against our ``load_image(path)``). The two are timed alternately (median of
+``--repeats``), and the speed-up is the card's median time over ours. Prints a markdown table for docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -41,19 +41,21 @@ def photo_like(w: int, h: int, seed: int) -> Image.Image:
     return Image.fromarray(np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8))
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def median_ms(card_fn, ours_fn, repeats: int) -> tuple[float, float]:
+    """Median wall times of the two, measured alternately so that background load hits both alike."""
+    card_fn(), ours_fn()  # warm-up
+    card, ours = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
+        for fn, times in ((card_fn, card), (ours_fn, ours)):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(card) * 1000, statistics.median(ours) * 1000
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args()
     proc = ImageProcessor()
     print(f"{platform.machine()}, nproc {os.cpu_count()}, torch {torch.__version__} ({torch.get_num_threads()} "
@@ -74,10 +76,10 @@ def main() -> None:
             ]
             for name, card_fn, ours_fn in cases:
                 assert torch.equal(card_fn(), ours_fn()), (name, w, h)
-                card = median_ms(card_fn, args.repeats)
-                ours = median_ms(ours_fn, args.repeats)
+                card, ours = median_ms(card_fn, ours_fn, args.repeats)
                 total_card, total_ours = total_card + card, total_ours + ours
-                print(f"| {name} | {w}x{h} | {proc.num_crops(w, h)} | {card:.1f} | {ours:.1f} | {card / ours:.2f}x |")
+                crops = proc.num_crops(w, h)
+                print(f"| {name} | {w}x{h} | {crops} | {card:.1f} | {ours:.1f} | {card / ours:.2f}x |")
     print(f"| **all** | | | {total_card:.1f} | {total_ours:.1f} | {total_card / total_ours:.2f}x |")
 
 

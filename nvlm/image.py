@@ -5,19 +5,20 @@ ratio, resizes the whole image to it with PIL's default filter, cuts the tiles r
 is more than one tile, appends a thumbnail of the original image; each crop is then scaled to [0, 1] and
 normalised with the ImageNet statistics (torchvision ``ToTensor`` + ``Normalize``).
 
-We do the same arithmetic, in less time. PIL's resize is two separable passes (one along rows, one along
-columns, uint8 in between); we run each pass ourselves as a PIL resize of bands of the image in threads
-(PIL releases the GIL while it resamples): every output row of a horizontal pass depends on one input row
-only, every column of a vertical pass on one column, so the bands give the same bytes as one call. The
-thumbnail is resized in another thread meanwhile; the uint8 grid is cut into tiles by one strided copy
-instead of one crop per tile; and ``ToTensor`` + ``Normalize`` run once on all crops with the very float32
-ops torchvision uses (``/255``, ``-mean``, ``/std``), so every value is rounded exactly as the card's is.
-
-The result follows the installed Pillow, as the card's does: Pillow 13 runs the vertical pass first when
-the height shrinks by more than twice as many pixels as the width (PR python-pillow/Pillow#9549), earlier
-versions always run the horizontal pass first, and the two orders differ by one in a few uint8 values.
-We check at first use, on small probes, which of the two rules the installed Pillow follows, and use
-PIL's own one-call resize if it follows neither.
+We compute the same bytes in less time, on a few threads (PIL and numpy release the GIL while they work):
+- PIL's resize is two separable passes with uint8 in between, one along rows and one along columns. We
+  run each pass as PIL resizes of bands of the image: an output row of the horizontal pass depends on one
+  input row only, a column of the vertical pass on one column, so the bands give the same bytes as one
+  call. The grid and the thumbnail are resized at the same time.
+- The tiles are strided views of the grid, not crops; each crop is normalised in one thread with the very
+  float32 operations torchvision does (``/255``, ``-mean``, ``/std``; each correctly rounded, so numpy
+  gives the same bits as torch), and torch's own OpenMP threads are left asleep: woken on a 2-core machine
+  they spin and slow the next resize down.
+The result follows the installed Pillow, as the card's does. Which pass Pillow runs first changed: Pillow 13
+runs the vertical one first when the height shrinks by more than twice as many pixels as the width
+(PR python-pillow/Pillow#9549), 12.x does so for images over 100 times taller than wide, older versions
+never, and the two orders can differ by one in a few uint8 values. At first use we find which of these
+rules the installed Pillow follows on small probes; if none fits we leave each resize to one PIL call.
 Spec: NVLM_SPEC.md section 2.1.
 """
 
@@ -26,8 +27,9 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -41,11 +43,20 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # (~89 MP); a decoded 64 MP RGB image is ~256 MB in PIL. Pillow's hard limit (~179 MP) applies above it.
 DEFAULT_MAX_PIXELS = 64_000_000
 
-_THREADS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-_pool = ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="nvlm-image")
-SPLIT_MIN_PIXELS = 100_000  # output pixels below which one PIL call beats the thread hand-offs
-_MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
-_STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+BAND_MIN_PIXELS = 100_000  # a resize to fewer output pixels runs as one PIL call (bands would not pay)
+_MEAN = np.array(IMAGENET_MEAN, dtype=np.float32)[:, None, None]  # the float32 values torchvision uses
+_STD = np.array(IMAGENET_STD, dtype=np.float32)[:, None, None]
+_THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def _new_pool() -> None:
+    global _pool
+    _pool = ThreadPoolExecutor(max_workers=max(2, _THREADS), thread_name_prefix="nvlm-image")
+
+
+_new_pool()
+if hasattr(os, "register_at_fork"):  # a forked child (a DataLoader worker) has none of the parent's threads
+    os.register_at_fork(after_in_child=_new_pool)
 
 
 class ImageError(ValueError):
@@ -111,18 +122,21 @@ def _check_size(image: Image.Image, name: str, max_pixels: int) -> None:
     if w <= 0 or h <= 0:
         raise ImageError(f"{name}: zero-sized image ({w}x{h})")
     if w * h > max_pixels:
-        raise ImageError(f"{name}: {w}x{h} = {w * h} pixels is over the pixel limit of {max_pixels} (a decompression bomb?)")
+        raise ImageError(f"{name}: {w}x{h} = {w * h} pixels is over the pixel limit of {max_pixels} (a bomb?)")
 
 
 class ImageProcessor:
     """PIL image -> ``[n_crops, 3, tile, tile]`` float32, equal bit for bit to the card's ``load_image``."""
 
-    def __init__(self, tile_size: int = 448, max_tiles: int = 6, use_thumbnail: bool = True, min_tiles: int = 1) -> None:
+    def __init__(
+        self, tile_size: int = 448, max_tiles: int = 6, use_thumbnail: bool = True, min_tiles: int = 1
+    ) -> None:
         if not 1 <= min_tiles <= max_tiles:
             raise ValueError(f"need 1 <= min_tiles <= max_tiles, got {min_tiles}, {max_tiles}")
         if tile_size < 1:
             raise ValueError(f"tile_size must be positive, got {tile_size}")
-        self.tile_size, self.max_tiles, self.min_tiles, self.use_thumbnail = tile_size, max_tiles, min_tiles, use_thumbnail
+        self.tile_size, self.max_tiles, self.min_tiles = tile_size, max_tiles, min_tiles
+        self.use_thumbnail = use_thumbnail
         # The card's candidate order: a set sorted by tile count (a stable sort, so equal counts keep the
         # set's iteration order, which is fixed for small int tuples: built the same way, it is the same).
         self.grids: list[tuple[int, int]] = sorted(
@@ -156,88 +170,105 @@ class ImageProcessor:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """The crops of one image, row-major tiles then the thumbnail: ``(n_crops, 3, S, S)`` float32."""
         image = image.convert("RGB") if image.mode != "RGB" else image
-        image.load()  # decode now: two threads read it below
+        image.load()  # decode now: several threads read it below
         s = self.tile_size
         cols, rows = self.grid(*image.size)
         n = cols * rows
-        thumb = _pool.submit(image.resize, (s, s)) if self.use_thumbnail and n != 1 else None
-        grid = torch.from_numpy(resize(image, (s * cols, s * rows)))  # (rows*S, cols*S, 3) uint8
-        out = torch.empty(n + (thumb is not None), 3, s, s)
-        # tile (r, c) = grid[r*S:(r+1)*S, c*S:(c+1)*S], channels first; uint8 -> float32 is exact
-        out[:n].view(rows, cols, 3, s, s).copy_(grid.view(rows, s, cols, s, 3).permute(0, 2, 4, 1, 3))
-        if thumb is not None:
-            out[n].copy_(torch.from_numpy(np.array(thumb.result())).permute(2, 0, 1))  # (S, S, 3) -> (3, S, S)
-        return out.div_(255).sub_(_MEAN).div_(_STD)  # ToTensor's div(255), then Normalize's sub_ and div_
+        resizes = [_Resize(image, (s * cols, s * rows))]  # the grid, then the thumbnail of the whole image
+        if self.use_thumbnail and n != 1:
+            resizes.append(_Resize(image, (s, s)))
+        for r in resizes:
+            r.second_pass()
+        out = np.empty((len(resizes) - 1 + n, 3, s, s), dtype=np.float32)
+        grid = resizes[0].result()  # (rows*S, cols*S, 3) uint8
+        crops = [grid[r * s : (r + 1) * s, c * s : (c + 1) * s] for r in range(rows) for c in range(cols)]
+        jobs = [_pool.submit(_normalize, crop, out[k]) for k, crop in enumerate(crops)]
+        if len(resizes) == 2:
+            jobs.append(_pool.submit(_normalize, resizes[1].result(), out[n]))
+        for job in jobs:
+            job.result()
+        return torch.from_numpy(out)
+
+
+def _normalize(crop: np.ndarray, out: np.ndarray) -> None:
+    """(S, S, 3) uint8 -> (3, S, S) float32: torchvision's ToTensor (``/255``), then Normalize's
+    ``sub_(mean)`` and ``div_(std)``, the same float32 operations in the same order."""
+    np.copyto(out, crop.transpose(2, 0, 1))  # uint8 -> float32 is exact
+    np.divide(out, np.float32(255), out=out)
+    np.subtract(out, _MEAN, out=out)
+    np.divide(out, _STD, out=out)
 
 
 # ------------------------------------------------------------------ PIL's resize, its passes run in bands
 
 
-def resize(image: Image.Image, size: tuple[int, int], bands: int = _THREADS) -> np.ndarray:
-    """``np.array(image.resize(size))`` for an RGB image, the same bytes, with each pass cut into ``bands``
-    threads. -> (h, w, 3) uint8."""
-    (W, H), (w, h) = image.size, size
-    order = _pass_order()
-    if bands < 2 or w * h < SPLIT_MIN_PIXELS or order is None or w == W or h == H:
-        return np.array(image.resize(size))
-    if order(W, H, w, h):  # vertical pass first (column bands), then horizontal (row bands of W x h)
-        tmp = _join(_run_bands(image, w=None, h=h, bands=bands), (W, h), rows=False)
-        return np.concatenate([np.asarray(b) for b in _run_bands(tmp, w=w, h=None, bands=bands)], axis=0)
-    tmp = _join(_run_bands(image, w=w, h=None, bands=bands), (w, H), rows=True)
-    return np.concatenate([np.asarray(b) for b in _run_bands(tmp, w=None, h=h, bands=bands)], axis=1)
+class _Resize:
+    """``image.resize(size)`` of an RGB image, started at once on the thread pool, its two passes in bands."""
+
+    def __init__(self, image: Image.Image, size: tuple[int, int]) -> None:
+        (W, H), (w, h) = image.size, size
+        rule = _pass_order()
+        self.size, self.first, self.second = size, [], []
+        if _THREADS < 2 or w * h < BAND_MIN_PIXELS or rule is None or w == W or h == H:
+            self.first, self.vertical_first, self.one_call = [_pool.submit(image.resize, size)], False, True
+            return
+        self.one_call, self.vertical_first = False, rule(W, H, w, h)
+        self.mid = (W, h) if self.vertical_first else (w, H)  # the size after the first pass
+        self.first = _bands(image, self.mid, rows=not self.vertical_first)
+
+    def second_pass(self) -> None:
+        """Once the first pass is done: start the second on its output."""
+        if not self.one_call:
+            tmp, at = Image.new("RGB", self.mid), 0
+            for f in self.first:  # row bands stacked, or column bands side by side
+                band = f.result()
+                tmp.paste(band, (at, 0) if self.vertical_first else (0, at))
+                at += band.width if self.vertical_first else band.height
+            self.second = _bands(tmp, self.size, rows=self.vertical_first)
+
+    def result(self) -> np.ndarray:  # (h, w, 3) uint8
+        if self.one_call:
+            return np.asarray(self.first[0].result())
+        return np.concatenate([np.asarray(f.result()) for f in self.second], axis=0 if self.vertical_first else 1)
 
 
-def _run_bands(image: Image.Image, w: int | None, h: int | None, bands: int) -> list[Image.Image]:
-    """One pass of PIL's resize: the horizontal one (to width ``w``) over row bands, or the vertical one
-    (to height ``h``) over column bands. The last band runs in this thread."""
+def _bands(image: Image.Image, size: tuple[int, int], rows: bool) -> list[Future]:
+    """One pass of a resize to ``size``: horizontal (``rows``: row bands, widths change) or vertical
+    (column bands, heights change), one band per thread."""
     W, H = image.size
-    n = min(bands, H if w else W)
-    cuts = [round(k * (H if w else W) / n) for k in range(n + 1)]
-    if w:
-        jobs = [(image.crop((0, a, W, b)), (w, b - a)) for a, b in zip(cuts, cuts[1:])]
-    else:
-        jobs = [(image.crop((a, 0, b, H)), (b - a, h)) for a, b in zip(cuts, cuts[1:])]
-    futures = [_pool.submit(band.resize, sz) for band, sz in jobs[:-1]]
-    last = jobs[-1][0].resize(jobs[-1][1])
-    return [f.result() for f in futures] + [last]
+    n = min(_THREADS, H if rows else W)
+    cuts = [round(k * (H if rows else W) / n) for k in range(n + 1)]
+    if rows:
+        return [_pool.submit(image.crop((0, a, W, b)).resize, (size[0], b - a)) for a, b in zip(cuts, cuts[1:])]
+    return [_pool.submit(image.crop((a, 0, b, H)).resize, (b - a, size[1])) for a, b in zip(cuts, cuts[1:])]
 
 
-def _join(parts: list[Image.Image], size: tuple[int, int], rows: bool) -> Image.Image:
-    """Row bands stacked top to bottom, or column bands left to right, into one ``size`` image."""
-    out, at = Image.new("RGB", size), 0
-    for p in parts:
-        out.paste(p, (0, at) if rows else (at, 0))
-        at += p.height if rows else p.width
-    return out
-
-
-# Which pass PIL runs first, as a function of (W, H) -> (w, h); the first rule that fits all the probes wins.
-_ORDER_RULES = (
+# Which pass Pillow runs first, for a resize (W, H) -> (w, h); the first rule that fits all the probes wins.
+_ORDER_RULES: tuple[Callable[[int, int, int, int], bool], ...] = (
     lambda W, H, w, h: h < H and H - h > 2 * (W - w),  # Pillow 13 (C code, PR #9549)
-    lambda W, H, w, h: H > 100 * W and h < H,  # Pillow 12.x with PR #9524 (Python code, very tall images)
-    lambda W, H, w, h: False,  # older Pillow: always horizontal first
+    lambda W, H, w, h: H > 100 * W and h < H,  # Pillow 12.x (Python code, PR #9524: very tall images)
+    lambda W, H, w, h: False,  # older Pillow: horizontal first, always
 )
-_PROBES = [((40, 40), (25, 9)), ((40, 40), (30, 19)), ((40, 40), (30, 20)), ((40, 40), (30, 21)), ((30, 60), (50, 20)),
-           ((60, 30), (20, 50)), ((31, 17), (70, 45)), ((50, 50), (20, 7)), ((23, 80), (9, 31)), ((3, 337), (1, 18)),
-           ((3, 400), (1, 397)), ((2, 300), (5, 150))]  # fmt: skip
-_order_checked: list = []
+_PROBES = [((40, 40), (25, 9)), ((40, 40), (30, 19)), ((40, 40), (30, 20)), ((40, 40), (30, 21)),
+           ((30, 60), (50, 20)), ((60, 30), (20, 50)), ((31, 17), (70, 45)), ((50, 50), (20, 7)),
+           ((23, 80), (9, 31)), ((3, 337), (1, 18)), ((3, 400), (1, 397)), ((2, 300), (5, 150))]  # fmt: skip
+_order: list[Callable[[int, int, int, int], bool] | None] = []
 
 
-def _pass_order():
-    """The installed Pillow's pass-order rule, found once on probes on both sides of each rule (None: neither
-    rule fits, so resize() leaves the whole resize to PIL)."""
-    if not _order_checked:
+def _pass_order() -> Callable[[int, int, int, int], bool] | None:
+    """The rule the installed Pillow follows (None: none of ours), found once on small noise images."""
+    if not _order:
         rng = np.random.default_rng(0)
-        probes = [(Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)), size) for (W, H), size in _PROBES]
-        found = None
-        for rule in _ORDER_RULES:
-            for img, size in probes:
-                (W, H), vertical_first = img.size, rule(*img.size, *size)
-                tmp = img.resize((W, size[1]) if vertical_first else (size[0], H))
-                if tmp.resize(size).tobytes() != img.resize(size).tobytes():
-                    break
-            else:
-                found = rule
-                break
-        _order_checked.append(found)
-    return _order_checked[0]
+        noise = [Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)) for (W, H), _ in _PROBES]
+        probes = list(zip(noise, (size for _, size in _PROBES)))
+
+        def fits(rule: Callable[[int, int, int, int], bool]) -> bool:
+            for img, (w, h) in probes:
+                (W, H) = img.size
+                tmp = img.resize((W, h) if rule(W, H, w, h) else (w, H))
+                if tmp.resize((w, h)).tobytes() != img.resize((w, h)).tobytes():
+                    return False
+            return True
+
+        _order.append(next((rule for rule in _ORDER_RULES if fits(rule)), None))
+    return _order[0]

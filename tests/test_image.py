@@ -1,6 +1,7 @@
 """nvlm.image against the model card's load_image (tests/reference/model_card.py): bit for bit, and bad input."""
 
 import io
+import multiprocessing
 import struct
 import sys
 import threading
@@ -19,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # `reference.*`, as conftest doe
 from reference.model_card import dynamic_preprocess, find_closest_aspect_ratio  # noqa: E402
 from reference.model_card import load_image as card_load_image  # noqa: E402
 
+import nvlm.image as nvlm_image  # noqa: E402
 from nvlm.config import preset  # noqa: E402
 from nvlm.image import DEFAULT_MAX_PIXELS, ImageError, ImageProcessor, load_image  # noqa: E402
 
@@ -147,15 +149,75 @@ def test_matches_card_for_mode_at_448():
 
 def test_files_match_card_end_to_end(tmp_path):
     """load_image + ImageProcessor on a file equals the card's load_image on the same path."""
-    for name, image in [("a.png", noise(130, 70)), ("b.jpg", noise(90, 200)), ("c.jpg", noise(90, 60).convert("CMYK")),
-                        ("d.gif", noise(120, 120).convert("P")), ("e.png", noise(100, 60).convert("LA")),
-                        ("f.png", Image.fromarray(RNG.integers(0, 65536, (60, 90), dtype=np.uint16)))]:  # fmt: skip
+    deep = Image.fromarray(RNG.integers(0, 65536, (60, 90), dtype=np.uint16))  # a 16-bit PNG
+    files = {"a.png": noise(130, 70), "b.jpg": noise(90, 200), "c.jpg": noise(90, 60).convert("CMYK"),
+             "d.gif": noise(120, 120).convert("P"), "e.png": noise(100, 60).convert("LA"), "f.png": deep}
+    for name, image in files.items():
         path = tmp_path / name
         image.save(path)
         want = card_load_image(str(path), input_size=56)
         for source in (path, str(path), path.read_bytes()):
             assert torch.equal(ImageProcessor(56)(load_image(source)), want), name
         assert torch.equal(ImageProcessor(56)(Image.open(path)), want), name  # lazily opened, not yet decoded
+
+
+# ------------------------------------------------------------------ the banded resize
+
+
+@pytest.fixture
+def bands_always(monkeypatch):
+    """Every resize, however small, runs as bands (3 of them: uneven cuts), as 448-px images do."""
+    monkeypatch.setattr(nvlm_image, "BAND_MIN_PIXELS", 0)
+    monkeypatch.setattr(nvlm_image, "_THREADS", 3)
+
+
+def test_installed_pillow_pass_order_is_known():
+    assert nvlm_image._pass_order() is not None, "no rule fits this Pillow: every resize runs as one PIL call"
+
+
+def _resize(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    r = nvlm_image._Resize(image, size)
+    r.second_pass()
+    return r.result()
+
+
+def test_banded_resize_is_pils_resize(bands_always):
+    rule = nvlm_image._pass_order()
+    cases = [(640, 480, 168, 112), (300, 200, 56, 56), (40, 120, 56, 336), (120, 40, 100, 10), (7, 900, 3, 50),
+             (5, 503, 5, 60), (9, 9, 1, 1), (1, 1, 56, 56), (200, 100, 210, 20), (100, 100, 90, 79),
+             (100, 100, 90, 80), (100, 100, 90, 81), (3, 301, 2, 300)]  # fmt: skip
+    seen = set()
+    for W, H, w, h in cases:
+        image = noise(W, H)
+        assert np.array_equal(_resize(image, (w, h)), np.asarray(image.resize((w, h)))), (W, H, w, h)
+        seen.add(rule(W, H, w, h))
+    assert seen == {True, False} or rule is nvlm_image._ORDER_RULES[-1]  # both pass orders were exercised
+
+
+def test_matches_card_with_bands(bands_always):
+    for size in SMALL_SIZES + tie_sizes(56, 6)[::3]:
+        assert_matches_card(noise(*size), tile=56, max_tiles=6)
+    for image in [noise(170, 60).convert("P"), noise(60, 170).convert("CMYK"),
+                  Image.fromarray(RNG.integers(0, 65536, (60, 170), dtype=np.uint16))]:  # fmt: skip
+        assert_matches_card(image, tile=56)
+
+
+def _in_child(conn, image):
+    conn.send(ImageProcessor(56)(image).numpy())
+    conn.close()
+
+
+def test_works_in_a_forked_child(bands_always):
+    """The thread pool is rebuilt in a forked child (a DataLoader worker), which would otherwise hang."""
+    image = noise(300, 130)
+    want = ImageProcessor(56)(image)  # the parent's pool threads exist now
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_in_child, args=(child, image))
+    proc.start()
+    assert parent.poll(30), "the forked child hung"
+    assert torch.equal(torch.from_numpy(parent.recv()), want)
+    proc.join(10)
 
 
 # ------------------------------------------------------------------ tiling rules
