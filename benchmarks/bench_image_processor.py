@@ -4,8 +4,8 @@
 
 Two rows per size: "PIL" starts both sides from the same decoded RGB image (the tiling and normalisation
 alone); "JPEG file" / "PNG file" starts from the file, so decoding is included (the card's
-``Image.open(path).convert('RGB')`` against our ``load_image(path)``). The two are timed alternately (median of
-``--repeats``), and the speed-up is the card's median time over ours. Prints a markdown table for docs/BENCHMARKS.md.
+``Image.open(path).convert('RGB')`` against our ``load_image(path)``). The two are timed in alternating
+blocks (median of ``--repeats``), and the speed-up is the card's median time over ours. Prints a markdown table for docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -41,15 +41,19 @@ def photo_like(w: int, h: int, seed: int) -> Image.Image:
     return Image.fromarray(np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8))
 
 
-def median_ms(card_fn, ours_fn, repeats: int) -> tuple[float, float]:
-    """Median wall times of the two, measured alternately so that background load hits both alike."""
+def median_ms(card_fn, ours_fn, repeats: int, block: int = 5) -> tuple[float, float]:
+    """Median wall times, measured in alternating blocks of ``block`` calls so that background load hits both
+    sides alike. (Not call by call: torch's OpenMP threads spin for a few ms after the card's last torch op
+    and would slow our first resize threads; within a block each side runs after itself.)"""
     card_fn(), ours_fn()  # warm-up
-    card, ours = [], []
-    for _ in range(repeats):
+    card: list[float] = []
+    ours: list[float] = []
+    while len(ours) < repeats:
         for fn, times in ((card_fn, card), (ours_fn, ours)):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
+            for _ in range(min(block, repeats - len(times))):
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
     return statistics.median(card) * 1000, statistics.median(ours) * 1000
 
 

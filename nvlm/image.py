@@ -10,10 +10,10 @@ We compute the same bytes in less time, on a few threads (PIL and numpy release 
   run each pass as PIL resizes of bands of the image: an output row of the horizontal pass depends on one
   input row only, a column of the vertical pass on one column, so the bands give the same bytes as one
   call. The grid and the thumbnail are resized at the same time.
-- The tiles are strided views of the grid, not crops; each crop is normalised in one thread with the very
-  float32 operations torchvision does (``/255``, ``-mean``, ``/std``; each correctly rounded, so numpy
-  gives the same bits as torch), and torch's own OpenMP threads are left asleep: woken on a 2-core machine
-  they spin and slow the next resize down.
+- No crops are made: each band of the resized grid (or thumbnail) is normalised straight into the tiles it
+  covers, as soon as it is ready, with the very float32 operations torchvision does (``/255``, ``-mean``,
+  ``/std``; each correctly rounded, so numpy gives the same bits as torch). torch's own OpenMP threads are
+  left asleep: woken on a 2-core machine they spin for milliseconds and slow the resize threads down.
 The result follows the installed Pillow, as the card's does. Which pass Pillow runs first changed: Pillow 13
 runs the vertical one first when the height shrinks by more than twice as many pixels as the width
 (PR python-pillow/Pillow#9549), 12.x does so for images over 100 times taller than wide, older versions
@@ -29,7 +29,7 @@ import os
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -180,20 +180,32 @@ class ImageProcessor:
         for r in resizes:
             r.second_pass()
         out = np.empty((len(resizes) - 1 + n, 3, s, s), dtype=np.float32)
-        grid = resizes[0].result()  # (rows*S, cols*S, 3) uint8
-        crops = [grid[r * s : (r + 1) * s, c * s : (c + 1) * s] for r in range(rows) for c in range(cols)]
-        jobs = [_pool.submit(_normalize, crop, out[k]) for k, crop in enumerate(crops)]
+        jobs = _normalize_bands(resizes[0], out[:n], cols)
         if len(resizes) == 2:
-            jobs.append(_pool.submit(_normalize, resizes[1].result(), out[n]))
+            jobs += _normalize_bands(resizes[1], out[n:], 1)
         for job in jobs:
             job.result()
         return torch.from_numpy(out)
 
 
-def _normalize(crop: np.ndarray, out: np.ndarray) -> None:
-    """(S, S, 3) uint8 -> (3, S, S) float32: torchvision's ToTensor (``/255``), then Normalize's
+def _normalize_bands(resize: _Resize, out: np.ndarray, cols: int) -> list[Future]:
+    """Start normalising each band of a resize into the tiles it covers (``out``: (tiles, 3, S, S), row-major
+    ``cols`` to a row) as soon as that band is ready, while the other bands are still being resized."""
+    s, jobs = out.shape[-1], []
+    for band, y0, x0 in resize.bands():
+        h, w = band.shape[:2]
+        for r in range(y0 // s, (y0 + h - 1) // s + 1):
+            for c in range(x0 // s, (x0 + w - 1) // s + 1):
+                ya, yb, xa, xb = max(y0, r * s), min(y0 + h, r * s + s), max(x0, c * s), min(x0 + w, c * s + s)
+                dst = out[r * cols + c, :, ya - r * s : yb - r * s, xa - c * s : xb - c * s]
+                jobs.append(_pool.submit(_normalize, band[ya - y0 : yb - y0, xa - x0 : xb - x0], dst))
+    return jobs
+
+
+def _normalize(pixels: np.ndarray, out: np.ndarray) -> None:
+    """(h, w, 3) uint8 -> (3, h, w) float32: torchvision's ToTensor (``/255``), then Normalize's
     ``sub_(mean)`` and ``div_(std)``, the same float32 operations in the same order."""
-    np.copyto(out, crop.transpose(2, 0, 1))  # uint8 -> float32 is exact
+    np.copyto(out, pixels.transpose(2, 0, 1))  # uint8 -> float32 is exact
     np.divide(out, np.float32(255), out=out)
     np.subtract(out, _MEAN, out=out)
     np.divide(out, _STD, out=out)
@@ -208,39 +220,45 @@ class _Resize:
     def __init__(self, image: Image.Image, size: tuple[int, int]) -> None:
         (W, H), (w, h) = image.size, size
         rule = _pass_order()
-        self.size, self.first, self.second = size, [], []
+        self.size, self.vertical_first = size, False
         if _THREADS < 2 or w * h < BAND_MIN_PIXELS or rule is None or w == W or h == H:
-            self.first, self.vertical_first, self.one_call = [_pool.submit(image.resize, size)], False, True
+            self.first, self.second = [], [(_pool.submit(_band, image, (0, 0, W, H), size, True), 0)]
             return
-        self.one_call, self.vertical_first = False, rule(W, H, w, h)
+        self.vertical_first = rule(W, H, w, h)
         self.mid = (W, h) if self.vertical_first else (w, H)  # the size after the first pass
-        self.first = _bands(image, self.mid, rows=not self.vertical_first)
+        self.first = _bands(image, self.mid, rows=not self.vertical_first, array=False)
 
     def second_pass(self) -> None:
         """Once the first pass is done: start the second on its output."""
-        if not self.one_call:
-            tmp, at = Image.new("RGB", self.mid), 0
-            for f in self.first:  # row bands stacked, or column bands side by side
-                band = f.result()
-                tmp.paste(band, (at, 0) if self.vertical_first else (0, at))
-                at += band.width if self.vertical_first else band.height
-            self.second = _bands(tmp, self.size, rows=self.vertical_first)
+        if self.first:
+            tmp = Image.new("RGB", self.mid)
+            for f, at in self.first:  # column bands side by side, or row bands stacked
+                tmp.paste(f.result(), (at, 0) if self.vertical_first else (0, at))
+            self.second = _bands(tmp, self.size, rows=self.vertical_first, array=True)
 
-    def result(self) -> np.ndarray:  # (h, w, 3) uint8
-        if self.one_call:
-            return np.asarray(self.first[0].result())
-        return np.concatenate([np.asarray(f.result()) for f in self.second], axis=0 if self.vertical_first else 1)
+    def bands(self) -> Iterator[tuple[np.ndarray, int, int]]:
+        """The output, as (h, w, 3) uint8 bands with their top and left offsets, each as soon as it is done."""
+        for f, at in self.second:  # a horizontal second pass makes row bands, a vertical one column bands
+            yield (f.result(), at, 0) if self.vertical_first else (f.result(), 0, at)
 
 
-def _bands(image: Image.Image, size: tuple[int, int], rows: bool) -> list[Future]:
-    """One pass of a resize to ``size``: horizontal (``rows``: row bands, widths change) or vertical
-    (column bands, heights change), one band per thread."""
+def _bands(image: Image.Image, size: tuple[int, int], rows: bool, array: bool) -> list[tuple[Future, int]]:
+    """One pass of a resize to ``size`` started on the pool, one band per thread: the horizontal pass
+    (``rows``: row bands, widths change) or the vertical one (column bands, heights change)."""
     W, H = image.size
     n = min(_THREADS, H if rows else W)
     cuts = [round(k * (H if rows else W) / n) for k in range(n + 1)]
-    if rows:
-        return [_pool.submit(image.crop((0, a, W, b)).resize, (size[0], b - a)) for a, b in zip(cuts, cuts[1:])]
-    return [_pool.submit(image.crop((a, 0, b, H)).resize, (b - a, size[1])) for a, b in zip(cuts, cuts[1:])]
+    jobs = []
+    for a, b in zip(cuts, cuts[1:]):
+        box, band_size = ((0, a, W, b), (size[0], b - a)) if rows else ((a, 0, b, H), (b - a, size[1]))
+        jobs.append((_pool.submit(_band, image, box, band_size, array), a))
+    return jobs
+
+
+def _band(image: Image.Image, box: tuple[int, int, int, int], size: tuple[int, int], array: bool) -> Any:
+    """``image.crop(box).resize(size)``, as a (h, w, 3) uint8 array if ``array``; runs on the pool."""
+    out = (image.crop(box) if box != (0, 0, *image.size) else image).resize(size)
+    return np.asarray(out) if array else out
 
 
 # Which pass Pillow runs first, for a resize (W, H) -> (w, h); the first rule that fits all the probes wins.
