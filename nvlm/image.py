@@ -174,14 +174,15 @@ class ImageProcessor:
         s = self.tile_size
         cols, rows = self.grid(*image.size)
         n = cols * rows
-        resizes = [_Resize(image, (s * cols, s * rows))]  # the grid, then the thumbnail of the whole image
-        if self.use_thumbnail and n != 1:
+        thumbnail = self.use_thumbnail and n != 1
+        resizes = [_Resize(image, (s * cols, s * rows), inline=n == 1)]  # the grid, then the thumbnail
+        if thumbnail:
             resizes.append(_Resize(image, (s, s)))
         for r in resizes:
             r.second_pass()
-        out = np.empty((len(resizes) - 1 + n, 3, s, s), dtype=np.float32)
+        out = np.empty((thumbnail + n, 3, s, s), dtype=np.float32)
         jobs = _normalize_bands(resizes[0], out[:n], cols)
-        if len(resizes) == 2:
+        if thumbnail:
             jobs += _normalize_bands(resizes[1], out[n:], 1)
         for job in jobs:
             job.result()
@@ -192,6 +193,9 @@ def _normalize_bands(resize: _Resize, out: np.ndarray, cols: int) -> list[Future
     """Start normalising each band of a resize into the tiles it covers (``out``: (tiles, 3, S, S), row-major
     ``cols`` to a row) as soon as that band is ready, while the other bands are still being resized."""
     s, jobs = out.shape[-1], []
+    if resize.inline:  # one small resize and nothing to overlap it with: no thread hand-offs
+        _normalize(next(resize.bands())[0], out[0])
+        return jobs
     for band, y0, x0 in resize.bands():
         h, w = band.shape[:2]
         for r in range(y0 // s, (y0 + h - 1) // s + 1):
@@ -217,12 +221,16 @@ def _normalize(pixels: np.ndarray, out: np.ndarray) -> None:
 class _Resize:
     """``image.resize(size)`` of an RGB image, started at once on the thread pool, its two passes in bands."""
 
-    def __init__(self, image: Image.Image, size: tuple[int, int]) -> None:
+    def __init__(self, image: Image.Image, size: tuple[int, int], inline: bool = False) -> None:
         (W, H), (w, h) = image.size, size
         rule = _pass_order()
-        self.size, self.vertical_first = size, False
+        self.size, self.vertical_first, self.inline = size, False, False
         if _THREADS < 2 or w * h < BAND_MIN_PIXELS or rule is None or w == W or h == H:
-            self.first, self.second = [], [(_pool.submit(_band, image, (0, 0, W, H), size, True), 0)]
+            self.inline = inline  # a single tile: computed in this thread, no hand-offs
+            job = Future() if inline else _pool.submit(_band, image, (0, 0, W, H), size, True)
+            if inline:
+                job.set_result(_band(image, (0, 0, W, H), size, True))
+            self.first, self.second = [], [(job, 0)]
             return
         self.vertical_first = rule(W, H, w, h)
         self.mid = (W, h) if self.vertical_first else (w, H)  # the size after the first pass
