@@ -193,7 +193,7 @@ def _normalize_bands(resize: _Resize, out: np.ndarray, cols: int) -> list[Future
     """Start normalising each band of a resize into the tiles it covers (``out``: (tiles, 3, S, S), row-major
     ``cols`` to a row) as soon as that band is ready, while the other bands are still being resized."""
     s, jobs = out.shape[-1], []
-    if resize.inline:  # one small resize and nothing to overlap it with: no thread hand-offs
+    if resize.inline:  # a single tile in one PIL call, nothing to overlap it with: no thread hand-offs
         _normalize(next(resize.bands())[0], out[0])
         return jobs
     for band, y0, x0 in resize.bands():
