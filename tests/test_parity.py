@@ -91,3 +91,15 @@ def test_llama_family_matches_transformers_llama():
     positions = torch.arange(11).expand(2, 11)
     with torch.no_grad():
         torch.testing.assert_close(ours(ours.embed(ids), positions), ref(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_packed_row_matches_each_sample_alone(nvlm_d_dir, reference):
+    """Document ids in the attention mask: each packed sample attends only itself, positions restart."""
+    model = NVLM.from_pretrained(nvlm_d_dir)
+    a, b = _prompt([4, ("img", 2), 3]), _prompt([7])
+    pixels = torch.randn(2, 3, 56, 56)
+    ids = torch.cat([a, b, torch.zeros(1, 3, dtype=torch.long)], 1)
+    mask = torch.tensor([[1] * a.shape[1] + [2] * b.shape[1] + [0] * 3])
+    ours = model(ids, pixel_values=pixels, attention_mask=mask).logits[0]
+    torch.testing.assert_close(ours[: a.shape[1]], reference.logits(a, IMAGE_TOKEN_ID, pixels)[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours[a.shape[1] : -3], reference.logits(b, IMAGE_TOKEN_ID)[0], atol=1e-4, rtol=1e-4)

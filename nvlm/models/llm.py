@@ -163,19 +163,31 @@ class LanguageModel(nn.Module):
 
 
 def attention_mask_4d(attention_mask: torch.Tensor, num_new: int) -> torch.Tensor:
-    """(B, S) padding mask over cached + new positions -> (B, 1, T, S) causal bool mask for T new tokens.
+    """(B, S) mask over cached + new positions -> (B, 1, T, S) causal bool mask for the T new tokens.
 
-    A padded query position may still see itself, so that no row is all-masked (SDPA would give NaN).
+    The mask holds 0 for padding and a document id k > 0 for real tokens: a plain batch is all ones, a
+    packed row numbers its samples 1, 2, ... and each token attends only earlier tokens of its own
+    document. A padded query position may still see itself, so that no row is all-masked (SDPA would give NaN).
     """
     b, s = attention_mask.shape
     offset = s - num_new
     q_pos = torch.arange(offset, s, device=attention_mask.device)[:, None]  # (T, 1)
     k_pos = torch.arange(s, device=attention_mask.device)[None, :]  # (1, S)
-    allowed = (k_pos <= q_pos)[None] & attention_mask.bool()[:, None, :]  # (B, T, S)
+    doc = attention_mask.long()
+    same_doc = (doc[:, offset:, None] == doc[:, None, :]) & (doc[:, None, :] > 0)  # (B, T, S)
+    allowed = (k_pos <= q_pos)[None] & same_doc
     allowed |= (k_pos == q_pos)[None]
     return allowed[:, None]
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding: (B, S) mask -> (B, S) ids, 0 at each row's first real token."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    """(B, S) mask -> (B, S) positions: each token's index among the earlier tokens of its document.
+
+    Left padding is skipped (0 at each row's first real token), and positions restart at every document of
+    a packed row (mask values 1, 2, ...). Padding gets position 0.
+    """
+    doc = attention_mask.long()
+    n_docs = max(int(doc.max()), 1) if doc.numel() else 1
+    one_hot = doc[..., None] == torch.arange(1, n_docs + 1, device=doc.device)  # (B, S, n_docs)
+    counts = one_hot.long().cumsum(1)  # tokens of each document so far
+    return ((counts * one_hot).sum(-1) - 1).clamp(min=0)
