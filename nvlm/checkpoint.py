@@ -186,7 +186,13 @@ def load_pretrained(
     device: str | torch.device | dict[str, Any] | None = None,
     arch: str | None = None,
 ) -> torch.nn.Module:
-    """Build the model on the meta device, then stream each tensor into place (cast and moved once)."""
+    """Build the model on the meta device, then stream each tensor into place (cast and moved once).
+
+    ``arch`` ("D", "X" or "H") different from the checkpoint's builds that architecture from it: the ViT and
+    the LLM (and the two-layer projector between D and H) are copied, the modules the checkpoint lacks are
+    freshly initialised (cross-attention gates at 0), and what the new architecture has no use for is left
+    out. That is how an NVLM-X or NVLM-H starts stage 1 from an NVLM-D.
+    """
     from nvlm.devices import resolve_device_map
     from nvlm.models.nvlm import NVLM
 
@@ -197,6 +203,11 @@ def load_pretrained(
     token_id = _image_token_id(path, cfg.image_token)
     if token_id is not None and token_id != cfg.image_token_id:
         cfg = NVLMConfig(**{**cfg.__dict__, "image_token_id": token_id})
+    fresh: tuple[str, ...] = ()
+    if arch is not None and arch != cfg.arch:
+        new = cfg.with_arch(arch)  # type: ignore[arg-type]
+        fresh = ("xattn_layers.",) + (("mlp1.",) if new.projector != cfg.projector else ())
+        cfg = new
     torch_dtype = _resolve_dtype(dtype, cfg)
     with torch.device("meta"):
         model = NVLM(cfg)
@@ -207,6 +218,8 @@ def load_pretrained(
     loaded: set[str] = set()
     width, head_dim = cfg.vision.hidden_size, cfg.vision.head_dim
     for name, tensor in iter_checkpoint(path):
+        if name.startswith(fresh) or (fresh and name not in params):
+            continue  # converting architectures: replaced, or not used by the new one
         if name not in params:
             raise CheckpointError(f"{path}: unexpected tensor {name!r} {tuple(tensor.shape)} for an NVLM-{cfg.arch} model")
         if _VIT_ATTN.match(name):
@@ -219,6 +232,10 @@ def load_pretrained(
         target = device_map(name)
         _assign(model, name, tensor.to(device=target, dtype=torch_dtype if tensor.is_floating_point() else None))
         loaded.add(name)
+    for prefix in fresh:
+        if hasattr(model, prefix.rstrip(".")):
+            init_modules(model, prefix.rstrip("."), device_map(prefix), torch_dtype)
+            loaded |= {n for n in params if n.startswith(prefix)}
     missing = sorted(set(params) - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -229,10 +246,20 @@ def load_pretrained(
     return model.eval()
 
 
+def init_modules(model: torch.nn.Module, name: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Give the submodule ``name`` (on the meta device) fresh weights: PyTorch's defaults, gates closed."""
+    module = model.get_submodule(name)
+    module.to_empty(device=device)
+    for m in module.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    module.to(dtype)
+
+
 def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
     module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=module._parameters[attr].requires_grad)
 
 
-__all__ = ["CheckpointError", "ConfigError", "load_pretrained", "save_pretrained", "iter_checkpoint"]
+__all__ = ["CheckpointError", "ConfigError", "init_modules", "iter_checkpoint", "load_pretrained", "save_pretrained"]

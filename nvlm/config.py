@@ -84,6 +84,27 @@ class ProjectorConfig:
     hidden_size: int = 29568  # the LLM's FFN size
     output_size: int = 8192  # the LLM's width
     norm_eps: float = 1e-5  # nn.LayerNorm's default, as in the HF code (Megatron used 1e-6)
+    num_layers: int = 2  # 2 for NVLM-D and -H; NVLM-X's is one layer: LayerNorm -> Linear (12800 -> 8192)
+
+
+@dataclass(frozen=True)
+class CrossAttentionConfig:
+    """The gated cross-attention blocks of NVLM-X and NVLM-H (spec sections 5 and 6).
+
+    The paper fixes the count (10) and the spacing (every 8th layer of the 80-layer 72B, every 6th of the
+    60-layer 34B). Our choices where it is silent (docs/DESIGN.md): a block sits *before* decoder layers
+    0, k, 2k, ...; each block is Flamingo's GATED XATTN-DENSE (cross-attention, then its own SwiGLU FFN of
+    the LLM's width, each behind a tanh gate initialised to 0); RMSNorm before each, as in the LLM; the
+    LLM's query heads and GQA key/value heads; no RoPE (the memory has no 1-D order; tile tags place it).
+    """
+
+    num_layers: int = 10  # blocks
+    interval: int = 8  # a block before every interval-th decoder layer
+    intermediate_size: int = 29568  # the block FFN's width (the LLM's)
+
+    def layer_indices(self) -> tuple[int, ...]:
+        """The decoder layers that have a block before them."""
+        return tuple(i * self.interval for i in range(self.num_layers))
 
 
 @dataclass(frozen=True)
@@ -94,6 +115,7 @@ class NVLMConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    xattn: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)  # X and H only
     select_layer: int = -1
     downsample_ratio: float = 0.5
     ps_version: str = "v2"
@@ -142,6 +164,12 @@ class NVLMConfig:
             problems.append(f"ps_version {self.ps_version!r}: NVLM uses pixel shuffle v2 only")
         if not 1 <= self.min_tiles <= self.max_tiles:
             problems.append(f"tiles: need 1 <= min_tiles <= max_tiles, got {self.min_tiles}, {self.max_tiles}")
+        if p.num_layers not in (1, 2):
+            problems.append(f"projector num_layers must be 1 or 2, not {p.num_layers}")
+        x = self.xattn
+        if self.arch != "D" and (x.num_layers < 1 or x.interval < 1 or x.layer_indices()[-1] >= lm.num_layers):
+            problems.append(f"{x.num_layers} cross-attention blocks every {x.interval} layers do not fit "
+                            f"the LLM's {lm.num_layers} layers")  # fmt: skip
         if problems:
             raise ConfigError("invalid NVLM config: " + "; ".join(problems))
         return self
@@ -197,13 +225,15 @@ class NVLMConfig:
                 rope_scaling=lc.get("rope_scaling"),
             )
             ratio = cfg.get("downsample_ratio", 0.5)
-            projector = replace(_default_projector(vision, llm, ratio), **cfg.get("projector_config", {}))
+            projector = replace(_default_projector(vision, llm, ratio, arch), **cfg.get("projector_config", {}))
+            xattn = replace(default_xattn(llm), **cfg.get("xattn_config", {})) if arch != "D" else CrossAttentionConfig()
             extra = {f.name: cfg[f.name] for f in fields(cls) if f.name in _TOP_LEVEL_OURS and f.name in cfg}
             return cls(
                 arch=arch,
                 vision=vision,
                 llm=llm,
                 projector=projector,
+                xattn=xattn,
                 select_layer=cfg.get("select_layer", -1),
                 downsample_ratio=ratio,
                 ps_version=cfg.get("ps_version", "v1"),
@@ -218,6 +248,17 @@ class NVLMConfig:
             raise ConfigError(f"config.json lacks the key {e.args[0]!r}") from None
         except TypeError as e:
             raise ConfigError(f"config.json has a value of the wrong type: {e}") from None
+
+    def with_arch(self, arch: Arch) -> "NVLMConfig":
+        """The same vision path and LLM as another architecture: its projector and cross-attention defaults."""
+        if arch == self.arch:
+            return self
+        v, lm = self.vision, self.llm
+        projector = _default_projector(v, lm, self.downsample_ratio, arch)
+        if arch != "X" and self.projector.num_layers == 2:
+            projector = self.projector  # D <-> H share the two-layer projector
+        xattn = CrossAttentionConfig() if arch == "D" else default_xattn(lm)
+        return replace(self, arch=arch, projector=projector, xattn=xattn).validate()
 
     def to_hf(self) -> dict[str, Any]:
         """The ``config.json`` dict in the NVLM-D-72B layout (vision_config / llm_config nested)."""
@@ -288,8 +329,10 @@ class NVLMConfig:
         for name_ in _TOP_LEVEL_OURS:
             if getattr(self, name_) != getattr(defaults, name_):
                 out[name_] = getattr(self, name_)
-        if self.projector != _default_projector(v, lm, self.downsample_ratio):
+        if self.projector != _default_projector(v, lm, self.downsample_ratio, self.arch):
             out["projector_config"] = asdict(self.projector)
+        if self.arch != "D":
+            out["xattn_config"] = asdict(self.xattn)
         return out
 
     @classmethod
@@ -309,10 +352,17 @@ class NVLMConfig:
             raise ConfigError(f"{path}: {e}") from None
 
 
-def _default_projector(vision: VisionConfig, llm: LLMConfig, downsample_ratio: float) -> ProjectorConfig:
-    """The released rule: ViT width x (1/ratio)^2 -> the LLM's FFN size -> the LLM's width."""
+def _default_projector(vision: VisionConfig, llm: LLMConfig, downsample_ratio: float, arch: Arch = "D") -> ProjectorConfig:
+    """The released rule: ViT width x (1/ratio)^2 -> the LLM's FFN size -> the LLM's width (one layer for X)."""
     scale = round(1 / downsample_ratio)
-    return ProjectorConfig(vision.hidden_size * scale * scale, llm.intermediate_size, llm.hidden_size)
+    layers = 1 if arch == "X" else 2
+    return ProjectorConfig(vision.hidden_size * scale * scale, llm.intermediate_size, llm.hidden_size, num_layers=layers)
+
+
+def default_xattn(llm: LLMConfig) -> CrossAttentionConfig:
+    """The paper's 10 blocks spread evenly (every 8th of 80 layers, every 6th of 60), FFN of the LLM's width."""
+    count = min(10, llm.num_layers)
+    return CrossAttentionConfig(count, llm.num_layers // count, llm.intermediate_size)
 
 
 # Our own top-level keys (tag strings): written only when they differ from NVLM-D's.
@@ -339,10 +389,11 @@ def _tiny(arch: Arch, family: LLMFamily = "qwen2") -> NVLMConfig:
         eos_token_id=491,  # <|im_end|> of nvlm.tokenizer.build_tiny_tokenizer()
     )
     projector = ProjectorConfig(input_size=160, hidden_size=128, output_size=64)
-    return NVLMConfig(
-        arch=arch, vision=vision, llm=llm, projector=projector, torch_dtype="float32",
+    cfg = NVLMConfig(
+        arch="D", vision=vision, llm=llm, projector=projector, torch_dtype="float32",
         image_token_id=500,  # <|vision_pad|> of build_tiny_tokenizer()
     )  # fmt: skip
+    return cfg.with_arch(arch)
 
 
 def _nvlm_d_72b() -> NVLMConfig:
@@ -377,8 +428,14 @@ def _nvlm_d_34b() -> NVLMConfig:
 
 PRESETS = {
     "nvlm-d-72b": _nvlm_d_72b,
+    "nvlm-x-72b": lambda: _nvlm_d_72b().with_arch("X"),  # 1-layer projector, 10 blocks every 8th layer
+    "nvlm-h-72b": lambda: _nvlm_d_72b().with_arch("H"),
     "nvlm-d-34b": _nvlm_d_34b,
+    "nvlm-x-34b": lambda: _nvlm_d_34b().with_arch("X"),  # 10 blocks every 6th of 60 layers
+    "nvlm-h-34b": lambda: _nvlm_d_34b().with_arch("H"),
     "tiny-d": lambda: _tiny("D"),
+    "tiny-x": lambda: _tiny("X"),  # 2 blocks, before both decoder layers
+    "tiny-h": lambda: _tiny("H"),
     "tiny-d-llama": lambda: _tiny("D", "llama"),
 }
 

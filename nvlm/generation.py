@@ -71,7 +71,14 @@ def stream(
     attention_mask: torch.Tensor | None = None,  # (B, T)
     **params: object,
 ) -> Iterator[torch.Tensor]:
-    """Yield (B,) next-token ids per step until every row has stopped or ``max_new_tokens`` is reached."""
+    """Yield (B,) next-token ids per step until every row has stopped or ``max_new_tokens`` is reached.
+
+    ``params`` are ``SamplingParams`` fields, plus NVLM-X/H's memory inputs from the processor; the
+    cross-attention keys and values are computed once at prefill and kept in the cache.
+    """
+    from nvlm.models.nvlm import MEMORY_INPUTS
+
+    memory = {k: params.pop(k) for k in MEMORY_INPUTS if k in params}
     p = SamplingParams(**params)
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
@@ -88,7 +95,7 @@ def stream(
         return
     cache = KVCache(model.config.llm.num_layers, t + p.max_new_tokens)
     positions = position_ids_from_mask(mask)  # (B, T)
-    logits = model(input_ids, pixel_values, mask, positions, cache=cache, num_logits_to_keep=1).logits
+    logits = model(input_ids, pixel_values, mask, positions, cache=cache, num_logits_to_keep=1, **memory).logits
     stop_tensor = torch.tensor(stops, device=logits.device)
     done = torch.zeros(b, dtype=torch.bool, device=logits.device)
     last_pos = positions[:, -1:]

@@ -1,14 +1,23 @@
-"""Chat messages or prompt text + images -> ``input_ids`` / ``attention_mask`` / ``pixel_values``.
+"""Chat messages or prompt text + images -> the model's inputs, for NVLM-D, -X and -H.
 
-Each ``<image>`` placeholder becomes ``<Image>`` + per crop (tile tag + tokens_per_tile x ``<|vision_pad|>``)
-+ ``</Image>`` (spec section 3.1), built as text and tokenized together with the rest of the prompt, as HF
-``chat()`` and vLLM do: the tags are not special tokens, and BPE merges across their edges.
+Each ``<image>`` placeholder becomes the image's tile-tagged text, built as text and tokenized together with
+the rest of the prompt, as HF ``chat()`` and vLLM do: the tags are not special tokens, and BPE merges
+across their edges. Per architecture (spec sections 3-6):
+- D: ``<Image>`` + per crop (tile tag + 256 x ``<|vision_pad|>``) + ``</Image>``; ``pixel_values`` = all crops.
+- X: ``<Image><tile_1>...<tile_global_thumbnail></Image>``, tags only; every crop goes to the cross-attention
+  memory (``memory_pixel_values``). Each tag's tokens read only their own crop; other tokens read every
+  crop of the images that ended before them; text before any image reads nothing.
+- H: ``<Image><tile_global_thumbnail>`` + 256 x ``<|vision_pad|>`` + ``</Image>``; ``pixel_values`` = thumbnails,
+  the regular tiles go to the memory, each after its tag's tokens (``memory_tag_ids``). A one-crop image
+  has no regular tile: its single crop is its thumbnail.
+A token that straddles two pieces (BPE merges ``><``) reads what both read.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,6 +37,16 @@ class BatchInputs(dict):
 
     def to(self, device: torch.device | str) -> "BatchInputs":
         return BatchInputs({k: v.to(device) for k, v in self.items()})
+
+
+@dataclass
+class Encoded:
+    """One prompt tokenized: ids, their character spans in ``text``, and (X/H) the crops each token reads."""
+
+    text: str  # the prompt with its images expanded
+    input_ids: list[int]
+    offsets: list[tuple[int, int]]
+    cross_attention_mask: torch.Tensor | None  # (T, K) bool over this prompt's K memory crops; None for D
 
 
 class Processor:
@@ -98,25 +117,72 @@ class Processor:
 
     # ------------------------------------------------------------------------------------ prompt text
 
-    def image_string(self, n_crops: int) -> str:
-        """The tile-tagged text of one image with ``n_crops`` crops (the last crop is the thumbnail)."""
+    def tags(self, n_crops: int) -> list[str]:
+        """The tags of an image's crops: ``<tile_1>`` ... then the thumbnail's (a single crop has only that)."""
         if n_crops < 1:
             raise ValueError(f"an image has at least one crop, not {n_crops}")
         c = self.config
-        tags = [c.tile_tag.format(k) for k in range(1, n_crops)] + [c.thumbnail_tag]
+        return [c.tile_tag.format(k) for k in range(1, n_crops)] + [c.thumbnail_tag]
+
+    def memory_crops(self, n_crops: int) -> int:
+        """How many of an image's crops go to the cross-attention memory."""
+        return {"D": 0, "X": n_crops, "H": n_crops - 1}[self.config.arch]
+
+    def _image_pieces(self, n_crops: int) -> list[tuple[str, int | None]]:
+        """An image's text as pieces, each with the memory crop (of this image) that only it reads, or None."""
+        c, tags = self.config, self.tags(n_crops)
         pad = c.image_token * c.tokens_per_tile
-        return c.image_start + "".join(tag + pad for tag in tags) + c.image_end
+        if c.arch == "D":
+            return [(c.image_start + "".join(tag + pad for tag in tags) + c.image_end, None)]
+        if c.arch == "X":
+            return [(c.image_start, None), *((tag, k) for k, tag in enumerate(tags)), (c.image_end, None)]
+        return [(c.image_start + c.thumbnail_tag + pad + c.image_end, None)]  # H
+
+    def image_string(self, n_crops: int) -> str:
+        """The tile-tagged text of one image with ``n_crops`` crops (the last crop is the thumbnail)."""
+        return "".join(piece for piece, _ in self._image_pieces(n_crops))
 
     def expand(self, text: str, crops_per_image: Sequence[int]) -> str:
         """Replace the k-th ``<image>`` in ``text`` by the string of image k."""
+        return self.encode(text, crops_per_image, tokenize=False).text
+
+    def encode(self, text: str, crops_per_image: Sequence[int], tokenize: bool = True) -> Encoded:
+        """Expand ``text``'s images, tokenize, and (X/H) work out which memory crops each token reads."""
         parts = text.split(IMAGE_PLACEHOLDER)
         if len(parts) - 1 != len(crops_per_image):
             raise PromptError(f"the prompt has {len(parts) - 1} {IMAGE_PLACEHOLDER} placeholders "
                               f"but {len(crops_per_image)} images were given")  # fmt: skip
-        out = [parts[0]]
+        pieces, seen = [parts[0]], 0
+        reads_upto = [(0, 0)]  # (first char, memory crops of the images that ended before it)
+        only: list[tuple[int, int, int]] = []  # (start, end, crop) spans that read a single crop (X's tags)
+        pos = len(parts[0])
         for n, rest in zip(crops_per_image, parts[1:]):
-            out += [self.image_string(n), rest]
-        return "".join(out)
+            for piece, k in self._image_pieces(n):
+                if k is not None:
+                    only.append((pos, pos + len(piece), seen + k))
+                pieces.append(piece)
+                pos += len(piece)
+            seen += self.memory_crops(n)
+            reads_upto.append((pos - len(self.config.image_end), seen))  # from ``</Image>`` on
+            pieces.append(rest)
+            pos += len(rest)
+        full = "".join(pieces)
+        if not tokenize:
+            return Encoded(full, [], [], None)
+        ids, offsets = self.tokenizer.encode_with_offsets(full)
+        bos = self.tokenizer.bos_token_id
+        if self.tokenizer.add_bos_token and (not ids or ids[0] != bos):
+            ids, offsets = [bos] + ids, [(0, 0)] + offsets
+        xmask = None
+        if self.config.arch != "D":
+            xmask = torch.zeros(len(ids), seen, dtype=torch.bool)
+            for t, (s, e) in enumerate(offsets):
+                last = max(e - 1, s)  # reads grow along the text: the last char reads the most
+                xmask[t, : max(m for c, m in reads_upto if c <= last)] = True
+                for a, b, k in only:
+                    if s < b and a < max(e, s + 1):
+                        xmask[t, k] = True
+        return Encoded(full, ids, offsets, xmask)
 
     # ------------------------------------------------------------------------------------- batching
 
@@ -133,26 +199,50 @@ class Processor:
         if not texts:
             raise PromptError("no prompt text given")
         per_prompt = self._assign_images(texts, images)
-        rows, crops = [], []
+        rows, pixels = [], []
         for t, imgs in zip(texts, per_prompt):
             pix = [self.image_processor(load_image(_source(im))) for im in imgs]
-            crops += pix
-            ids = self.tokenizer.encode(self.expand(t, [p.shape[0] for p in pix]))
-            bos = self.tokenizer.bos_token_id
-            if self.tokenizer.add_bos_token and (not ids or ids[0] != bos):
-                ids = [bos] + ids
-            rows.append(ids)
-        width = max(len(r) for r in rows)
+            pixels.append(pix)
+            rows.append(self.encode(t, [p.shape[0] for p in pix]))
+        return self.collate(rows, pixels)
+
+    def collate(self, rows: Sequence[Encoded], pixels: Sequence[Sequence[torch.Tensor]]) -> BatchInputs:
+        """Left-pad encoded prompts into a batch; route each prompt's crops (n_crops, 3, S, S) by architecture."""
+        width = max(len(r.input_ids) for r in rows)
         pad = _first_not_none(self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, 0)
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
-            if r:
-                input_ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-                mask[i, width - len(r) :] = 1
+            if r.input_ids:
+                input_ids[i, width - len(r.input_ids) :] = torch.tensor(r.input_ids, dtype=torch.long)
+                mask[i, width - len(r.input_ids) :] = 1
         out = BatchInputs(input_ids=input_ids, attention_mask=mask)
-        if crops:
-            out["pixel_values"] = torch.cat(crops).float()
+        arch = self.config.arch
+        in_sequence = [p if arch == "D" else p[-1:] for ps in pixels for p in ps if arch != "X"]
+        if in_sequence:
+            out["pixel_values"] = torch.cat(in_sequence).float()
+        memory = [[p if arch == "X" else p[:-1] for p in ps] for ps in pixels] if arch != "D" else []
+        counts = [sum(m.shape[0] for m in ms) for ms in memory]
+        if any(counts):
+            k = max(counts)
+            xmask = torch.zeros(len(rows), width, k, dtype=torch.bool)
+            for i, r in enumerate(rows):
+                t, n = r.cross_attention_mask.shape
+                xmask[i, width - t :, :n] = r.cross_attention_mask
+            out["memory_pixel_values"] = torch.cat([m for ms in memory for m in ms]).float()
+            out["memory_crops"] = torch.tensor(counts, dtype=torch.long)
+            out["cross_attention_mask"] = xmask
+            if arch == "H":
+                out["memory_tag_ids"] = self._tag_ids([m.shape[0] for ms in memory for m in ms])
+        return out
+
+    def _tag_ids(self, tiles_per_image: Sequence[int]) -> torch.Tensor:
+        """(N_mem, L_tag) token ids of each memory tile's ``<tile_k>`` tag, -1 after a shorter tag."""
+        tags = [self.tokenizer.encode(self.config.tile_tag.format(k)) for n in tiles_per_image
+                for k in range(1, n + 1)]  # fmt: skip
+        out = torch.full((len(tags), max(len(t) for t in tags)), -1, dtype=torch.long)
+        for i, t in enumerate(tags):
+            out[i, : len(t)] = torch.tensor(t)
         return out
 
     def _assign_images(self, texts: list[str], images: Any) -> list[list[Any]]:

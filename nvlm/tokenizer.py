@@ -64,6 +64,11 @@ class Tokenizer:
         """Token ids of ``text``; BOS/EOS are never added here (the prompt template carries them)."""
         return self._tk.encode(text, add_special_tokens=False).ids
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and each token's (start, end) character span in ``text``."""
+        enc = self._tk.encode(text, add_special_tokens=False)
+        return enc.ids, list(enc.offsets)
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 

@@ -7,12 +7,17 @@ HF checkpoints, RMSNorm, SwiGLU. Module names follow HF's ``Qwen2ForCausalLM`` s
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nvlm.config import LLMConfig
 from nvlm.models.vision import RMSNorm
+
+if TYPE_CHECKING:
+    from nvlm.models.xattn import Memory
 
 
 class KVCache:
@@ -26,6 +31,7 @@ class KVCache:
         self.length = 0  # positions filled so far
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
+        self.memory: Memory | None = None  # NVLM-X/H: the cross-attention memory, its K/V computed at prefill
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write (B, H_kv, T, D) at the current position; return everything cached so far for this layer."""
@@ -94,11 +100,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, cfg: LLMConfig) -> None:
+    def __init__(self, cfg: LLMConfig, intermediate_size: int | None = None) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        width = intermediate_size or cfg.intermediate_size
+        self.gate_proj = nn.Linear(cfg.hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -146,10 +153,13 @@ class LanguageModel(nn.Module):
         mask: torch.Tensor | None = None,  # (B, 1, T, S) bool; None = causal without padding
         cache: KVCache | None = None,
         num_logits_to_keep: int = 0,  # 0 = logits at every position
+        before_layer: Callable[[int, torch.Tensor], torch.Tensor] | None = None,  # NVLM-X/H cross-attention
     ) -> torch.Tensor:  # (B, T or num_logits_to_keep, vocab)
         cfg = self.config
         x = embeds
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
+            if before_layer is not None:
+                x = before_layer(i, x)
             device = layer.input_layernorm.weight.device  # layers may sit on several devices
             x, position_ids = x.to(device), position_ids.to(device)
             cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)

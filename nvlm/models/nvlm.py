@@ -1,8 +1,12 @@
-"""NVLM-D: image tokens in the decoder sequence.
+"""NVLM-D, -X and -H: one vision path, three ways for the LLM to read it.
 
-``vit_embeds = mlp1(pixel_shuffle(InternViT(pixel_values)))`` gives 256 tokens per crop; they replace,
-in order, the ``<|vision_pad|>`` positions of the prompt, and the LLM runs over the whole sequence with
-ordinary 1-D positions. Spec: NVLM_SPEC.md section 4.
+``mlp1(pixel_shuffle(InternViT(crops)))`` gives 256 tokens per crop (spec sections 2-4). Then:
+- NVLM-D: the tokens of every crop replace, in order, the ``<|vision_pad|>`` positions of the prompt and
+  the LLM runs over the whole sequence with ordinary 1-D positions.
+- NVLM-X: every crop goes into the cross-attention memory; the decoder sequence holds only text, the tile
+  tags included, and gated cross-attention blocks (``xattn_layers``) read the memory (section 5).
+- NVLM-H: the thumbnail goes into the sequence as in NVLM-D; the regular tiles, each preceded by the
+  embeddings of its ``<tile_k>`` tag, go into the cross-attention memory (section 6).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from nvlm.config import NVLMConfig
 from nvlm.models.llm import KVCache, LanguageModel, attention_mask_4d, position_ids_from_mask
 from nvlm.models.projector import Projector, pixel_shuffle
 from nvlm.models.vision import InternViT
+from nvlm.models.xattn import GatedCrossAttentionBlock, Memory, assemble_memory
 
 if TYPE_CHECKING:
     from nvlm.processor import Processor
@@ -32,15 +37,21 @@ class NVLMOutput:
     logits: torch.Tensor  # (B, T, vocab)
 
 
+# The processor's outputs that feed the cross-attention memory (NVLM-X and NVLM-H).
+MEMORY_INPUTS = ("memory_pixel_values", "memory_crops", "cross_attention_mask", "memory_tag_ids")
+
+
 class NVLM(nn.Module):
     def __init__(self, config: NVLMConfig) -> None:
         super().__init__()
-        if config.arch != "D":
-            raise NotImplementedError(f"NVLM-{config.arch} is not implemented yet; only NVLM-D")
         self.config = config.validate()
         self.vision_model = InternViT(config.vision, config.select_layer)
         self.mlp1 = Projector(config.projector)
         self.language_model = LanguageModel(config.llm)
+        if config.arch != "D":
+            blocks = config.xattn.layer_indices()
+            self.xattn_layers = nn.ModuleList(GatedCrossAttentionBlock(config.llm, config.xattn) for _ in blocks)
+            self._block_before = {layer: i for i, layer in enumerate(blocks)}  # decoder layer -> block
         self.name_or_path: str | None = None  # the directory it was loaded from, if any
 
     @property
@@ -63,6 +74,8 @@ class NVLM(nn.Module):
         """Token embeddings with the image features scattered into the image-token positions."""
         input_ids = input_ids.to(self.device)
         embeds = self.language_model.embed(input_ids)  # (B, T, C)
+        if self.config.arch == "X" and pixel_values is not None:
+            raise ImageTokenMismatch("NVLM-X puts no image in its sequence: pass crops as memory_pixel_values")
         slots = input_ids == self.config.image_token_id
         n_slots = int(slots.sum())
         if pixel_values is None:
@@ -85,6 +98,10 @@ class NVLM(nn.Module):
         position_ids: torch.Tensor | None = None,  # (B, T)
         cache: KVCache | None = None,
         num_logits_to_keep: int = 0,
+        memory_pixel_values: torch.Tensor | None = None,  # X/H: (N_mem, 3, S, S) crops read by cross-attention
+        memory_crops: torch.Tensor | None = None,  # X/H: (B,) memory crops per row, rows in order
+        cross_attention_mask: torch.Tensor | None = None,  # X/H: (B, T, K) bool, token t reads crop k
+        memory_tag_ids: torch.Tensor | None = None,  # H: (N_mem, L_tag) tag token ids, -1 = padding
     ) -> NVLMOutput:
         embeds = self.embed(input_ids, pixel_values)
         t = input_ids.shape[1]
@@ -99,8 +116,57 @@ class NVLM(nn.Module):
             mask = attention_mask_4d(attention_mask, t)
             if position_ids is None:
                 position_ids = position_ids_from_mask(attention_mask)[:, -t:]
-        logits = self.language_model(embeds, position_ids, mask, cache, num_logits_to_keep)
+        before_layer = None
+        if self.config.arch != "D":
+            memory = self.memory(memory_pixel_values, memory_crops, memory_tag_ids, cache)
+            if memory is not None:
+                if cross_attention_mask is None and (cache is None or memory_pixel_values is not None):
+                    raise ValueError("memory_pixel_values need a cross_attention_mask (the processor makes one)")
+                xmask = memory.attention_mask(cross_attention_mask, t)
+
+                def before_layer(layer: int, x: torch.Tensor) -> torch.Tensor:
+                    i = self._block_before.get(layer)
+                    return x if i is None else self.cross_attend(i, x, memory, xmask)
+
+        logits = self.language_model(embeds, position_ids, mask, cache, num_logits_to_keep, before_layer)
         return NVLMOutput(logits=logits)
+
+    # ------------------------------------------------------------------------- cross-attention (X, H)
+
+    def memory(
+        self,
+        memory_pixel_values: torch.Tensor | None,
+        memory_crops: torch.Tensor | None,
+        memory_tag_ids: torch.Tensor | None,
+        cache: KVCache | None = None,
+    ) -> Memory | None:
+        """The batch's cross-attention memory: built from the crops (kept in the cache), or the cached one."""
+        if memory_pixel_values is None:
+            return cache.memory if cache is not None else None
+        if memory_crops is None:
+            raise ValueError("memory_pixel_values need memory_crops (the number of memory crops of each row)")
+        feats = self.extract_features(memory_pixel_values)  # (N, 256, C)
+        valid = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
+        if self.config.arch == "H":  # each tile is preceded by its tag's text embeddings
+            if memory_tag_ids is None:
+                raise ValueError("NVLM-H needs memory_tag_ids (each tile's tag tokens) with memory_pixel_values")
+            tags = memory_tag_ids.to(self.device)
+            tag_embeds = self.language_model.embed(tags.clamp(min=0)).to(feats.device, feats.dtype)
+            feats = torch.cat([tag_embeds, feats], dim=1)  # (N, L_tag + 256, C)
+            valid = torch.cat([tags.to(valid.device) >= 0, valid], dim=1)
+        memory = assemble_memory(feats, valid, memory_crops)
+        if cache is not None:
+            cache.memory = memory
+        return memory
+
+    def cross_attend(self, i: int, x: torch.Tensor, memory: Memory, mask: torch.Tensor) -> torch.Tensor:
+        """Block i on hidden states x (B, T, C); its keys and values are computed once per memory."""
+        block = self.xattn_layers[i]
+        device = block.attn_norm.weight.device
+        if i not in memory.kv:
+            memory.kv[i] = block.attn.keys_values(memory.embeds.to(device))
+        k, v = memory.kv[i]
+        return block(x.to(device), k, v, mask.to(device))
 
     @torch.inference_mode()
     def generate(
@@ -123,14 +189,19 @@ class NVLM(nn.Module):
         path: str | Path,
         dtype: torch.dtype | str | None = None,
         device: str | torch.device | dict[str, Any] | None = None,
+        arch: str | None = None,
     ) -> "NVLM":
-        """Load a directory in the NVLM-D-72B layout (config.json + sharded safetensors)."""
+        """Load a directory in the NVLM-D-72B layout (config.json + sharded safetensors; ours for X and H).
+
+        ``arch="X"`` or ``"H"`` on an NVLM-D checkpoint builds that architecture from it, new modules fresh.
+        """
         from nvlm.checkpoint import load_pretrained
 
-        return load_pretrained(path, dtype=dtype, device=device)
+        return load_pretrained(path, dtype=dtype, device=device, arch=arch)
 
     def save_pretrained(self, path: str | Path, processor: "Processor | None" = None, **kwargs: Any) -> None:
-        """Write the NVLM-D-72B layout, with the tokenizer and processor files beside it."""
+        """Write the NVLM-D-72B layout (``architectures: ["NVLM_X"]``/``["NVLM_H"]`` for X and H), with the
+        tokenizer and processor files beside it."""
         from nvlm.checkpoint import save_pretrained
 
         save_pretrained(self, path, processor=processor, **kwargs)

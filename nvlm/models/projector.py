@@ -1,4 +1,4 @@
-"""Pixel shuffle v2 (1024 -> 256 tokens per tile) and the two-layer projector ``mlp1``.
+"""Pixel shuffle v2 (1024 -> 256 tokens per tile) and the projector ``mlp1`` (two layers; one for NVLM-X).
 
 Spec: NVLM_SPEC.md sections 2.3 and 2.4.
 """
@@ -28,12 +28,20 @@ def pixel_shuffle(x: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
 
 
 class Projector(nn.Sequential):
-    """``mlp1``: LayerNorm -> Linear (no bias) -> GELU -> Linear (no bias); keys 0, 1, 3 as released."""
+    """``mlp1``: LayerNorm -> Linear (no bias) -> GELU -> Linear (no bias); keys 0, 1, 3 as released.
+
+    With one layer (NVLM-X, "1-layer MLP 12800 -> 8192"): LayerNorm -> Linear, keys 0, 1. We keep the
+    LayerNorm: the pixel-shuffled ViT features are far from unit scale.
+    """
 
     def __init__(self, cfg: ProjectorConfig) -> None:
-        super().__init__(
-            nn.LayerNorm(cfg.input_size, eps=cfg.norm_eps),
-            nn.Linear(cfg.input_size, cfg.hidden_size, bias=False),
-            nn.GELU(),
-            nn.Linear(cfg.hidden_size, cfg.output_size, bias=False),
-        )
+        norm = nn.LayerNorm(cfg.input_size, eps=cfg.norm_eps)
+        if cfg.num_layers == 1:
+            super().__init__(norm, nn.Linear(cfg.input_size, cfg.output_size, bias=False))
+        else:
+            super().__init__(
+                norm,
+                nn.Linear(cfg.input_size, cfg.hidden_size, bias=False),
+                nn.GELU(),
+                nn.Linear(cfg.hidden_size, cfg.output_size, bias=False),
+            )
