@@ -216,34 +216,78 @@ def load_pretrained(
     if cfg.llm.tie_word_embeddings:
         params.pop("language_model.lm_head.weight")
     loaded: set[str] = set()
-    width, head_dim = cfg.vision.hidden_size, cfg.vision.head_dim
     for name, tensor in iter_checkpoint(path):
         if name.startswith(fresh) or (fresh and name not in params):
             continue  # converting architectures: replaced, or not used by the new one
         if name not in params:
             raise CheckpointError(f"{path}: unexpected tensor {name!r} {tuple(tensor.shape)} for an NVLM-{cfg.arch} model")
-        if _VIT_ATTN.match(name):
-            tensor = unpad_vit_attention(name, tensor, width, head_dim)
-        param = params[name]
-        if tensor.shape != param.shape:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, the config asks for {tuple(param.shape)}"
-            )
-        target = device_map(name)
-        _assign(model, name, tensor.to(device=target, dtype=torch_dtype if tensor.is_floating_point() else None))
+        _place(model, params[name], name, tensor, device_map(name), torch_dtype, path)
         loaded.add(name)
+    _finish(model, params, loaded, fresh, device_map, torch_dtype, path)
+    model.name_or_path = str(path)
+    return model.eval()
+
+
+def load_parts(
+    config: NVLMConfig,
+    vit: str | Path,
+    llm: str | Path,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | dict[str, Any] | None = None,
+) -> torch.nn.Module:
+    """An NVLM of ``config`` from a ViT checkpoint (InternViT's HF layout: ``embeddings.*``, ``encoder.*``)
+    and an LLM checkpoint (HF Qwen2 / Llama: ``model.*``, ``lm_head.*``), sharded or not. The projector and
+    the cross-attention blocks start fresh (gates closed): the starting point of stage 1."""
+    from nvlm.devices import resolve_device_map
+    from nvlm.models.nvlm import NVLM
+
+    torch_dtype = _resolve_dtype(dtype, config)
+    with torch.device("meta"):
+        model = NVLM(config)
+    device_map = resolve_device_map(model, device)
+    params = dict(model.named_parameters())
+    if config.llm.tie_word_embeddings:
+        params.pop("language_model.lm_head.weight")
+    loaded: set[str] = set()
+    for prefix, path in (("vision_model.", Path(vit)), ("language_model.", Path(llm))):
+        for name, tensor in iter_checkpoint(path):
+            full = prefix + name
+            if full not in params:
+                if prefix == "vision_model.":
+                    continue  # InternViT repos carry more than the encoder NVLM uses (e.g. heads, extra layers)
+                raise CheckpointError(f"{path}: unexpected tensor {name!r} for the LLM of this config")
+            _place(model, params[full], full, tensor, device_map(full), torch_dtype, path)
+            loaded.add(full)
+    fresh = ("mlp1.", "xattn_layers.")
+    _finish(model, params, loaded, fresh, device_map, torch_dtype, Path(llm))
+    return model.eval()
+
+
+def _place(model: torch.nn.Module, param: torch.Tensor, name: str, tensor: torch.Tensor, device: torch.device,
+           dtype: torch.dtype, path: Path) -> None:  # fmt: skip
+    """Check one checkpoint tensor against its parameter and put it in place (cast and moved once)."""
+    if _VIT_ATTN.match(name):
+        tensor = unpad_vit_attention(name, tensor, model.config.vision.hidden_size, model.config.vision.head_dim)
+    if tensor.shape != param.shape:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, the config asks for {tuple(param.shape)}"
+        )
+    _assign(model, name, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None))
+
+
+def _finish(model: torch.nn.Module, params: dict[str, Any], loaded: set[str], fresh: tuple[str, ...],
+            device_map: Any, dtype: torch.dtype, path: Path) -> None:  # fmt: skip
+    """Initialise the ``fresh`` modules, check nothing else is missing, re-tie the embeddings."""
     for prefix in fresh:
         if hasattr(model, prefix.rstrip(".")):
-            init_modules(model, prefix.rstrip("."), device_map(prefix), torch_dtype)
+            init_modules(model, prefix.rstrip("."), device_map(prefix), dtype)
             loaded |= {n for n in params if n.startswith(prefix)}
     missing = sorted(set(params) - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"{path}: missing tensors: {shown}")
-    if cfg.llm.tie_word_embeddings:
+    if model.config.llm.tie_word_embeddings:
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
-    model.name_or_path = str(path)
-    return model.eval()
 
 
 def init_modules(model: torch.nn.Module, name: str, device: torch.device, dtype: torch.dtype) -> None:
@@ -262,4 +306,5 @@ def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
     module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=module._parameters[attr].requires_grad)
 
 
-__all__ = ["CheckpointError", "ConfigError", "init_modules", "iter_checkpoint", "load_pretrained", "save_pretrained"]
+__all__ = ["CheckpointError", "ConfigError", "init_modules", "iter_checkpoint", "load_parts", "load_pretrained",
+           "save_pretrained"]

@@ -67,11 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto (split across GPUs)")
     chat.add_argument("question", nargs="*", help="ask this and exit; interactive when absent")
     chat.set_defaults(func=_chat)
+    from nvlm.train.cli import add_subcommand as add_train
+
+    add_train(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = extra  # `nvlm train --config r.yaml --steps 10`: recipe overrides
     try:
         return args.func(args)
     except (ValueError, OSError) as e:

@@ -217,24 +217,54 @@ class Processor:
                 input_ids[i, width - len(r.input_ids) :] = torch.tensor(r.input_ids, dtype=torch.long)
                 mask[i, width - len(r.input_ids) :] = 1
         out = BatchInputs(input_ids=input_ids, attention_mask=mask)
+        masks = [r.cross_attention_mask for r in rows]
+        return self.add_images(out, pixels, [(i, width - len(r.input_ids)) for i, r in enumerate(rows)], masks)
+
+    def split_crops(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """An image's crops (n, 3, S, S) -> (in the sequence, in the cross-attention memory), by architecture."""
         arch = self.config.arch
-        in_sequence = [p if arch == "D" else p[-1:] for ps in pixels for p in ps if arch != "X"]
+        if arch == "D":
+            return crops, crops[:0]
+        if arch == "X":
+            return crops[:0], crops
+        return crops[-1:], crops[:-1]  # H: the thumbnail (or a lone crop) in the sequence, the tiles in memory
+
+    def add_images(
+        self,
+        batch: BatchInputs,
+        pixels: Sequence[Sequence[torch.Tensor]],
+        places: Sequence[tuple[int, int]],
+        masks: Sequence[torch.Tensor | None],
+    ) -> BatchInputs:
+        """Add the image inputs of prompts placed in ``batch``: prompt j (its images' crops ``pixels[j]``, its
+        (T_j, K_j) cross-attention mask) sits in row ``places[j][0]`` from token ``places[j][1]`` on. Several
+        prompts may share a row (packing); give them in row-major order, as the model reads images in that order."""
+        b, width = batch["input_ids"].shape
+        split = [[self.split_crops(p) for p in ps] for ps in pixels]
+        in_sequence = [s for ps in split for s, _ in ps if len(s)]
         if in_sequence:
-            out["pixel_values"] = torch.cat(in_sequence).float()
-        memory = [[p if arch == "X" else p[:-1] for p in ps] for ps in pixels] if arch != "D" else []
-        counts = [sum(m.shape[0] for m in ms) for ms in memory]
-        if any(counts):
-            k = max(counts)
-            xmask = torch.zeros(len(rows), width, k, dtype=torch.bool)
-            for i, r in enumerate(rows):
-                t, n = r.cross_attention_mask.shape
-                xmask[i, width - t :, :n] = r.cross_attention_mask
-            out["memory_pixel_values"] = torch.cat([m for ms in memory for m in ms]).float()
-            out["memory_crops"] = torch.tensor(counts, dtype=torch.long)
-            out["cross_attention_mask"] = xmask
-            if arch == "H":
-                out["memory_tag_ids"] = self._tag_ids([m.shape[0] for ms in memory for m in ms])
-        return out
+            batch["pixel_values"] = torch.cat(in_sequence).float()
+        counts = [0] * b
+        for (row, _), ps in zip(places, split):
+            counts[row] += sum(len(m) for _, m in ps)
+        if not any(counts):
+            return batch
+        xmask = torch.zeros(b, width, max(counts), dtype=torch.bool)
+        filled = [0] * b
+        memory = [[] for _ in range(b)]  # crops row by row, as the model reads them
+        tiles: list[list[int]] = [[] for _ in range(b)]
+        for (row, start), ps, mask in zip(places, split, masks):
+            t, k = mask.shape
+            xmask[row, start : start + t, filled[row] : filled[row] + k] = mask
+            filled[row] += k
+            memory[row] += [m for _, m in ps if len(m)]
+            tiles[row] += [len(m) for _, m in ps if len(m)]
+        batch["memory_pixel_values"] = torch.cat([m for ms in memory for m in ms]).float()
+        batch["memory_crops"] = torch.tensor(counts, dtype=torch.long)
+        batch["cross_attention_mask"] = xmask
+        if self.config.arch == "H":
+            batch["memory_tag_ids"] = self._tag_ids([n for row in tiles for n in row])
+        return batch
 
     def _tag_ids(self, tiles_per_image: Sequence[int]) -> torch.Tensor:
         """(N_mem, L_tag) token ids of each memory tile's ``<tile_k>`` tag, -1 after a shorter tag."""

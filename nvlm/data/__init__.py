@@ -1,0 +1,1 @@
+"""Training data: records from JSONL files, supervised token labels, blends and packing."""

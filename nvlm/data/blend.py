@@ -1,0 +1,84 @@
+"""A seeded, resumable stream of training examples drawn from several JSONL files with sampling weights.
+
+Global item k picks its source with the weights (a draw seeded by k); the n-th item of a source reads
+record ``perm(source, epoch)[n % size]``, a fresh seeded permutation per epoch. The state is the next k
+and each source's draw count: a few integers, saved with every checkpoint. Under data parallelism every
+rank walks the same global stream and keeps items ``k % world_size == rank``: no record is given to two
+ranks within an epoch. Records that cannot be used (malformed line, missing or corrupt image, no answer,
+too long) are skipped, counted by reason, and reported the first time each reason appears.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from nvlm.data.labels import Example, encode_example
+from nvlm.data.records import JsonlFile, RecordError
+from nvlm.processor import Processor
+
+
+@dataclass(frozen=True)
+class Source:
+    path: str
+    weight: float = 1.0
+
+
+class Blend:
+    def __init__(self, processor: Processor, sources: Sequence[Source], max_len: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1) -> None:  # fmt: skip
+        if not sources:
+            raise ValueError("no data sources")
+        if any(s.weight < 0 for s in sources) or not sum(s.weight for s in sources) > 0:
+            raise ValueError("source weights must be >= 0 and not all 0")
+        self.processor, self.max_len, self.seed = processor, max_len, seed
+        self.rank, self.world_size = rank, world_size
+        self.sources = list(sources)
+        self.files = [JsonlFile.read(s.path) for s in sources]
+        total = sum(s.weight for s in sources)
+        self.cumulative = [sum(s.weight for s in sources[: i + 1]) / total for i in range(len(sources))]
+        self.position = 0  # the next global stream item
+        self.drawn = [0] * len(sources)  # items each source has given so far
+        self.skipped: Counter[str] = Counter()
+        self._order: dict[int, tuple[int, list[int]]] = {}  # source -> (epoch, permutation)
+
+    def _record(self, k: int) -> tuple[int, int]:
+        """Advance the stream by item k: (source, record index)."""
+        u = random.Random(f"{self.seed}:{k}").random()
+        src = next((i for i, c in enumerate(self.cumulative) if u < c), len(self.cumulative) - 1)
+        epoch, i = divmod(self.drawn[src], len(self.files[src]))
+        self.drawn[src] += 1
+        if self._order.get(src, (None,))[0] != epoch:
+            order = list(range(len(self.files[src])))
+            random.Random(f"{self.seed}:{src}:{epoch}").shuffle(order)
+            self._order[src] = (epoch, order)
+        return src, self._order[src][1][i]
+
+    def next_example(self) -> Example:
+        """This rank's next usable example (skipping, and counting, the unusable ones)."""
+        for _ in range(1_000_000):
+            k = self.position
+            src, i = self._record(k)
+            self.position += 1
+            if k % self.world_size != self.rank:
+                continue
+            try:
+                return encode_example(self.processor, self.files[src].messages(i), self.max_len)
+            except RecordError as e:
+                reason = str(e).split(":")[0]
+                if not self.skipped[reason]:
+                    print(f"skipping {self.sources[src].path} line {i + 1}: {e} (further such records are only counted)",
+                          file=sys.stderr)  # fmt: skip
+                self.skipped[reason] += 1
+        raise RuntimeError("a million records in a row could not be used: check the data")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position, "drawn": list(self.drawn), "skipped": dict(self.skipped)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position, self.drawn = int(state["position"]), [int(n) for n in state["drawn"]]
+        self.skipped = Counter(state.get("skipped", {}))
+        self._order.clear()

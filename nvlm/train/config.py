@@ -1,0 +1,97 @@
+"""A training run's settings: a YAML recipe, ``--key value`` overrides, and the paper's stage defaults.
+
+Unset optimiser, sequence and tiling fields take the paper's values for the model's architecture and the
+stage (``nvlm.train.stages.PAPER``), so a recipe states only what it changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+from nvlm.train.stages import PAPER
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/nvlm"
+    stage: int = 1
+    # the starting point: an NVLM checkpoint (optionally converted to ``arch``), or a preset with a ViT and
+    # an LLM checkpoint (``vit`` / ``llm``; without them the preset starts from random weights)
+    init: str | None = None
+    preset: str | None = None
+    arch: str | None = None
+    vit: str | None = None
+    llm: str | None = None
+    tokenizer: str | None = None  # a directory with tokenizer.json (default: init's, or llm's)
+    data: list[dict[str, Any]] = field(default_factory=list)  # [{path: x.jsonl, weight: 1.0}, ...]
+    max_tiles: int | None = None
+    seq_len: int | None = None
+    pack: bool = True
+    micro_batch_size: int = 1  # rows per forward pass, per rank
+    grad_accum: int = 1
+    steps: int | None = None
+    lr: float | None = None
+    min_lr: float | None = None
+    warmup_steps: int | None = None
+    betas: tuple[float, float] | None = None
+    weight_decay: float | None = None
+    grad_clip: float | None = None
+    dtype: str = "bfloat16"  # autocast dtype on GPU; the CPU trains in float32
+    activation_checkpointing: bool = False
+    fsdp: bool = True  # under torchrun: FSDP2 (fully_shard per block); False: plain data parallelism
+    device: str | None = None
+    seed: int = 0
+    save_every: int = 500
+    keep_last: int = 2
+    log_every: int = 10
+    peak_tflops: float | None = None  # for MFU; default: looked up from the GPU's name
+
+    def resolve(self, arch: str) -> "TrainConfig":
+        """Fill unset fields with the paper's values for (arch, stage)."""
+        paper = PAPER[(arch, self.stage)]
+        for key, value in paper.items():
+            if hasattr(self, key) and getattr(self, key) is None:
+                setattr(self, key, value)
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: Sequence[str] = ()) -> "TrainConfig":
+        """A YAML recipe (optional) then ``--key value`` overrides (values parsed as YAML)."""
+        yaml = _yaml()
+        data: dict[str, Any] = {}
+        if path is not None:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+            if not isinstance(data, dict):
+                raise ValueError(f"{path}: a recipe is a YAML mapping")
+            if isinstance(data.get("data"), str):
+                data["data"] = [{"path": data["data"]}]
+            base = Path(path).parent  # data paths in a recipe are relative to it
+            data["data"] = [{**d, "path": str(base / d["path"])} for d in data.get("data", [])]
+        it = iter(overrides)
+        for flag in it:
+            if not flag.startswith("--"):
+                raise ValueError(f"expected --key value, got {flag!r}")
+            key, _, value = flag[2:].partition("=")
+            if not value:
+                value = next(it, None)
+                if value is None:
+                    raise ValueError(f"{flag} needs a value")
+            data[key.replace("-", "_")] = yaml.safe_load(value)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings: {', '.join(unknown)}")
+        if "data" in data and isinstance(data["data"], str):
+            data["data"] = [{"path": data["data"]}]
+        return cls(**data)
+
+
+def _yaml():
+    try:
+        import yaml
+    except ImportError:
+        raise ImportError("nvlm train reads YAML recipes: pip install 'nvlm[train]' (PyYAML)") from None
+    return yaml
