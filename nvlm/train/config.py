@@ -1,6 +1,7 @@
 """A training run's settings: a YAML recipe, ``--key value`` overrides, and the paper's stage defaults.
 
-Unset optimiser, sequence and tiling fields take the paper's values for the model's architecture and the
+Paths (data, checkpoints, out_dir) are relative to the working directory. Unset optimiser, sequence and
+tiling fields take the paper's values for the model's architecture and the
 stage (``nvlm.train.stages.PAPER``), so a recipe states only what it changes.
 """
 
@@ -26,6 +27,7 @@ class TrainConfig:
     llm: str | None = None
     tokenizer: str | None = None  # a directory with tokenizer.json (default: init's, or llm's)
     data: list[dict[str, Any]] = field(default_factory=list)  # [{path: x.jsonl, weight: 1.0}, ...]
+    chat_template: str = "nvlm"  # the prompt format the labels are rendered in: "nvlm" or "checkpoint"
     max_tiles: int | None = None
     seq_len: int | None = None
     pack: bool = True
@@ -48,13 +50,24 @@ class TrainConfig:
     log_every: int = 10
     peak_tflops: float | None = None  # for MFU; default: looked up from the GPU's name
 
+    def __post_init__(self) -> None:
+        for key in ("lr", "min_lr", "weight_decay", "grad_clip", "peak_tflops"):
+            value = getattr(self, key)
+            if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+                try:
+                    setattr(self, key, float(value))
+                except ValueError:
+                    raise ValueError(f"{key}: {value!r} is not a number") from None
+
     def resolve(self, arch: str) -> "TrainConfig":
         """Fill unset fields with the paper's values for (arch, stage)."""
         paper = PAPER[(arch, self.stage)]
         for key, value in paper.items():
             if hasattr(self, key) and getattr(self, key) is None:
                 setattr(self, key, value)
-        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        if not self.data:
+            raise ValueError("no training data: set data: [{path: train.jsonl, weight: 1.0}, ...]")
         return self
 
     @classmethod
@@ -66,10 +79,6 @@ class TrainConfig:
             data = yaml.safe_load(Path(path).read_text()) or {}
             if not isinstance(data, dict):
                 raise ValueError(f"{path}: a recipe is a YAML mapping")
-            if isinstance(data.get("data"), str):
-                data["data"] = [{"path": data["data"]}]
-            base = Path(path).parent  # data paths in a recipe are relative to it
-            data["data"] = [{**d, "path": str(base / d["path"])} for d in data.get("data", [])]
         it = iter(overrides)
         for flag in it:
             if not flag.startswith("--"):

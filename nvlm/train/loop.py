@@ -115,7 +115,7 @@ def train(cfg: TrainConfig) -> Path:
     c = model.config
     images = ImageProcessor(tile_size=c.tile_size, max_tiles=cfg.max_tiles, min_tiles=min(c.min_tiles, cfg.max_tiles),
                             use_thumbnail=c.use_thumbnail)  # fmt: skip
-    processor = Processor(tokenizer, images, c)
+    processor = Processor(tokenizer, images, c, chat_template=cfg.chat_template)
     model.to(device).train()
     if cfg.activation_checkpointing:
         distributed.checkpoint_activations(model)

@@ -1,0 +1,167 @@
+"""The training loop: it learns, packing changes nothing, stages train exactly their modules, kill -9 resumes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nvlm import NVLM, Processor
+from nvlm.checkpoint import load_parts
+from nvlm.config import preset
+from nvlm.data.labels import IGNORE, encode_example
+from nvlm.data.packing import collate
+from nvlm.data.records import to_messages
+from nvlm.train.config import TrainConfig
+from nvlm.train.loop import train
+from nvlm.train.stages import set_trainable
+from train_data import COLORS, write_colors
+
+PY = sys.executable
+
+
+def _cfg(init, data, out, **kw) -> TrainConfig:
+    base = dict(init=str(init), stage=2, data=[{"path": str(data / "train.jsonl"), "weight": 3},
+                {"path": str(data / "text.jsonl"), "weight": 1}], seq_len=256, micro_batch_size=2, steps=60,
+                lr=3e-3, min_lr=3e-4, warmup_steps=5, max_tiles=1, out_dir=str(out), save_every=1000, log_every=1000,
+                device="cpu")  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("arch", "DX")
+def test_a_tiny_model_learns_its_training_questions(arch, tiny_model_dir, tmp_path):
+    data = write_colors(tmp_path / "data")
+    final = train(_cfg(tiny_model_dir, data, tmp_path / "run", arch=arch, steps=50))
+    losses = _losses(tmp_path / "run")
+    assert losses[-1] < 0.1 * losses[0]
+    model, processor = NVLM.from_pretrained(final), Processor.from_pretrained(final)
+    assert model.config.arch == arch
+    for name in COLORS:
+        conv = [{"role": "user", "content": [{"type": "image", "image": str(data / "images" / f"{name}.png")},
+                                             {"type": "text", "text": "Color?"}]}]  # fmt: skip
+        out = model.generate(**processor.apply_chat_template(conv), max_new_tokens=4, eos_token_id=processor.eos_token_ids)
+        assert processor.decode(out[0]).strip() == name
+
+
+@pytest.mark.parametrize("arch", "DXH")
+def test_packed_and_unpacked_losses_are_equal(arch, tiny_model_dir, tmp_path):
+    data = write_colors(tmp_path, wide=True)
+    model = NVLM.from_pretrained(tiny_model_dir, arch=arch)
+    if arch != "D":
+        with torch.no_grad():
+            for block in model.xattn_layers:
+                block.attn_gate.fill_(0.7)
+                block.ffn_gate.fill_(0.5)
+    processor = Processor.from_pretrained(tiny_model_dir)
+    processor = Processor(processor.tokenizer, processor.image_processor, model.config)
+    lines = (data / "train.jsonl").read_text().splitlines() + (data / "text.jsonl").read_text().splitlines()
+    examples = [encode_example(processor, to_messages(json.loads(x), data), 512) for x in lines]
+
+    def loss(batch):
+        targets = batch.pop("targets")
+        logits = model(**batch).logits
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+    packed = collate(processor, [examples[:3], examples[3:6], examples[6:]], seq_len=256)
+    assert int(packed["attention_mask"].max()) == 3
+    unpacked = collate(processor, [[e] for e in examples])
+    torch.testing.assert_close(loss(packed), loss(unpacked), atol=1e-4, rtol=1e-5)
+
+
+EXPECTED = {
+    ("D", 1): {"mlp1"}, ("X", 1): {"mlp1", "xattn_layers"}, ("H", 1): {"mlp1", "xattn_layers"},
+    ("D", 2): {"mlp1", "language_model"}, ("X", 2): {"mlp1", "xattn_layers", "language_model"},
+    ("H", 2): {"mlp1", "xattn_layers", "language_model"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch,stage", list(EXPECTED))
+def test_stage_presets_train_exactly_tables_10_and_11(arch, stage):
+    from PIL import Image
+
+    from nvlm.image import ImageProcessor
+    from nvlm.tokenizer import build_tiny_tokenizer
+
+    model = NVLM(preset(f"tiny-{arch.lower()}"))
+    with torch.no_grad():
+        for block in getattr(model, "xattn_layers", []):
+            block.attn_gate.fill_(0.5)
+            block.ffn_gate.fill_(0.5)
+    set_trainable(model, stage)
+    processor = Processor(build_tiny_tokenizer(), ImageProcessor(tile_size=56), model.config)
+    conv = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (112, 56))}, {"type": "text", "text": "hi"}]}]
+    model(**processor.apply_chat_template(conv)).logits.sum().backward()
+    with_grad = {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad == EXPECTED[(arch, stage)]
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert all(model.get_parameter(n).grad is None for n in frozen)
+    assert all(n.startswith(("vision_model.", "language_model.")) for n in frozen)
+
+
+def test_recipes_load_with_overrides_and_paper_defaults():
+    root = Path(__file__).parent.parent / "recipes"
+    for recipe in root.glob("*.yaml"):
+        cfg = TrainConfig.load(recipe, ["--steps", "7", "--lr=2e-4", "--data", "x.jsonl"])
+        assert cfg.steps == 7 and cfg.lr == 2e-4 and cfg.data == [{"path": "x.jsonl"}]
+    cfg = TrainConfig.load(root / "nvlm-x-72b-sft.yaml").resolve("X")
+    assert (cfg.lr, cfg.min_lr, cfg.betas, cfg.weight_decay, cfg.grad_clip, cfg.seq_len) == (1e-5, 1e-7, (0.9, 0.98), 0.05, 1.0, 1024)
+    cfg = TrainConfig(stage=1, data=[{"path": "x"}]).resolve("H")
+    assert (cfg.max_tiles, cfg.warmup_steps, cfg.betas) == (6, 1000, (0.9, 0.98))
+    with pytest.raises(ValueError, match="unknown"):
+        TrainConfig.load(None, ["--learning_rate", "1"])
+
+
+def test_kill_9_then_resume_follows_the_uninterrupted_curve(tiny_model_dir, tmp_path):
+    data = write_colors(tmp_path / "data")
+    args = ["--init", str(tiny_model_dir), "--stage", "2", "--data", json.dumps([{"path": str(data / "train.jsonl"), "weight": 3}, {"path": str(data / "text.jsonl")}]),
+            "--seq_len", "256", "--micro_batch_size", "2", "--grad_accum", "2", "--steps", "120", "--lr", "3e-3", "--min_lr", "3e-4",
+            "--warmup_steps", "5", "--max_tiles", "1", "--save_every", "5", "--keep_last", "2", "--log_every", "1000", "--device", "cpu"]  # fmt: skip
+    cmd = [PY, "-m", "nvlm.cli", "train"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    subprocess.run([*cmd, *args, "--out_dir", str(tmp_path / "straight")], check=True, env=env, capture_output=True)
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, *args, "--out_dir", str(run)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((run / "checkpoints").glob("step_00000015")) and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert done and len(_losses(run)) < 120, "the run finished before it could be killed"
+    subprocess.run([*cmd, *args, "--out_dir", str(run)], check=True, env=env, capture_output=True)
+    assert _losses(run) == _losses(tmp_path / "straight")
+    assert len(list((run / "checkpoints").glob("step_*"))) == 2  # keep_last
+
+
+def test_start_from_a_vit_and_an_llm_checkpoint(reference, tmp_path):
+    from safetensors.torch import save_file
+
+    sd = reference.nvlm_d_state_dict()
+    save_file({k.removeprefix("vision_model."): v.contiguous() for k, v in sd.items() if k.startswith("vision_model.")},
+              str(tmp_path / "vit.safetensors"))  # fmt: skip
+    reference.llm.save_pretrained(tmp_path / "llm")
+    (tmp_path / "vit").mkdir()
+    (tmp_path / "vit.safetensors").rename(tmp_path / "vit" / "model.safetensors")
+    from reference.hf_nvlm_d import released_config
+    from nvlm.config import NVLMConfig
+
+    for arch in "DXH":
+        cfg = NVLMConfig.from_hf(released_config(500)).with_arch(arch)
+        model = load_parts(cfg, tmp_path / "vit", tmp_path / "llm")
+        ours = model.state_dict()
+        for k, v in sd.items():
+            if k.startswith("language_model."):
+                assert torch.equal(ours[k], v), k
+        assert torch.equal(ours["vision_model.embeddings.patch_embedding.weight"], sd["vision_model.embeddings.patch_embedding.weight"])
+        if arch != "D":
+            assert all(b.attn_gate.item() == 0 for b in model.xattn_layers)
