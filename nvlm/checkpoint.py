@@ -267,7 +267,7 @@ def _place(model: torch.nn.Module, param: torch.Tensor, name: str, tensor: torch
            dtype: torch.dtype, path: Path) -> None:  # fmt: skip
     """Check one checkpoint tensor against its parameter and put it in place (cast and moved once)."""
     if _VIT_ATTN.match(name):
-        tensor = unpad_vit_attention(name, tensor, model.config.vision.hidden_size, model.config.vision.head_dim)
+        tensor = unpad_vit_attention(name, tensor, model.config.vision.hidden_size, model.config.vision.head_dim).contiguous()
     if tensor.shape != param.shape:
         raise CheckpointError(
             f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, the config asks for {tuple(param.shape)}"
