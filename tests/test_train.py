@@ -185,3 +185,20 @@ def test_two_processes_fsdp2_and_data_parallel_on_cpu(tiny_model_dir, tmp_path):
     assert len(_losses(tmp_path / "true")) == 10
     model = NVLM.from_pretrained(tmp_path / "true" / "model")
     assert model.config.arch == "D"
+
+
+def test_activation_checkpointing_keeps_loss_and_gradients(tiny_model_dir):
+    from nvlm.train.distributed import checkpoint_activations
+
+    ids = torch.randint(0, 400, (2, 16))
+    grads = []
+    for recompute in (False, True):
+        model = NVLM.from_pretrained(tiny_model_dir, arch="X").train()
+        set_trainable(model, 2)
+        if recompute:
+            checkpoint_activations(model)
+        model(ids).logits.square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n])
