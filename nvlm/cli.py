@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     from nvlm.train.cli import add_subcommand as add_train
 
     add_train(sub)
+    from nvlm.serve.cli import add_subcommand as add_serve
+
+    add_serve(sub)
     return parser
 
 

@@ -49,6 +49,53 @@ class KVCache:
     def advance(self, t: int) -> None:
         self.length += t
 
+    # ------------------------------------------------------------- row operations (continuous batching)
+
+    @property
+    def rows(self) -> int:
+        k = next((k for k in self.k if k is not None), None)
+        return 0 if k is None else k.shape[0]
+
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """A cache of only these batch rows, in this order (the cross-attention memory too)."""
+        out = KVCache(len(self.k), self.max_len)
+        out.length = self.length
+        out.k = [None if k is None else k[rows] for k in self.k]
+        out.v = [None if v is None else v[rows] for v in self.v]
+        out.memory = None if self.memory is None else self.memory.select(rows)
+        return out
+
+    def realign(self, length: int, max_len: int) -> "KVCache":
+        """The same rows right-aligned at ``length`` positions (left-padded with zeros, or their oldest
+        columns dropped), in a buffer of ``max_len``. Padding columns must be masked out by the caller."""
+        out = KVCache(len(self.k), max_len)
+        out.length, out.memory = length, self.memory
+        keep = min(length, self.length)
+        for i, (k, v) in enumerate(zip(self.k, self.v)):
+            if k is None:
+                continue
+            out.k[i] = k.new_zeros(k.shape[0], k.shape[1], max_len, k.shape[3])
+            out.v[i] = v.new_zeros(v.shape[0], v.shape[1], max_len, v.shape[3])
+            out.k[i][:, :, length - keep : length] = k[:, :, self.length - keep : self.length]
+            out.v[i][:, :, length - keep : length] = v[:, :, self.length - keep : self.length]
+        return out
+
+    @staticmethod
+    def concat(caches: "list[KVCache]", max_len: int) -> "KVCache":
+        """Stack the rows of several caches, right-aligned at the longest one's length."""
+        caches = [c for c in caches if c.rows]
+        length = max(c.length for c in caches)
+        aligned = [c.realign(length, max_len) for c in caches]
+        out = KVCache(len(caches[0].k), max_len)
+        out.length = length
+        out.k = [torch.cat([c.k[i] for c in aligned]) for i in range(len(out.k))]
+        out.v = [torch.cat([c.v[i] for c in aligned]) for i in range(len(out.v))]
+        if any(c.memory is not None for c in caches):
+            from nvlm.models.xattn import Memory
+
+            out.memory = Memory.concat([c.memory for c in caches], [c.rows for c in caches])
+        return out
+
 
 def rope_cos_sin(
     position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype

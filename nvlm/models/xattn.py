@@ -39,6 +39,35 @@ class Memory:
         b = self.key_mask.shape[0]
         return self.key_mask.view(b, -1, self.tokens_per_crop).any(-1)
 
+    def select(self, rows: torch.Tensor) -> "Memory":
+        """The memory of these batch rows only, block keys and values included."""
+        kv = {i: (k[rows], v[rows]) for i, (k, v) in self.kv.items()}
+        return Memory(self.embeds[rows], self.key_mask[rows], self.tokens_per_crop, kv)
+
+    @staticmethod
+    def concat(memories: "list[Memory | None]", rows: list[int]) -> "Memory":
+        """Stack rows of several batches (``None``: rows without images), padding to the most crops."""
+        ref = next(m for m in memories if m is not None)
+        size = max(m.key_mask.shape[1] for m in memories if m is not None)
+        blocks = [i for i in ref.kv if all(m is None or i in m.kv for m in memories)]
+
+        def pad(x: torch.Tensor | None, n: int, dim: int, like: torch.Tensor) -> torch.Tensor:
+            if x is None:  # a batch without memory: all padding
+                shape = list(like.shape)
+                shape[0], shape[dim] = n, size
+                return like.new_zeros(shape)
+            widths = [0, 0] * (x.dim() - dim - 1) + [0, size - x.shape[dim]]
+            return torch.nn.functional.pad(x, widths)
+
+        embeds = torch.cat([pad(m and m.embeds, r, 1, ref.embeds) for m, r in zip(memories, rows)])
+        key_mask = torch.cat([pad(m and m.key_mask, r, 1, ref.key_mask) for m, r in zip(memories, rows)])
+        kv = {}
+        for i in blocks:
+            ks = [pad(m and m.kv[i][0], r, 2, ref.kv[i][0]) for m, r in zip(memories, rows)]
+            vs = [pad(m and m.kv[i][1], r, 2, ref.kv[i][1]) for m, r in zip(memories, rows)]
+            kv[i] = (torch.cat(ks), torch.cat(vs))
+        return Memory(embeds, key_mask, ref.tokens_per_crop, kv)
+
     def attention_mask(self, cross_attention_mask: torch.Tensor | None, num_new: int) -> torch.Tensor:
         """(B, T, K) crops each new token reads (None: all its row's crops) -> (B, 1, T, K * L) bool."""
         crops = self.crop_mask

@@ -1,0 +1,1 @@
+"""An OpenAI-compatible server for NVLM-D, -X and -H: ``nvlm serve --model DIR`` (the ``server`` extra)."""
