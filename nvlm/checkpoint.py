@@ -193,9 +193,6 @@ def load_pretrained(
     freshly initialised (cross-attention gates at 0), and what the new architecture has no use for is left
     out. That is how an NVLM-X or NVLM-H starts stage 1 from an NVLM-D.
     """
-    from nvlm.devices import resolve_device_map
-    from nvlm.models.nvlm import NVLM
-
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
@@ -209,12 +206,7 @@ def load_pretrained(
         fresh = ("xattn_layers.",) + (("mlp1.",) if new.projector != cfg.projector else ())
         cfg = new
     torch_dtype = _resolve_dtype(dtype, cfg)
-    with torch.device("meta"):
-        model = NVLM(cfg)
-    device_map = resolve_device_map(model, device)
-    params = dict(model.named_parameters())
-    if cfg.llm.tie_word_embeddings:
-        params.pop("language_model.lm_head.weight")
+    model, device_map, params = _empty(cfg, device)
     loaded: set[str] = set()
     for name, tensor in iter_checkpoint(path):
         if name.startswith(fresh) or (fresh and name not in params):
@@ -238,16 +230,8 @@ def load_parts(
     """An NVLM of ``config`` from a ViT checkpoint (InternViT's HF layout: ``embeddings.*``, ``encoder.*``)
     and an LLM checkpoint (HF Qwen2 / Llama: ``model.*``, ``lm_head.*``), sharded or not. The projector and
     the cross-attention blocks start fresh (gates closed): the starting point of stage 1."""
-    from nvlm.devices import resolve_device_map
-    from nvlm.models.nvlm import NVLM
-
     torch_dtype = _resolve_dtype(dtype, config)
-    with torch.device("meta"):
-        model = NVLM(config)
-    device_map = resolve_device_map(model, device)
-    params = dict(model.named_parameters())
-    if config.llm.tie_word_embeddings:
-        params.pop("language_model.lm_head.weight")
+    model, device_map, params = _empty(config, device)
     loaded: set[str] = set()
     for prefix, path in (("vision_model.", Path(vit)), ("language_model.", Path(llm))):
         for name, tensor in iter_checkpoint(path):
@@ -261,6 +245,19 @@ def load_parts(
     fresh = ("mlp1.", "xattn_layers.")
     _finish(model, params, loaded, fresh, device_map, torch_dtype, Path(llm))
     return model.eval()
+
+
+def _empty(cfg: NVLMConfig, device: Any) -> tuple[torch.nn.Module, Any, dict[str, torch.nn.Parameter]]:
+    """The model on the meta device, where each parameter goes, and the parameters a checkpoint must fill."""
+    from nvlm.devices import resolve_device_map
+    from nvlm.models.nvlm import NVLM
+
+    with torch.device("meta"):
+        model = NVLM(cfg)
+    params = dict(model.named_parameters())
+    if cfg.llm.tie_word_embeddings:
+        params.pop("language_model.lm_head.weight")
+    return model, resolve_device_map(model, device), params
 
 
 def _place(model: torch.nn.Module, param: torch.Tensor, name: str, tensor: torch.Tensor, device: torch.device,
