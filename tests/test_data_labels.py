@@ -8,7 +8,7 @@ from PIL import Image
 from nvlm import Processor
 from nvlm.data.blend import Blend, Source
 from nvlm.data.labels import IGNORE, encode_example
-from nvlm.data.packing import collate, pack, padding_fraction
+from nvlm.data.packing import collate, padding_fraction
 from nvlm.data.records import JsonlFile, RecordError, to_messages
 
 
@@ -57,10 +57,7 @@ def test_llava_image_marks_must_match_images(tmp_path):
         to_messages({"image": ["a.png"], "conversations": [{"from": "human", "value": "<image><image>"}]}, tmp_path)
 
 
-def test_packing_fits_rows_and_reports_padding(processor, tmp_path):
-    assert pack([5, 3, 4, 2, 6], 8) == [[0, 1], [2, 3], [4]]
-    with pytest.raises(ValueError):
-        pack([9], 8)
+def test_packed_rows_number_their_documents_and_report_padding(processor, tmp_path):
     msgs = [to_messages(RECORDS["text-only"], tmp_path)] * 3
     examples = [encode_example(processor, m, 4096) for m in msgs]
     batch = collate(processor, [examples[:2], examples[2:]], seq_len=64)

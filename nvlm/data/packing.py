@@ -1,4 +1,5 @@
-"""Batches of training examples, packed several to a row or one per row.
+"""Batches of training examples, several to a row (packed; the rows are filled first-fit by
+``nvlm.train.loop.Batcher`` as examples stream in) or one per row.
 
 A packed row numbers its examples 1, 2, ... in ``attention_mask``: each attends only to itself and its
 positions restart (``nvlm.models.llm.attention_mask_4d``), its images and cross-attention memory stay its
@@ -13,23 +14,6 @@ import torch
 
 from nvlm.data.labels import IGNORE, Example
 from nvlm.processor import BatchInputs, Processor
-
-
-def pack(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
-    """Greedy first fit, in order: example indices per row, each row at most ``seq_len`` tokens."""
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i, n in enumerate(lengths):
-        if n > seq_len:
-            raise ValueError(f"example {i} has {n} tokens, more than the row's {seq_len}")
-        j = next((r for r, free in enumerate(room) if free >= n), None)
-        if j is None:
-            rows.append([])
-            room.append(seq_len)
-            j = len(rows) - 1
-        rows[j].append(i)
-        room[j] -= n
-    return rows
 
 
 def collate(processor: Processor, rows: Sequence[Sequence[Example]], seq_len: int | None = None) -> BatchInputs:

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -116,19 +117,14 @@ class NVLM(nn.Module):
             mask = attention_mask_4d(attention_mask, t)
             if position_ids is None:
                 position_ids = position_ids_from_mask(attention_mask)[:, -t:]
-        before_layer = None
+        cross_attend = None
         if self.config.arch != "D":
             memory = self.memory(memory_pixel_values, memory_crops, memory_tag_ids, cache)
             if memory is not None:
                 if cross_attention_mask is None and (cache is None or memory_pixel_values is not None):
                     raise ValueError("memory_pixel_values need a cross_attention_mask (the processor makes one)")
-                xmask = memory.attention_mask(cross_attention_mask, t)
-
-                def before_layer(layer: int, x: torch.Tensor) -> torch.Tensor:
-                    i = self._block_before.get(layer)
-                    return x if i is None else self.cross_attend(i, x, memory, xmask)
-
-        logits = self.language_model(embeds, position_ids, mask, cache, num_logits_to_keep, before_layer)
+                cross_attend = partial(self._before_layer, memory, memory.attention_mask(cross_attention_mask, t))
+        logits = self.language_model(embeds, position_ids, mask, cache, num_logits_to_keep, cross_attend)
         return NVLMOutput(logits=logits)
 
     # ------------------------------------------------------------------------- cross-attention (X, H)
@@ -158,6 +154,11 @@ class NVLM(nn.Module):
         if cache is not None:
             cache.memory = memory
         return memory
+
+    def _before_layer(self, memory: Memory, mask: torch.Tensor, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The hook the decoder calls before each layer: the cross-attention block placed there, if any."""
+        i = self._block_before.get(layer)
+        return x if i is None else self.cross_attend(i, x, memory, mask)
 
     def cross_attend(self, i: int, x: torch.Tensor, memory: Memory, mask: torch.Tensor) -> torch.Tensor:
         """Block i on hidden states x (B, T, C); its keys and values are computed once per memory."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -184,9 +183,3 @@ class Engine:
         self.cache = cache.realign(length, length + room + 1) if used else cache
         self.mask = self.mask[:, used:]
 
-
-def wait_until_idle(engine: Engine, timeout: float = 10.0) -> None:
-    """For tests and shutdown: block until nothing runs or waits."""
-    end = time.time() + timeout
-    while (engine.running or engine.waiting.qsize()) and time.time() < end:
-        time.sleep(0.01)
