@@ -290,11 +290,12 @@ The dog is brown and white, and it is playing with a ball in the green grass of 
 TINY_BASE_VOCAB = 489  # so that the added tokens take ids 489..510 and <|vision_pad|> is id 500
 
 
-def build_tiny_tokenizer() -> Tokenizer:
-    """A deterministic ~500-token Qwen2-shaped tokenizer (byte-level BPE, Qwen2.5 added tokens and template).
+def train_tokenizer(lines: Iterable[str], base_vocab: int) -> Tokenizer:
+    """A Qwen2-shaped tokenizer trained on ``lines``: byte-level BPE with Qwen2's pre-tokenizer (digits one
+    by one), ``base_vocab`` learned tokens, then Qwen2.5's added tokens and chat template.
 
-    Tests and the tiny presets use it in place of the real 151k-token Qwen2.5 tokenizer, which cannot be
-    downloaded here. ``<Image>`` and ``<tile_k>`` stay plain text, split by BPE as in the real tokenizer.
+    ``base_vocab`` must cover the 256 byte tokens; the added tokens take the ids after it (``<|im_end|>`` is
+    ``base_vocab + 2``, the image placeholder ``<|vision_pad|>`` is ``base_vocab + 11``).
     """
     tk = _HFTokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tk.normalizer = normalizers.NFC()
@@ -305,15 +306,15 @@ def build_tiny_tokenizer() -> Tokenizer:
     tk.decoder = decoders.ByteLevel()
     tk.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=TINY_BASE_VOCAB,
+        vocab_size=base_vocab,
         min_frequency=1,
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
     )
-    tk.train_from_iterator(_TINY_CORPUS.splitlines(keepends=True), trainer=trainer)
-    if tk.get_vocab_size() != TINY_BASE_VOCAB:
-        raise TokenizerError(f"tiny corpus gave {tk.get_vocab_size()} base tokens, expected {TINY_BASE_VOCAB}")
+    tk.train_from_iterator(lines, trainer=trainer)
+    if tk.get_vocab_size() != base_vocab:
+        raise TokenizerError(f"the corpus gave {tk.get_vocab_size()} base tokens, not {base_vocab}: give more text")
     for content, special in QWEN25_ADDED_TOKENS:
         tok = AddedToken(content, lstrip=False, rstrip=False, single_word=False, normalized=False, special=special)
         (tk.add_special_tokens if special else tk.add_tokens)([tok])
@@ -333,3 +334,12 @@ def build_tiny_tokenizer() -> Tokenizer:
         "unk_token": None,
     }
     return Tokenizer(tk, config)
+
+
+def build_tiny_tokenizer() -> Tokenizer:
+    """A deterministic ~500-token Qwen2-shaped tokenizer (byte-level BPE, Qwen2.5 added tokens and template).
+
+    Tests and the tiny presets use it in place of the real 151k-token Qwen2.5 tokenizer, which cannot be
+    downloaded here. ``<Image>`` and ``<tile_k>`` stay plain text, split by BPE as in the real tokenizer.
+    """
+    return train_tokenizer(_TINY_CORPUS.splitlines(keepends=True), TINY_BASE_VOCAB)

@@ -18,6 +18,7 @@ from nvlm.train.stages import PAPER
 class TrainConfig:
     out_dir: str = "runs/nvlm"
     stage: int = 1
+    trainable: list[str] | None = None  # parameter-name prefixes to train instead of the stage's (paper Tables 10/11)
     # the starting point: an NVLM checkpoint (optionally converted to ``arch``), or a preset with a ViT and
     # an LLM checkpoint (``vit`` / ``llm``; without them the preset starts from random weights)
     init: str | None = None

@@ -111,7 +111,7 @@ def train(cfg: TrainConfig) -> Path:
     rank, world, device = distributed.setup(cfg.device)
     model, tokenizer = build(cfg)
     cfg.resolve(model.config.arch)
-    trainable = set_trainable(model, cfg.stage)
+    trainable = set_trainable(model, cfg.stage, cfg.trainable)
     c = model.config
     images = ImageProcessor(tile_size=c.tile_size, max_tiles=cfg.max_tiles, min_tiles=min(c.min_tiles, cfg.max_tiles),
                             use_thumbnail=c.use_thumbnail)  # fmt: skip

@@ -8,6 +8,8 @@ stays frozen, everything else trains.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from torch import nn
 
 TRAINABLE = {
@@ -36,12 +38,13 @@ PAPER = {
 }  # fmt: skip
 
 
-def set_trainable(model: nn.Module, stage: int) -> list[str]:
-    """Freeze everything but the stage's modules; return the names of the trainable parameters."""
+def set_trainable(model: nn.Module, stage: int, prefixes: Sequence[str] | None = None) -> list[str]:
+    """Freeze everything but the stage's modules (or the parameters named from ``prefixes``); return the
+    names of the trainable parameters."""
     key = (model.config.arch, stage)
     if key not in TRAINABLE:
         raise ValueError(f"stage must be 1 or 2, not {stage!r}")
-    prefixes = TRAINABLE[key]
+    prefixes = tuple(prefixes) if prefixes is not None else TRAINABLE[key]
     names = []
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(prefixes))

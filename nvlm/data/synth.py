@@ -1,0 +1,272 @@
+"""A seeded synthetic multimodal data set that a tiny NVLM can learn on a CPU in minutes.
+
+    nvlm data synth --out data/synth [--seed 0] [--train 6000] [--test 200]
+
+Three kinds of images, each drawn with Pillow from a seeded ``random.Random``:
+
+- **text**: a number or a word in one of several sizes, positions and colours, on canvases of varied aspect
+  ratio; ``small`` items put small text on a wide or tall canvas, legible only through the high-resolution
+  tiles (the thumbnail shrinks it below a stroke's width);
+- **chart**: a bar chart of two to four labelled bars with values to read;
+- **shapes**: circles, squares and triangles with colours and counts.
+
+Each image gets a caption (stage 1, ``pretrain.jsonl``) and one question (stage 2, ``sft.jsonl``); a text-only
+arithmetic set (``text.jsonl``) is blended into stage 2. Held-out splits under ``heldout/`` are drawn from
+other seeds and written to other files, so they share no image with training; they are in the eval runner's
+``jsonl`` format (``id``, ``image``, ``question``, ``answer``), one file per skill. ``manifest.json`` records
+the arguments, and a second run with the same arguments finds it and does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from PIL import Image, ImageDraw, ImageFont
+
+if TYPE_CHECKING:
+    from nvlm.tokenizer import Tokenizer
+
+COLORS = {"red": (210, 30, 30), "green": (30, 150, 40), "blue": (30, 60, 210), "black": (15, 15, 15),
+          "orange": (235, 130, 20), "purple": (130, 40, 170)}  # fmt: skip
+WORDS = ("apple", "river", "tiger", "cloud", "stone", "green", "house", "light", "music", "paper", "smile",
+         "train", "water", "zebra", "bread", "chair", "dream", "earth", "flame", "grape")  # fmt: skip
+SHAPES = ("circle", "square", "triangle")
+READ_NUMBER = "What number is written in the image?"
+READ_WORD = "What word is written in the image?"
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    seed: int = 0
+    train: int = 6000  # training images (each gets a caption and a question)
+    test: int = 200  # held-out images per skill
+    text: int = 2000  # text-only arithmetic examples
+    tile_size: int = 56  # the model's tile: sizes below are in tiles, so the layout scales with it
+    digits: tuple[int, int] = (2, 3)  # numbers have this many digits (inclusive range)
+
+
+@dataclass
+class Item:
+    """One image and what it shows: a caption and one question with its short answer."""
+
+    image: Image.Image
+    caption: str
+    question: str
+    answer: str
+    skill: str
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def _background(rng: random.Random) -> tuple[int, int, int]:
+    return tuple(rng.randrange(215, 256) for _ in range(3))  # type: ignore[return-value]
+
+
+def _place_text(rng: random.Random, canvas: tuple[int, int], text: str, size: int, color: tuple[int, int, int],
+                bg: tuple[int, int, int]) -> Image.Image:  # fmt: skip
+    img = Image.new("RGB", canvas, bg)
+    draw = ImageDraw.Draw(img)
+    while True:  # shrink until the text fits
+        font = _font(size)
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        if (right - left <= canvas[0] - 2 and bottom - top <= canvas[1] - 2) or size <= 6:
+            break
+        size -= 1
+    x = rng.randrange(0, max(1, canvas[0] - (right - left))) - left
+    y = rng.randrange(0, max(1, canvas[1] - (bottom - top))) - top
+    draw.text((x, y), text, fill=color, font=font)
+    return img
+
+
+def text_item(rng: random.Random, cfg: SynthConfig, word: bool = False, small: bool = False) -> Item:
+    """A number (or word) on a canvas of 1-3 tiles; ``small``: small text on a canvas up to 6 tiles long."""
+    t = cfg.tile_size
+    if small:
+        long_side = rng.choice((4, 5, 6)) * t
+        canvas = (long_side, t) if rng.random() < 0.7 else (t, long_side)
+        size = round(t * rng.uniform(0.36, 0.42))
+    else:
+        canvas = rng.choice(((t, t), (2 * t, t), (3 * t, t), (2 * t, 2 * t), (t, 2 * t)))
+        size = round(t * rng.uniform(0.5, 0.7))
+    color_name = rng.choice(list(COLORS))
+    if word:
+        text = rng.choice(WORDS)
+    else:
+        n = rng.randint(*cfg.digits)
+        text = str(rng.randrange(10 ** (n - 1), 10**n))
+    img = _place_text(rng, canvas, text, size, COLORS[color_name], _background(rng))
+    kind = "word" if word else "number"
+    return Item(img, f"The {kind} {text} written in {color_name}.", READ_WORD if word else READ_NUMBER, text,
+                "read_small" if small else f"read_{kind}")  # fmt: skip
+
+
+def chart_item(rng: random.Random, cfg: SynthConfig) -> Item:
+    """A bar chart: bars A, B, ... with integer values 1-9 and a scale; ask one bar's value or the tallest."""
+    t = cfg.tile_size
+    n = rng.randint(2, 4)
+    labels = "ABCD"[:n]
+    values = [rng.randint(1, 9) for _ in range(n)]
+    w, h = n * t, 2 * t
+    img = Image.new("RGB", (w, h), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    font = _font(max(8, t // 4))
+    base, top = h - t // 4, t // 3
+    unit = (base - top) / 9
+    color = COLORS[rng.choice(("red", "green", "blue", "orange", "purple"))]
+    for i, (label, v) in enumerate(zip(labels, values)):
+        x0 = i * t + t // 4
+        draw.rectangle((x0, base - v * unit, x0 + t // 2, base), fill=color)
+        draw.text((x0 + t // 8, base + 1), label, fill=(0, 0, 0), font=font)
+        draw.text((x0 + t // 8, base - v * unit - t // 4 - 1), str(v), fill=(0, 0, 0), font=font)
+    listing = ", ".join(f"{lab} {v}" for lab, v in zip(labels, values))
+    caption = f"A bar chart with {n} bars: {listing}."
+    if rng.random() < 0.6:
+        i = rng.randrange(n)
+        return Item(img, caption, f"What is the value of bar {labels[i]}?", str(values[i]), "chart_value")
+    if values.count(max(values)) > 1:  # a tie has no single tallest bar: ask a value instead
+        i = rng.randrange(n)
+        return Item(img, caption, f"What is the value of bar {labels[i]}?", str(values[i]), "chart_value")
+    return Item(img, caption, "Which bar is the tallest?", labels[values.index(max(values))], "chart_max")
+
+
+def shapes_item(rng: random.Random, cfg: SynthConfig) -> Item:
+    """1-4 shapes of one kind and one colour, maybe with a distractor of another kind; count or name the colour."""
+    t = cfg.tile_size
+    w, h = rng.choice(((2 * t, t), (2 * t, 2 * t), (t, t)))
+    shape, other = rng.sample(SHAPES, 2)
+    color_name = rng.choice(list(COLORS))
+    count = rng.randint(1, 4)
+    img = Image.new("RGB", (w, h), _background(rng))
+    draw = ImageDraw.Draw(img)
+    r = t // 7
+    cells = [(x, y) for x in range(w // (3 * r)) for y in range(h // (3 * r))]
+    spots = rng.sample(cells, min(len(cells), count + 1))
+    kinds = [shape] * count + ([other] if len(spots) > count and rng.random() < 0.5 else [])
+    for kind, (cx, cy) in zip(kinds, spots):
+        x, y = cx * 3 * r + r + r // 2, cy * 3 * r + r + r // 2
+        fill = COLORS[color_name] if kind == shape else (120, 120, 120)
+        if kind == "circle":
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+        elif kind == "square":
+            draw.rectangle((x - r, y - r, x + r, y + r), fill=fill)
+        else:
+            draw.polygon(((x, y - r), (x - r, y + r), (x + r, y + r)), fill=fill)
+    plural = shape + "s" if count > 1 else shape
+    caption = f"{count} {color_name} {plural}" + (f" and a grey {other}." if len(kinds) > count else ".")
+    if rng.random() < 0.5:
+        return Item(img, caption, f"How many {shape}s are there?", str(count), "count")
+    return Item(img, caption, f"What colour is the {shape}?" if count == 1 else f"What colour are the {shape}s?",
+                color_name, "color")  # fmt: skip
+
+
+def arithmetic(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(0, 50), rng.randint(0, 50)
+    if rng.random() < 0.5:
+        return f"What is {a} plus {b}?", str(a + b)
+    a, b = max(a, b), min(a, b)
+    return f"What is {a} minus {b}?", str(a - b)
+
+
+# The training mix: what fraction of images each maker draws.
+MIX: tuple[tuple[float, Callable[[random.Random, SynthConfig], Item]], ...] = (
+    (0.40, lambda rng, cfg: text_item(rng, cfg)),
+    (0.10, lambda rng, cfg: text_item(rng, cfg, word=True)),
+    (0.15, lambda rng, cfg: text_item(rng, cfg, small=True)),
+    (0.20, chart_item),
+    (0.15, shapes_item),
+)
+# Held-out skills: one maker each.
+HELDOUT: dict[str, Callable[[random.Random, SynthConfig], Item]] = {
+    "read_number": lambda rng, cfg: text_item(rng, cfg),
+    "read_word": lambda rng, cfg: text_item(rng, cfg, word=True),
+    "read_small": lambda rng, cfg: text_item(rng, cfg, small=True),
+    "chart": chart_item,
+    "shapes": shapes_item,
+}
+
+
+def _pick(rng: random.Random) -> Callable[[random.Random, SynthConfig], Item]:
+    x, acc = rng.random(), 0.0
+    for weight, maker in MIX:
+        acc += weight
+        if x < acc:
+            return maker
+    return MIX[-1][1]
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(path)
+
+
+def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), progress: Callable[[str], None] = print) -> Path:
+    """Write the data set under ``out`` (see the module docstring); returns ``out``."""
+    out = Path(out)
+    manifest = out / "manifest.json"
+    wanted = {"config": asdict(cfg), "version": 1}
+    if manifest.is_file() and json.loads(manifest.read_text()).get("config") == wanted["config"]:
+        progress(f"{out}: already generated with these settings")
+        return out
+    (out / "images" / "train").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(cfg.seed)
+    pretrain, sft = [], []
+    for i in range(cfg.train):
+        item = _pick(rng)(rng, cfg)
+        path = f"images/train/{i:06d}.png"
+        item.image.save(out / path)
+        pretrain.append({"image": path, "caption": item.caption})
+        sft.append({"messages": [
+            {"role": "user", "content": [{"type": "image", "image": path}, {"type": "text", "text": item.question}]},
+            {"role": "assistant", "content": item.answer}]})  # fmt: skip
+    _write_jsonl(out / "pretrain.jsonl", pretrain)
+    _write_jsonl(out / "sft.jsonl", sft)
+    text = [dict(zip(("q", "a"), arithmetic(rng))) for _ in range(cfg.text)]
+    _write_jsonl(out / "text.jsonl", [{"messages": [{"role": "user", "content": t["q"]},
+                                                    {"role": "assistant", "content": t["a"]}]} for t in text])  # fmt: skip
+    progress(f"{out}: {cfg.train} training images, {cfg.text} text-only examples")
+    for k, (skill, maker) in enumerate(HELDOUT.items()):
+        held = random.Random(f"heldout-{cfg.seed}-{k}")  # other seeds: no image repeats training's
+        (out / "images" / skill).mkdir(parents=True, exist_ok=True)
+        records = []
+        for i in range(cfg.test):
+            item = maker(held, cfg)
+            path = f"images/{skill}/{i:05d}.png"
+            item.image.save(out / path)
+            records.append({"id": f"{skill}-{i}", "image": f"../{path}", "question": item.question, "answer": item.answer})
+        (out / "heldout").mkdir(exist_ok=True)
+        _write_jsonl(out / "heldout" / f"{skill}.jsonl", records)
+    progress(f"{out}: held-out {', '.join(HELDOUT)} ({cfg.test} each)")
+    manifest.write_text(json.dumps(wanted, indent=2) + "\n")
+    return out
+
+
+def train_demo_tokenizer(out: str | Path) -> "Tokenizer":
+    """A tokenizer trained on the data set's text (plus a little general English and the tile tags), with
+    the tiny presets' ids for ``<|im_end|>`` (491) and the image placeholder ``<|vision_pad|>`` (500)."""
+    from nvlm.tokenizer import _TINY_CORPUS, TINY_BASE_VOCAB, train_tokenizer
+
+    return train_tokenizer(corpus(out) + _TINY_CORPUS.splitlines(), TINY_BASE_VOCAB)
+
+
+def corpus(out: str | Path) -> list[str]:
+    """Every text of the data set (prompts, captions, answers), for training its tokenizer."""
+    from nvlm.data.records import CAPTION_PROMPT, VQA_PROMPT
+
+    out = Path(out)
+    lines = [CAPTION_PROMPT, VQA_PROMPT, READ_NUMBER, READ_WORD]
+    for name in ("pretrain.jsonl", "sft.jsonl", "text.jsonl"):
+        for line in (out / name).read_text().splitlines():
+            r = json.loads(line)
+            if "caption" in r:
+                lines.append(r["caption"])
+            for m in r.get("messages", []):
+                parts = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+                lines += [p["text"] for p in parts if p.get("type") == "text"]
+    return lines
