@@ -138,7 +138,7 @@ def test_parquet_images_are_read_lazily_across_row_groups(hf_root):
 
 
 def test_missing_data_names_the_expected_layout(tmp_path):
-    with pytest.raises(MissingData, match=r"chartqa: no directory 'chartqa'.*\n.*test-\*\.parquet"):
+    with pytest.raises(MissingData, match=r"(?s)chartqa: no directory 'chartqa'.*expected:.*data/test-\*\.parquet"):
         TASKS["chartqa"].load(tmp_path)
     (tmp_path / "ChartQA").mkdir()  # found case-insensitively, but empty
     with pytest.raises(MissingData, match="test-\\*.parquet or test/test_human.json not found"):

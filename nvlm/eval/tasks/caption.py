@@ -9,7 +9,7 @@ CIDEr's IDF comes from the references scored, so a ``--limit`` subset is not com
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from nvlm.eval.tasks.base import (
     NVLM_SYSTEM, DataError, Prompt, Sample, Task, check_unique, need, parquet_files, read_json, read_parquet,
@@ -90,9 +90,7 @@ class Caption(Task):
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
         from nvlm.eval.metrics import cider
 
-        preds: dict[str, Any] = {s.id: p for p, s in zip(predictions, samples)}
-        refs = {s.id: s.fields["references"] for s in samples}
-        value, _ = cider(preds, refs)
+        value, _ = cider(list(predictions), [s.fields["references"] for s in samples])
         return {"CIDEr": 100.0 * value}
 
 

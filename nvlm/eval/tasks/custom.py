@@ -4,9 +4,9 @@ Record: ``{"id": ..., "image": "rel/path.png" | "images": [...], "question": ...
 [...]}``. ``id`` defaults to the line number; image paths are relative to the JSONL file; a record without
 images is a text-only question. The question is asked as ``<image>\\n`` per image then the question (unless
 it already holds one ``<image>`` per image). Scores: ``exact_match`` (the VQA-normalised prediction equals a
-normalised answer) and ``vqa_accuracy`` (the profile's VQA accuracy over the answers; with fewer than 3
-answers it is not the usual 0-100 scale, so read ``exact_match`` then). A malformed record is an error
-naming the file and line.
+normalised answer) and, when every record has at least 3 answers, ``vqa_accuracy`` (the profile's VQA
+accuracy; with fewer human answers it has no meaning: one answer scores 0 officially). A malformed record
+is an error naming the file and line.
 """
 
 from __future__ import annotations
@@ -66,9 +66,10 @@ class JsonlTask(Task):
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
         from nvlm.eval.metrics import normalize_vqa, vqa_accuracy
 
-        exact, vqa = [], []
-        for p, s in zip(predictions, samples):
-            answers = s.fields["answers"]
-            exact.append(float(normalize_vqa(p) in {normalize_vqa(a) for a in answers}))
-            vqa.append(vqa_accuracy(p, answers, profile=profile))
-        return {"exact_match": mean(exact), "vqa_accuracy": mean(vqa)}
+        exact = [float(normalize_vqa(p) in {normalize_vqa(a) for a in s.fields["answers"]})
+                 for p, s in zip(predictions, samples)]  # fmt: skip
+        out = {"exact_match": mean(exact)}
+        if all(len(s.fields["answers"]) >= 3 for s in samples):
+            out["vqa_accuracy"] = mean([vqa_accuracy(p, s.fields["answers"], profile=profile)
+                                        for p, s in zip(predictions, samples)])  # fmt: skip
+        return out

@@ -170,10 +170,10 @@ class MathVista(Task):
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
         from nvlm.eval.metrics import mathvista_correct
 
-        hits = []
+        rng, hits = random.Random(42), []  # the nvlm profile's MMMU choice parser falls back at random
         for p, s in zip(predictions, samples):
             f = s.fields
             hits.append(float(mathvista_correct(p, question_type=f["question_type"], answer_type=f["answer_type"],
                                                 answer=f["answer"], choices=f["choices"], precision=f["precision"],
-                                                profile=profile)))  # fmt: skip
+                                                rng=rng, profile=profile)))  # fmt: skip
         return {"accuracy": mean(hits)}
