@@ -21,9 +21,9 @@ def _eval(args: argparse.Namespace) -> int:
         return 0
     if not args.model or not args.tasks:
         raise ValueError("nvlm eval needs --model and --tasks (or --list-tasks)")
-    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if names == ["all"]:
-        names = list(TASKS)
+    names: list[str] = []
+    for t in (t.strip() for t in args.tasks.split(",")):
+        names += list(TASKS) if t == "all" else [t] if t else []
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="nvlm eval: %(message)s", stream=sys.stderr)
     cfg = EvalConfig(model=args.model, tasks=names, data=args.data, out=args.out, limit=args.limit,

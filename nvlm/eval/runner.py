@@ -207,7 +207,8 @@ def generate_batch(
     eos = set(processor.eos_token_ids)
     tokens: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
-    for step in stream(model, **inputs, max_new_tokens=max_new_tokens, eos_token_id=processor.eos_token_ids):
+    steps = stream(_NoImageToken(model), **inputs, max_new_tokens=max_new_tokens, eos_token_id=processor.eos_token_ids)
+    for step in steps:
         for i, t in enumerate(step.tolist()):
             if done[i]:
                 continue
@@ -221,6 +222,23 @@ def generate_batch(
         if all(done):
             break
     return [_cut(processor.decode(t), stop) for t in tokens]
+
+
+class _NoImageToken:
+    """The model, with its image placeholder token never chosen: fed back without pixels, it would fail the
+    next step (a weak model, like the tiny test ones, does pick it)."""
+
+    def __init__(self, model: "NVLM") -> None:
+        self._model, self._id = model, model.config.image_token_id
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self._model(*args, **kwargs)
+        if self._id is not None and 0 <= self._id < out.logits.shape[-1]:
+            out.logits[..., self._id] = float("-inf")
+        return out
 
 
 def _messages(p: Prompt) -> list[dict[str, str]]:
@@ -451,10 +469,11 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _fmt(v: float | None, metric: str | None) -> str:
+def _fmt(v: float | None, count: bool = False) -> str:
+    """Percent with one decimal; OCRBench's counts (out of 1000) as integers."""
     if v is None:
         return "–"
-    return f"{v:.0f}" if metric == "Final Score" else f"{v:.1f}"
+    return f"{v:.0f}" if count else f"{v:.1f}"
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -467,7 +486,8 @@ def markdown(results: dict[str, Any]) -> str:
     details = []
     for name, r in results["tasks"].items():
         paper = PAPER.get(name)
-        refs = [_fmt(paper.get(c), "Final Score" if name == "ocrbench" else None) if paper else "–" for c in cols]
+        count = name == "ocrbench"
+        refs = [_fmt(paper.get(c), count) if paper else "–" for c in cols]
         refs = [f"**{v}**" if c == arch and v != "–" else v for c, v in zip(cols, refs)]
         notes = [paper.note] if paper and paper.note else []
         if "error" in r:
@@ -475,7 +495,7 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {name} | – | – | error | " + " | ".join(refs) + f" | {_md(first)} |")
             continue
         main = r.get("main_metric")
-        ours = _fmt(r["metrics"].get(main), main) if main else "–"
+        ours = _fmt(r["metrics"].get(main), count) if main else "–"
         n = f"{r['n']}" if r["n"] == r["n_total"] else f"{r['n']} / {r['n_total']}"
         if r["n"] != r["n_total"]:
             notes.append("subset: not comparable")
@@ -483,7 +503,7 @@ def markdown(results: dict[str, Any]) -> str:
             notes.append(f"submission: `{r['submission']}`")
         lines.append(f"| {name} | {main or '–'} | {n} | {ours} | " + " | ".join(refs) + f" | {'; '.join(notes)} |")
         if len(r["metrics"]) > 1:
-            details.append(f"- **{name}**: " + ", ".join(f"{k} {_fmt(v, k)}" for k, v in r["metrics"].items()))
+            details.append(f"- **{name}**: " + ", ".join(f"{k} {_fmt(v, count)}" for k, v in r["metrics"].items()))
     lines += ["", "Paper: NVLM 1.0 (arXiv 2409.11402) Tables 7/8, 72B models; HF: the nvidia/NVLM-D-72B card. "
               "The paper's VQAv2 is test-dev and its DocVQA test; MMMU test, VQAv2 test-dev and DocVQA test are "
               "scored by their servers from the files in `submissions/`."]  # fmt: skip
