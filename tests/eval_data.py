@@ -340,7 +340,7 @@ def custom(root: Path) -> Path:
     for i in range(3):
         write_png(d / "images" / f"{i}.png", i)
     rows = [{"id": "c0", "image": "images/0.png", "question": "What color is the square?", "answer": "red"},
-            {"id": "c1", "image": "images/1.png", "question": "What color is the square?", "answers": ["green", "lime"]},
+            {"id": "c1", "image": "images/1.png", "question": "Which color is this square?", "answers": ["green", "lime"]},
             {"id": "c2", "question": "What is 2+2?", "answer": "4"}]  # fmt: skip
     write_jsonl(d / "heldout.jsonl", rows)
     return d / "heldout.jsonl"
