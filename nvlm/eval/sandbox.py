@@ -83,21 +83,24 @@ DENIED = ("os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.f
           "ctypes.call_function", "ctypes.cdata",
           "webbrowser.open", "urllib.Request", "http.client.connect", "ftplib.", "smtplib.", "imaplib.",
           "poplib.", "nntplib.", "telnetlib.")
-# event -> (positions of the paths it changes, positions of its dir_fd arguments)
-PATHS = {"os.remove": ((0,), (1,)), "os.rmdir": ((0,), (1,)), "os.mkdir": ((0,), (2,)), "os.chmod": ((0,), (2,)),
-         "os.chown": ((0,), (3,)), "os.utime": ((0,), (3,)), "os.rename": ((0, 1), (2, 3)), "os.link": ((1,), (2, 3)),
-         "os.symlink": ((1,), (2,)), "os.mkfifo": ((0,), (2,)), "os.mknod": ((0,), (3,)), "os.truncate": ((0,), ()),
-         "os.chflags": ((0,), ()), "os.setxattr": ((0,), ()), "os.removexattr": ((0,), ()),
-         "shutil.rmtree": ((0,), (1,))}
+# event -> (position of a path it changes, position of that path's dir_fd or None), for each such path
+PATHS = {"os.remove": ((0, 1),), "os.rmdir": ((0, 1),), "os.mkdir": ((0, 2),), "os.chmod": ((0, 2),),
+         "os.chown": ((0, 3),), "os.utime": ((0, 3),), "os.rename": ((0, 2), (1, 3)), "os.link": ((1, 3),),
+         "os.symlink": ((1, 2),), "os.mkfifo": ((0, 2),), "os.mknod": ((0, 3),), "os.truncate": ((0, None),),
+         "os.chflags": ((0, None),), "os.setxattr": ((0, None),), "os.removexattr": ((0, None),),
+         "shutil.rmtree": ((0, 1),)}
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 BLOCKED_MODULES = {"cffi", "_cffi_backend", "_posixsubprocess"}  # no audit events of their own
 own_pid = str(os.getpid())
 busy = []
 
-def inside(path):
+def inside(path, dir_fd=None):
     if isinstance(path, int):
         return True  # an open file descriptor: opening it was checked
-    real = os.path.realpath(os.fsdecode(path))
+    path = os.fsdecode(path)
+    if dir_fd not in (None, -1):  # relative to an open directory (shutil.rmtree works that way)
+        path = os.path.join(os.readlink("/proc/self/fd/%d" % dir_fd), path)
+    real = os.path.realpath(path)
     return real == workdir or real.startswith(workdir + os.sep)
 
 def refuse(event, what):
@@ -126,10 +129,8 @@ def audit(event, args):
             if writing and not inside(path):
                 refuse(event, real)
         elif event in PATHS:
-            paths, dir_fds = PATHS[event]
-            if any(i < len(args) and args[i] not in (None, -1) for i in dir_fds):
-                refuse(event, "relative to a directory descriptor")
-            outside = [str(args[i]) for i in paths if not inside(args[i])]
+            outside = [str(args[i]) for i, fd in PATHS[event]
+                       if not inside(args[i], args[fd] if fd is not None and fd < len(args) else None)]
             if outside:
                 refuse(event, " ".join(outside))
     finally:
@@ -170,6 +171,7 @@ _SETUP = r'''
 cut -d' ' -f5 /proc/self/mountinfo | while read -r m; do mount -o remount,bind,ro "$m" 2>/dev/null; done
 mount -t tmpfs -o "size=$2,nr_inodes=4096,mode=0700" sandbox "$1" || exit 125
 cd "$1" || exit 125
+unset OLDPWD PWD
 shift 2
 setpriv --bounding-set=-all --no-new-privs -- "$@"
 exit $?
