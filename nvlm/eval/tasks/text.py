@@ -187,7 +187,7 @@ or openai_humaneval/test-*.parquet               (HF openai/openai_humaneval)"""
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
         from nvlm.eval.sandbox import evaluate_humaneval
 
-        result = evaluate_humaneval([s.fields for s in samples], list(predictions))
+        result = evaluate_humaneval([s.fields for s in samples], [(s.id, p) for p, s in zip(predictions, samples)])
         return {"pass@1": 100.0 * result["pass@1"]}
 
 
