@@ -49,19 +49,20 @@ class Counter:
 
     def __init__(self, fail_on=None, answers=None, fake=False):
         self.calls, self.samples, self.fail_on, self.answers, self.budgets = 0, 0, fail_on, answers, []
-        self.fake = fake
+        self.fake, self.templates = fake, []
 
-    def __call__(self, model, processor, prompts, max_new_tokens, stop=()):
+    def __call__(self, model, processor, prompts, max_new_tokens, stop=(), template=None):
         self.calls += 1
         if self.calls == self.fail_on:
             raise RuntimeError("simulated crash")
         self.samples += len(prompts)
         self.budgets.append((prompts[0].text, max_new_tokens, tuple(stop)))
+        self.templates.append(template)
         if self.answers is not None:
             return [self.answers[p.text] for p in prompts]
         if self.fake:
             return ["x"] * len(prompts)
-        return generate_batch(model, processor, prompts, max_new_tokens, stop)
+        return generate_batch(model, processor, prompts, max_new_tokens, stop, template)
 
 
 def test_every_task_end_to_end(tiny_model_dir, data, tmp_path):
@@ -147,10 +148,25 @@ def test_default_token_budgets_and_stop_strings(tiny_model_dir, data, tmp_path, 
     for profile in ("official", "nvlm"):
         main(["eval", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / profile),
               "--tasks", tasks, "--limit", "1", "--profile", profile])  # fmt: skip
+    assert seen.templates[:7] == [None] * 7 and seen.templates[7:] == [runner.MEGATRON_TEMPLATE] * 7
     budgets = [(n, s) for _, n, s in seen.budgets]
     stops = TASKS["humaneval"].stop
     assert budgets == [(16, ()), (32, ()), (128, ()), (128, ()), (64, ()), (512, ()), (512, stops),
                        (16, ()), (16, ()), (16, ()), (16, ()), (16, ()), (512, ()), (512, stops)]  # fmt: skip
+
+
+def test_rendered_prompts_per_profile(tiny_model_dir, data):
+    """official: the released chat() format; nvlm: Megatron's qwen2p0 format (a newline after <|im_end|>)."""
+    processor = Processor.from_pretrained(tiny_model_dir)
+    task = TASKS["vqav2_val"]
+    s = task.load(data)[0]
+    official = processor.render(runner._messages(task.prompt(s, "official"))).text
+    assert official == ("<|im_start|>system\nFollow the user's instruction and answer questions.<|im_end|>"
+                        "<|im_start|>user\n<image>\nHow many dogs?\nAnswer the question using a single word or phrase."
+                        "<|im_end|><|im_start|>assistant\n")  # fmt: skip
+    nvlm = processor.render(runner._messages(task.prompt(s, "nvlm")), chat_template=runner.MEGATRON_TEMPLATE).text
+    assert nvlm == ("<|im_start|>system\nAnswer the questions.<|im_end|>\n<|im_start|>user\n<image>\nHow many dogs?"
+                    "\nAnswer the question using a single word or phrase.<|im_end|>\n<|im_start|>assistant\n")  # fmt: skip
 
 
 def test_generate_batch_left_pads_and_stops(tiny_model_dir, data):

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from nvlm.eval.paper import COLUMNS, PAPER
 from nvlm.eval.tasks import PROFILES, ParquetImage, Prompt, Sample, Task, get_task
-from nvlm.eval.tasks.base import DataError, resolve_image
+from nvlm.eval.tasks.base import MEGATRON_TEMPLATE, DataError, resolve_image
 
 if TYPE_CHECKING:
     from nvlm.models.nvlm import NVLM
@@ -186,9 +186,16 @@ def _trim_partial_line(path: Path) -> None:
 
 
 def generate_batch(
-    model: "NVLM", processor: "Processor", prompts: Sequence[Prompt], max_new_tokens: int, stop: Sequence[str] = ()
+    model: "NVLM",
+    processor: "Processor",
+    prompts: Sequence[Prompt],
+    max_new_tokens: int,
+    stop: Sequence[str] = (),
+    template: str | None = None,
 ) -> list[str]:
     """Greedy answers to a batch of prompts (left-padded together), cut at EOS or at a stop string.
+
+    ``template``: the chat format (Jinja source; None: the processor's, the released ``chat()`` format).
 
     A prompt with several images gives each ``max(1, max_tiles // n)`` tiles, as Megatron's multi-image
     MMMU path does, so that seven images do not make a 12k-token prompt.
@@ -198,7 +205,7 @@ def generate_batch(
 
     rows, pixels = [], []
     for p in prompts:
-        text = processor.render(_messages(p)).text if p.chat else p.text
+        text = processor.render(_messages(p), chat_template=template).text if p.chat else p.text
         tiler = _tiler(processor, len(p.images))
         pix = [tiler(load_image(resolve_image(src))) for src in p.images]
         rows.append(processor.encode(text, [x.shape[0] for x in pix]))
@@ -310,6 +317,7 @@ class Runner:
         self.out = Path(cfg.out or Path("runs/eval") / Path(cfg.model).resolve().name)
         self.pred_dir = self.out / "predictions"
         self.model_fp = model_fingerprint(cfg.model)
+        self.template = MEGATRON_TEMPLATE if cfg.profile == "nvlm" else None
         self.results = self._load_results() if rank == 0 else {}
 
     # ---- the whole run
@@ -348,7 +356,7 @@ class Runner:
         ip = self.processor.image_processor
         settings = {"model": self.model_fp, "task": task.name, "version": task.version, "profile": profile,
                     "max_new_tokens": max_new, "tiles": [ip.max_tiles, ip.min_tiles, ip.use_thumbnail],
-                    "dtype": str(self.model.dtype), "template": self.processor.chat_template}  # fmt: skip
+                    "dtype": str(self.model.dtype), "template": self.template or self.processor.chat_template}  # fmt: skip
         fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
         cache = PredictionCache(self.pred_dir, task.key, fingerprint)
         return _Prepared(task, samples, n_total, hashes, cache, max_new)
@@ -371,7 +379,7 @@ class Runner:
                     ordered = sorted(chunk, key=lambda s: (-len(prompts[s.id].images), -len(prompts[s.id].text)))
                     for batch in _chunks(ordered, self.cfg.batch_size):
                         raws = generate_batch(self.model, self.processor, [prompts[s.id] for s in batch],
-                                              p.max_new_tokens, task.stop)  # fmt: skip
+                                              p.max_new_tokens, task.stop, self.template)  # fmt: skip
                         out.write([{"sample_id": s.id, "prompt_hash": p.hashes[s.id],
                                     "prediction": task.postprocess(r, profile), "raw": r}
                                    for s, r in zip(batch, raws)])  # fmt: skip

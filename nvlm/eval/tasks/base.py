@@ -4,8 +4,8 @@ A task turns a benchmark's local copy (the layout of its common public distribut
 into :class:`Sample` s, each sample into a :class:`Prompt` for a profile, and the predictions into scores:
 - ``official`` (default): the NVLM prompts of the spec's section 8 (Megatron HEAD's system prompts and
   answer suffixes) with the token budgets common harnesses use; scored with the benchmarks' official rules.
-- ``nvlm``: Megatron's ``NVLM-1.0`` tag (EVAL_SPEC 1.3): system "Answer the questions.", 16 new tokens,
-  the answer cut to its first line, and Megatron's scoring.
+- ``nvlm``: Megatron's ``NVLM-1.0`` tag (EVAL_SPEC 1.1, 1.3): its qwen2p0 chat format, system "Answer the
+  questions.", 16 new tokens, the answer cut to its first line, and Megatron's scoring.
 
 Parquet images are read lazily (:class:`ParquetImage`), one row group at a time, so a 200k-question split
 never sits in memory. A malformed record is a :class:`DataError` naming the file and the record.
@@ -26,6 +26,12 @@ FOLLOW_SYSTEM = "Follow the user's instruction and answer questions."  # Megatro
 VQA_SUFFIX = "Answer the question using a single word or phrase."
 NUMBER_SUFFIX = "Answer the question using a single word, phrase, or number."
 LETTER_SUFFIX = "Answer with the option's letter from the given choices directly."
+# Megatron's qwen2p0 chat format (EVAL_SPEC 1.1), used by the nvlm profile: a newline after every <|im_end|>,
+# unlike the released chat() format (the processor's "nvlm" template) that the official profile uses.
+MEGATRON_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 class DataError(ValueError):
