@@ -208,6 +208,29 @@ def test_sharding_gives_the_single_process_predictions(tiny_model_dir, data, tmp
     assert again.calls == 0
 
 
+def test_two_processes_under_torchrun_env(tiny_model_dir, data, tmp_path):
+    """Two `nvlm eval` processes with RANK/WORLD_SIZE set, as torchrun starts them: rank 0 merges and reports."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    args = [sys.executable, "-m", "nvlm.cli", "eval", "--model", str(tiny_model_dir), "--data", str(data),
+            "--out", str(tmp_path), "--tasks", "ai2d,mmlu", "--max-new-tokens", "3", "--batch-size", "1"]  # fmt: skip
+    env = {**os.environ, "WORLD_SIZE": "2", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(args, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for r in (0, 1)]  # fmt: skip
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "| ai2d | accuracy | 3 |" in outs[0][0] and outs[1][0] == ""
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["world_size"] == 2 and set(results["tasks"]) == {"ai2d", "mmlu"}
+    assert len(_predictions(tmp_path, "ai2d")) == 3
+    assert sorted(p.name for p in (tmp_path / "predictions").glob("ai2d.rank*.jsonl")) == ["ai2d.rank0.jsonl",
+                                                                                           "ai2d.rank1.jsonl"]
+
+
 def _predictions(out, key):
     recs = {}
     for f in sorted((out / "predictions").glob(f"{key}.rank*.jsonl")):
