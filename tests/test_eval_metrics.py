@@ -473,3 +473,18 @@ def test_caption_tokenize_agrees_with_ptbtokenizer():
     theirs = PTBTokenizer().tokenize({i: [{"caption": c}] for i, c in enumerate(captions)})
     for i, caption in enumerate(captions):
         assert caption_tokenize(caption) == theirs[i][0].split(), caption
+
+
+@pytest.mark.parametrize("call", [
+    lambda p: vqa_accuracy("2", ["2"], profile=p), lambda p: textvqa_accuracy("2", ["2"], profile=p),
+    lambda p: anls("2", ["2"], profile=p), lambda p: relaxed_accuracy("2", "2", profile=p),
+    lambda p: choice_correct("A", "A", profile=p), lambda p: ocrbench_match("a", ["a"], "ctw", profile=p),
+    lambda p: mmmu_parse_choice("A", ["A"], {"A": "x"}, profile=p),
+    lambda p: mmmu_correct("1", "open", "1", [], profile=p),
+    lambda p: mathvista_correct("1", question_type="free_form", answer_type="integer", answer="1", choices=None,
+                                precision=None, profile=p),
+])
+def test_unknown_profile_is_refused(call):
+    call("official"), call("nvlm")
+    with pytest.raises(ValueError, match="profile"):
+        call("megatron")

