@@ -265,6 +265,14 @@ def test_missing_data_is_reported_and_other_tasks_go_on(tiny_model_dir, tmp_path
     assert main(["eval", "--model", str(tiny_model_dir), "--tasks", "nope"]) == 2  # before loading the model
 
 
+def test_a_broken_image_names_its_sample(tiny_model_dir, tmp_path):
+    (tmp_path / "bad.png").write_text("not an image")
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"id": "b1", "image": "bad.png", "question": "q", "answer": "a"}) + "\n")
+    assert _eval(tiny_model_dir, tmp_path, tmp_path / "out", "--tasks", f"jsonl:{tmp_path / 'bad.jsonl'}") == 1
+    error = json.loads((tmp_path / "out" / "results.json").read_text())["tasks"]["jsonl:bad"]["error"]
+    assert "samples ['b1']" in error and "bad.png: not an image file" in error
+
+
 def test_known_predictions_give_known_scores(tiny_model_dir, data, tmp_path, monkeypatch):
     heldout = custom(tmp_path)
     gold = {

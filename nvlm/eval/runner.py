@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from nvlm.eval.paper import COLUMNS, PAPER
 from nvlm.eval.tasks import PROFILES, ParquetImage, Prompt, Sample, Task, get_task
 from nvlm.eval.tasks.base import MEGATRON_TEMPLATE, DataError, resolve_image
+from nvlm.image import ImageError
 
 if TYPE_CHECKING:
     from nvlm.models.nvlm import NVLM
@@ -50,7 +51,7 @@ class EvalConfig:
     batch_size: int = 8
     max_new_tokens: int | None = None  # overrides every task's own budget
     merge_timeout: float = 24 * 3600.0  # how long rank 0 waits for the other ranks' predictions
-    poll_s: float = 2.0
+    poll_s: float = 5.0  # how often rank 0 rereads the shard files while it waits
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
@@ -378,8 +379,11 @@ class Runner:
                     prompts = {s.id: task.prompt(s, profile) for s in chunk}
                     ordered = sorted(chunk, key=lambda s: (-len(prompts[s.id].images), -len(prompts[s.id].text)))
                     for batch in _chunks(ordered, self.cfg.batch_size):
-                        raws = generate_batch(self.model, self.processor, [prompts[s.id] for s in batch],
-                                              p.max_new_tokens, task.stop, self.template)  # fmt: skip
+                        try:
+                            raws = generate_batch(self.model, self.processor, [prompts[s.id] for s in batch],
+                                                  p.max_new_tokens, task.stop, self.template)  # fmt: skip
+                        except ImageError as e:  # say which samples: the image error names only the file
+                            raise DataError(f"{task.name}: samples {[s.id for s in batch]}: {e}") from None
                         out.write([{"sample_id": s.id, "prompt_hash": p.hashes[s.id],
                                     "prediction": task.postprocess(r, profile), "raw": r}
                                    for s, r in zip(batch, raws)])  # fmt: skip
