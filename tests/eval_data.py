@@ -299,6 +299,7 @@ def gsm8k(root: Path, original: bool) -> None:
         write_jsonl(root / "gsm8k" / "test.jsonl", rows)
     else:
         write_parquet(root / "gsm8k" / "main" / "test-00000-of-00001.parquet", rows, ())
+        write_parquet(root / "gsm8k" / "socratic" / "test-00000-of-00001.parquet", rows, ())  # not read
 
 
 MATH = [("algebra", "1", "What is $1+1$?", "We get $\\boxed{2}$."),

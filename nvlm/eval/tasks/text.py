@@ -93,8 +93,8 @@ or main/test-*.parquet                           (HF openai/gsm8k, config main)"
                                  d / "grade_school_math" / "data" / "test.jsonl") if p.is_file()), None)  # fmt: skip
         if path is not None:
             rows = list(read_jsonl(path))
-        else:
-            files = parquet_files(d, self.split)
+        else:  # the HF repo also has a "socratic" config with the same questions: read "main" only
+            files = parquet_files(d / "main", self.split) if (d / "main").is_dir() else parquet_files(d, self.split)
             if not files:
                 raise self.missing(d, "test.jsonl or main/test-*.parquet")
             rows = list(read_parquet(files))
