@@ -192,10 +192,12 @@ def test_sharding_gives_the_single_process_predictions(tiny_model_dir, data, tmp
 
     single = Runner(model, processor, cfg(tmp_path / "one")).run(tasks)
     rank0 = {}
-    thread = threading.Thread(target=lambda: rank0.update(Runner(model, processor, cfg(tmp_path / "two"), 0, 2).run(tasks)))
+    thread = threading.Thread(target=lambda: rank0.update(Runner(model, processor, cfg(tmp_path / "two"), 0, 2).run(tasks)),
+                              daemon=True)  # fmt: skip
     thread.start()  # rank 0 generates its shard, then waits for rank 1's
     assert Runner(model, processor, cfg(tmp_path / "two"), 1, 2).run(tasks) == {}
     thread.join(timeout=120)
+    assert not thread.is_alive()
     for t in tasks:
         assert rank0["tasks"][t.name]["metrics"] == single["tasks"][t.name]["metrics"]
         one = _predictions(tmp_path / "one", t.key)

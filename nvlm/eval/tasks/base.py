@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -159,14 +160,22 @@ def _pyarrow() -> Any:
     return pq
 
 
+_PARQUET_LOCK = threading.RLock()  # a cached ParquetFile is not safe to read from two threads at once
+
+
 @functools.lru_cache(maxsize=8)
 def _parquet_file(path: str) -> Any:
     return _pyarrow().ParquetFile(path)
 
 
+def _read_row_group(path: str, row_group: int, columns: list[str]) -> Any:
+    with _PARQUET_LOCK:
+        return _parquet_file(path).read_row_group(row_group, columns=columns)
+
+
 @functools.lru_cache(maxsize=8)
 def _row_group_column(path: str, row_group: int, column: str) -> list[Any]:
-    return _parquet_file(path).read_row_group(row_group, columns=[column]).column(0).to_pylist()
+    return _read_row_group(path, row_group, [column]).column(0).to_pylist()
 
 
 @dataclass(frozen=True)
@@ -200,7 +209,8 @@ def read_parquet(files: Sequence[Path]) -> Iterator[tuple[str, dict[str, Any]]]:
     """(where, row) for every row; image columns (``{"bytes","path"}`` structs) come as ParquetImage."""
     for f in files:
         try:
-            pf = _parquet_file(str(f))
+            with _PARQUET_LOCK:
+                pf = _parquet_file(str(f))
         except Exception as e:  # pyarrow raises its own types for a corrupt file
             if isinstance(e, ImportError):
                 raise
@@ -209,7 +219,7 @@ def read_parquet(files: Sequence[Path]) -> Iterator[tuple[str, dict[str, Any]]]:
         images = [n for n in schema.names if _is_image_type(schema.field(n).type)]
         others = [n for n in schema.names if n not in images]
         for rg in range(pf.num_row_groups):
-            rows = pf.read_row_group(rg, columns=others).to_pylist() if others else []
+            rows = _read_row_group(str(f), rg, others).to_pylist() if others else []
             if not others:
                 rows = [{} for _ in range(pf.metadata.row_group(rg).num_rows)]
             for i, row in enumerate(rows):
