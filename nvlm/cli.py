@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     from nvlm.serve.cli import add_subcommand as add_serve
 
     add_serve(sub)
+    from nvlm.eval.cli import add_subcommand as add_eval
+
+    add_eval(sub)
     from nvlm.data.cli import add_subcommand as add_data
 
     add_data(sub)
