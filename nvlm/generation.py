@@ -63,6 +63,15 @@ def _stop_ids(model: "NVLM", p: SamplingParams) -> list[int]:
     return ids + [i for i in p.stop_token_ids if i not in ids]
 
 
+def no_placeholder(model: "NVLM", logits: torch.Tensor) -> torch.Tensor:
+    """Never choose the image placeholder: fed back without pixels it would break the next step (a weak
+    model, such as a tiny one early in training, does pick it)."""
+    i = model.config.image_token_id
+    if i is not None and 0 <= i < logits.shape[-1]:
+        logits[..., i] = float("-inf")
+    return logits
+
+
 @torch.inference_mode()
 def stream(
     model: "NVLM",
@@ -96,6 +105,7 @@ def stream(
     cache = KVCache(model.config.llm.num_layers, t + p.max_new_tokens)
     positions = position_ids_from_mask(mask)  # (B, T)
     logits = model(input_ids, pixel_values, mask, positions, cache=cache, num_logits_to_keep=1, **memory).logits
+    logits = no_placeholder(model, logits)
     stop_tensor = torch.tensor(stops, device=logits.device)
     done = torch.zeros(b, dtype=torch.bool, device=logits.device)
     last_pos = positions[:, -1:]
@@ -108,6 +118,7 @@ def stream(
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         last_pos = last_pos + 1
         logits = model(token[:, None], None, mask, last_pos, cache=cache, num_logits_to_keep=1).logits
+        logits = no_placeholder(model, logits)
 
 
 def generate(

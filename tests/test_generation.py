@@ -98,3 +98,21 @@ def test_bad_sampling_parameters_are_errors(model):
     with pytest.raises(TypeError):
         model.generate(torch.tensor([[1]]), max_new_tokens=2, no_such_option=1)
     assert model.generate(torch.tensor([[1, 2]]), max_new_tokens=0).shape == (1, 0)
+
+
+def test_the_image_placeholder_is_never_generated(model):
+    """A model that prefers the placeholder above all gets its next best token: fed back, it would fail."""
+
+    def prefer_placeholder(module, inputs, logits):
+        logits[..., IMAGE_TOKEN_ID] += 1e4
+        return logits
+
+    hook = model.language_model.lm_head.register_forward_hook(prefer_placeholder)
+    try:
+        ids = torch.tensor([[1, 2, 3, 4]])
+        assert model(ids).logits[0, -1].argmax() == IMAGE_TOKEN_ID
+        for params in ({}, {"do_sample": True, "temperature": 5.0, "seed": 0}):
+            out = model.generate(ids, max_new_tokens=6, **params)
+            assert out.shape[1] == 6 and IMAGE_TOKEN_ID not in out.tolist()[0]
+    finally:
+        hook.remove()

@@ -215,7 +215,7 @@ def generate_batch(
     eos = set(processor.eos_token_ids)
     tokens: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
-    steps = stream(_NoImageToken(model), **inputs, max_new_tokens=max_new_tokens, eos_token_id=processor.eos_token_ids)
+    steps = stream(model, **inputs, max_new_tokens=max_new_tokens, eos_token_id=processor.eos_token_ids)
     for step in steps:
         for i, t in enumerate(step.tolist()):
             if done[i]:
@@ -230,23 +230,6 @@ def generate_batch(
         if all(done):
             break
     return [_cut(processor.decode(t), stop) for t in tokens]
-
-
-class _NoImageToken:
-    """The model, with its image placeholder token never chosen: fed back without pixels, it would fail the
-    next step (a weak model, like the tiny test ones, does pick it)."""
-
-    def __init__(self, model: "NVLM") -> None:
-        self._model, self._id = model, model.config.image_token_id
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        out = self._model(*args, **kwargs)
-        if self._id is not None and 0 <= self._id < out.logits.shape[-1]:
-            out.logits[..., self._id] = float("-inf")
-        return out
 
 
 def _messages(p: Prompt) -> list[dict[str, str]]:

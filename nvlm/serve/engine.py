@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from nvlm.generation import SamplingParams, sample
+from nvlm.generation import SamplingParams, no_placeholder, sample
 from nvlm.models.llm import KVCache, position_ids_from_mask
 from nvlm.processor import Encoded, Processor
 from nvlm.tokenizer import StreamDecoder
@@ -139,7 +139,7 @@ class Engine:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         out = []
-        for s, row in zip(seqs, logits.float()):
+        for s, row in zip(seqs, no_placeholder(self.model, logits.float())):
             if s.repetition_penalty != 1.0:  # CTRL's penalty on every token seen, prompt included
                 seen = torch.tensor(s.prompt.input_ids + s.tokens, device=row.device).unique()
                 picked = row[seen]
