@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     from nvlm.data.cli import add_subcommand as add_data
 
     add_data(sub)
+    from nvlm.demo import add_subcommand as add_demo
+
+    add_demo(sub)
     return parser
 
 

@@ -53,13 +53,18 @@ def build(cfg: TrainConfig) -> tuple[NVLM, Tokenizer]:
     if tok_dir is None:
         raise ValueError("a preset needs a tokenizer directory (tokenizer: DIR)")
     tokenizer = Tokenizer.from_pretrained(tok_dir)
-    config = replace(config, image_token_id=tokenizer.token_to_id(config.image_token), torch_dtype="float32")
+    if tokenizer.vocab_size > config.llm.vocab_size:
+        raise ValueError(f"{tok_dir}: {tokenizer.vocab_size} tokens do not fit the preset's {config.llm.vocab_size}")
+    llm = replace(config.llm, eos_token_id=tokenizer.eos_token_id or config.llm.eos_token_id)
+    config = replace(config, llm=llm, image_token_id=tokenizer.token_to_id(config.image_token), torch_dtype="float32")
     if bool(cfg.vit) != bool(cfg.llm):
         raise ValueError("give both vit and llm checkpoints, or neither")
     if cfg.vit:
         return load_parts(config, cfg.vit, cfg.llm, dtype=torch.float32), tokenizer
     torch.manual_seed(cfg.seed)
-    return NVLM(config), tokenizer
+    model = NVLM(config)
+    model.language_model.init_weights()
+    return model, tokenizer
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
