@@ -92,9 +92,9 @@ def _evaluate(model: Path, data: Path, out: Path, skills: Sequence[str], blind: 
     results = json.loads((out / "results.json").read_text())["tasks"]
     table = {}
     for s in skills:
-        row = {"n": results[f"jsonl:{s}"].get("n"), "exact_match": results[f"jsonl:{s}"]["exact_match"]}
+        row = {"n": results[f"jsonl:{s}"]["n"], "exact_match": results[f"jsonl:{s}"]["metrics"]["exact_match"]}
         if blind:
-            row["blind"] = results[f"jsonl:{s}_blind"]["exact_match"]
+            row["blind"] = results[f"jsonl:{s}_blind"]["metrics"]["exact_match"]
         table[s] = row
     return table
 

@@ -237,7 +237,7 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), progress: Callab
     """Write the data set under ``out`` (see the module docstring); returns ``out``."""
     out = Path(out)
     manifest = out / "manifest.json"
-    wanted = {"config": asdict(cfg), "version": 1}
+    wanted = json.loads(json.dumps({"config": asdict(cfg), "version": 1}))  # tuples as JSON lists
     if manifest.is_file() and json.loads(manifest.read_text()).get("config") == wanted["config"]:
         progress(f"{out}: already generated with these settings")
         return out
