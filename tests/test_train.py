@@ -108,6 +108,32 @@ def test_stage_presets_train_exactly_tables_10_and_11(arch, stage):
     assert all(n.startswith(("vision_model.", "language_model.")) for n in frozen)
 
 
+def test_a_recipe_can_name_what_trains_instead_of_the_stage():
+    model = NVLM(preset("tiny-d"))
+    names = set_trainable(model, 1, ["vision_model.", "mlp1."])
+    assert names and all(n.startswith(("vision_model.", "mlp1.")) for n in names)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(names)
+    with pytest.raises(ValueError, match="nothing would train"):
+        set_trainable(model, 1, ["vision."])
+
+
+def test_training_from_random_weights_draws_the_llm_as_transformers_does():
+    """initializer_range 0.02 for every linear and embedding weight (PyTorch's embeddings have std 1)."""
+    from nvlm.train.config import TrainConfig
+    from nvlm.train.loop import build
+    from nvlm.tokenizer import build_tiny_tokenizer
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tok:
+        build_tiny_tokenizer().save(tok)
+        model, _ = build(TrainConfig(preset="demo-d", tokenizer=tok))
+    llm = model.language_model
+    for w in (llm.model.embed_tokens.weight, llm.lm_head.weight, llm.model.layers[0].self_attn.q_proj.weight):
+        assert abs(float(w.detach().std()) - 0.02) < 0.002
+    assert model.config.llm.eos_token_id == 491 and model.config.image_token_id == 500
+
+
 def test_recipes_load_with_overrides_and_paper_defaults():
     root = Path(__file__).parent.parent / "recipes"
     for recipe in root.glob("*.yaml"):

@@ -50,4 +50,6 @@ def set_trainable(model: nn.Module, stage: int, prefixes: Sequence[str] | None =
         p.requires_grad_(name.startswith(prefixes))
         if p.requires_grad:
             names.append(name)
+    if not names:
+        raise ValueError(f"no parameter name starts with {', '.join(prefixes)}: nothing would train")
     return names

@@ -1,0 +1,74 @@
+"""A shortened `nvlm demo` (a few steps): every stage leaves its files, a rerun reuses them, chat answers."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nvlm.cli import main
+from nvlm.data.synth import HELDOUT
+
+SHORT = ["--scale", "0.01", "--train", "40", "--test", "4"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert main(["demo", "--out", str(out), *SHORT]) == 0
+    return out
+
+
+def test_every_stage_produced_its_files(run):
+    data = run / "data"
+    for f in ("manifest.json", "pretrain.jsonl", "sft.jsonl", "text.jsonl", "tokenizer/tokenizer.json"):
+        assert (data / f).is_file(), f
+    assert {p.stem for p in (data / "heldout").glob("*.jsonl")} >= set(HELDOUT)
+    for stage, steps in (("stage1", 7), ("stage2", 13)):
+        metrics = [json.loads(line) for line in (run / stage / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+        assert (run / stage / "model" / "model.safetensors.index.json").is_file()
+    assert (run / "model" / "config.json").is_file() and (run / "model" / "tokenizer.json").is_file()
+    results = json.loads((run / "eval" / "results.json").read_text())["tasks"]
+    for skill in HELDOUT:
+        assert results[f"jsonl:{skill}"]["n"] == 4 and "exact_match" in results[f"jsonl:{skill}"]["metrics"]
+        assert f"jsonl:{skill}_blind" in results
+    report = (run / "report.md").read_text()
+    assert all(f"| {skill} | 4 |" in report for skill in HELDOUT)
+
+
+def test_a_rerun_reuses_every_stage(run, capsys):
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
+    assert main(["demo", "--out", str(run), *SHORT]) == 0
+    out = capsys.readouterr().out
+    assert "already generated" in out and out.count("trained already") == 2
+    assert before == {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
+
+
+def test_nvlm_chat_answers_from_the_trained_model(run):
+    record = json.loads((run / "data" / "heldout" / "read_number.jsonl").read_text().splitlines()[0])
+    image = run / "data" / "heldout" / record["image"]
+    done = subprocess.run([sys.executable, "-m", "nvlm.cli", "chat", "--model", str(run / "model"), "--image",
+                           str(image), "--max-new-tokens", "4", record["question"]],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    from nvlm import Chat
+    from nvlm.models.nvlm import NVLM
+    from nvlm.processor import Processor
+
+    model = run / "model"
+    expected = Chat(NVLM.from_pretrained(model), Processor.from_pretrained(model)).ask(
+        record["question"], [str(image)], max_new_tokens=4)
+    assert done.stdout.strip() == expected.strip()
+
+
+def test_the_ablation_writes_its_table(tmp_path):
+    out = tmp_path / "ablation"
+    assert main(["demo", "--ablation", "--out", str(out), "--scale", "0.005", "--train", "30", "--test", "3"]) == 0
+    table = (out / "ablation.md").read_text()
+    for row in ("Low-res", "DHR, no tag", "DHR + 1-D tag"):
+        assert f"| {row} |" in table
+    low = json.loads((out / "low-res" / "stage2" / "model" / "preprocessor_config.json").read_text())
+    assert low["max_dynamic_patch"] == 1
+    untagged = json.loads((out / "untagged" / "stage2" / "model" / "config.json").read_text())
+    assert untagged["tile_tag"] == "" and untagged["thumbnail_tag"] == ""
