@@ -397,25 +397,13 @@ def _tiny(arch: Arch, family: LLMFamily = "qwen2") -> NVLMConfig:
 
 
 def _demo(arch: Arch) -> NVLMConfig:
-    """The CPU demo's model (~1M parameters): 56-px tiles cut into 7-px patches (16 tokens per tile, fine
-    enough to read a digit), a 64-wide ViT and a 128-wide LLM of 2 layers each; the tiny tokenizer's ids."""
-    vision = VisionConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, image_size=56, patch_size=7)
-    llm = LLMConfig(
-        family="qwen2",
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=256,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        rope_theta=10000.0,
-        max_position_embeddings=4096,
-        bos_token_id=None,
-        eos_token_id=491,
-    )
+    """The CPU demo's model (~1M parameters): the tiny preset with its tiles cut into 7-px patches (16 tokens
+    per tile, fine enough to read a digit), a 64-wide ViT and a 128-wide LLM (2 layers each)."""
+    tiny = _tiny("D")
+    vision = replace(tiny.vision, hidden_size=64, num_heads=4, intermediate_size=128, patch_size=7)
+    llm = replace(tiny.llm, hidden_size=128, intermediate_size=256)
     projector = ProjectorConfig(input_size=256, hidden_size=256, output_size=128)
-    cfg = NVLMConfig(arch="D", vision=vision, llm=llm, projector=projector, torch_dtype="float32", image_token_id=500)
-    return cfg.with_arch(arch)
+    return replace(tiny, vision=vision, llm=llm, projector=projector).with_arch(arch)
 
 
 def _nvlm_d_72b() -> NVLMConfig:
