@@ -180,6 +180,16 @@ def _image_token_id(path: Path, token: str) -> int | None:
     return None
 
 
+def model_dir(path: str | Path) -> Path:
+    """A checkpoint directory, or a training or demo run directory whose final model is in ``model/``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory")
+    if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
+        return path / "model"
+    return path
+
+
 def load_pretrained(
     path: str | Path,
     dtype: torch.dtype | str | None = None,
@@ -193,9 +203,7 @@ def load_pretrained(
     freshly initialised (cross-attention gates at 0), and what the new architecture has no use for is left
     out. That is how an NVLM-X or NVLM-H starts stage 1 from an NVLM-D.
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory")
+    path = model_dir(path)
     cfg = NVLMConfig.from_json_file(path / "config.json")
     token_id = _image_token_id(path, cfg.image_token)
     if token_id is not None and token_id != cfg.image_token_id:
@@ -303,5 +311,5 @@ def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
     module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=module._parameters[attr].requires_grad)
 
 
-__all__ = ["CheckpointError", "ConfigError", "init_modules", "iter_checkpoint", "load_parts", "load_pretrained",
+__all__ = ["CheckpointError", "ConfigError", "init_modules", "iter_checkpoint", "load_parts", "load_pretrained", "model_dir",
            "save_pretrained"]

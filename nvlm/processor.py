@@ -74,7 +74,9 @@ class Processor:
         config.json fixes the tile size; ``max_dynamic_patch`` / ``min_dynamic_patch`` / ``use_thumbnail`` in
         preprocessor_config.json, then ``max_tiles`` here, override its tiling (e.g. fewer tiles for memory).
         """
-        path = Path(path)
+        from nvlm.checkpoint import model_dir
+
+        path = model_dir(path)
         cfg = NVLMConfig.from_json_file(path / "config.json")
         tiling = {"max_tiles": cfg.max_tiles, "min_tiles": cfg.min_tiles, "use_thumbnail": cfg.use_thumbnail}
         pre = path / "preprocessor_config.json"

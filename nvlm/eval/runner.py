@@ -80,7 +80,9 @@ def shard(samples: Sequence[Sample], rank: int, world: int) -> list[Sample]:
 
 def model_fingerprint(path: str | Path) -> str:
     """The model directory and its files' names, sizes and modification times."""
-    path = Path(path).resolve()
+    from nvlm.checkpoint import model_dir
+
+    path = model_dir(path).resolve()
     h = hashlib.sha256(str(path).encode())
     for f in sorted(path.iterdir()):
         if f.is_file() and f.suffix in (".json", ".safetensors", ".bin", ".model", ".txt", ".jinja"):
