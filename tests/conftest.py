@@ -37,3 +37,11 @@ def tiny_model_dir(nvlm_d_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     assert tok.token_to_id("<|vision_pad|>") == IMAGE_TOKEN_ID
     tok.save(path)
     return path
+
+
+def open_gates(model) -> None:
+    """Open an NVLM-X/H model's cross-attention gates (closed at 0 they leave the text LLM unchanged)."""
+    with torch.no_grad():
+        for block in model.xattn_layers:
+            block.attn_gate.fill_(0.8)
+            block.ffn_gate.fill_(-0.6)

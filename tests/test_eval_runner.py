@@ -5,9 +5,9 @@ import json
 import threading
 
 import pytest
-import torch
 
 import nvlm.eval.runner as runner
+from conftest import open_gates
 from eval_data import build, custom
 from nvlm import NVLM, Processor
 from nvlm.cli import main
@@ -29,10 +29,7 @@ def xh_dirs(tiny_model_dir, tmp_path_factory):
     out = {}
     for arch in "XH":
         model = NVLM.from_pretrained(tiny_model_dir, arch=arch)
-        with torch.no_grad():
-            for block in model.xattn_layers:
-                block.attn_gate.fill_(0.8)
-                block.ffn_gate.fill_(-0.6)
+        open_gates(model)
         path = tmp_path_factory.mktemp(f"eval-{arch}") / "model"
         model.save_pretrained(path)
         out[arch] = path

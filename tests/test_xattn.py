@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import IMAGE_TOKEN_ID
+from conftest import IMAGE_TOKEN_ID, open_gates
 from nvlm import NVLM, Processor, preset
 from nvlm.models.xattn import GatedCrossAttentionBlock
 from reference.gated_xattn import gated_xattn_block
@@ -29,10 +29,7 @@ def converted(tiny_model_dir, tmp_path_factory):
         closed = NVLM.from_pretrained(tiny_model_dir, arch=arch)
         opened = NVLM.from_pretrained(tiny_model_dir, arch=arch)
         torch.manual_seed(0)
-        with torch.no_grad():
-            for block in opened.xattn_layers:
-                block.attn_gate.fill_(0.8)
-                block.ffn_gate.fill_(-0.6)
+        open_gates(opened)
         path = tmp_path_factory.mktemp(f"nvlm-{arch}") / "model"
         opened.save_pretrained(path)
         out[arch] = closed, NVLM.from_pretrained(path), Processor.from_pretrained(path)

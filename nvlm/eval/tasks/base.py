@@ -90,6 +90,13 @@ class Task:
             raise MissingData(f"{self.name}: no directory {self.dirname!r} under {root}; expected:\n{self.layout}")
         return found
 
+    def parquet_rows(self, d: Path, what: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """The rows of this split's HF parquet files in ``d``; ``what`` names the files expected when none are."""
+        files = parquet_files(d, self.split)
+        if not files:
+            raise self.missing(d, what)
+        return read_parquet(files)
+
     def missing(self, where: Path, what: str = "") -> MissingData:
         what = what or "its files"
         return MissingData(f"{self.name}: {what} not found under {where}; expected:\n{self.layout}")

@@ -52,11 +52,8 @@ class AI2D(_Choice):
 
     def load(self, root: str | Path) -> list[Sample]:
         d = self.find_dir(root)
-        files = parquet_files(d, self.split)
-        if not files:
-            raise self.missing(d, "test-*.parquet")
         out = []
-        for i, (where, row) in enumerate(read_parquet(files)):
+        for i, (where, row) in enumerate(self.parquet_rows(d, "test-*.parquet")):
             question, options, answer, image = need(row, where, "question", "options", "answer", "image")
             try:
                 letter = letters(len(options))[int(answer)]
@@ -104,11 +101,8 @@ class RealWorldQA(_Choice):
 
     def load(self, root: str | Path) -> list[Sample]:
         d = self.find_dir(root)
-        files = parquet_files(d, self.split)
-        if not files:
-            raise self.missing(d, "test-*.parquet")
         out = []
-        for i, (where, row) in enumerate(read_parquet(files)):
+        for i, (where, row) in enumerate(self.parquet_rows(d, "test-*.parquet")):
             question, answer, image = need(row, where, "question", "answer", "image")
             out.append(Sample(str(i), [image], {"question": question, "answer": str(answer).strip()}))
         return out

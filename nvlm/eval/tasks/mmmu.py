@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 from nvlm.eval.tasks.base import (
     LETTER_SUFFIX, NVLM_SYSTEM, VQA_SUFFIX, DataError, Prompt, Sample, Task, check_unique, letters, mean, need,
-    options_block, parquet_files, read_parquet,
+    options_block,
 )  # fmt: skip
 
 MATH_SYSTEM = "You are math expert. Use your math knowledge to calculate the answer."
@@ -49,11 +49,8 @@ or data/validation-*.parquet, data/test-*.parquet          (HF lmms-lab/MMMU, al
 
     def load(self, root: str | Path) -> list[Sample]:
         d = self.find_dir(root)
-        files = parquet_files(d, self.split)
-        if not files:
-            raise self.missing(d, f"{self.split}-*.parquet")
         out = []
-        for where, row in read_parquet(files):
+        for where, row in self.parquet_rows(d, f"{self.split}-*.parquet"):
             sid, question, options, qtype = need(row, where, "id", "question", "options", "question_type")
             if not sid.startswith(self.prefix):  # Megatron keeps only the split's own ids
                 continue
@@ -138,11 +135,8 @@ class MathVista(Task):
 
     def load(self, root: str | Path) -> list[Sample]:
         d = self.find_dir(root)
-        files = parquet_files(d, self.split)
-        if not files:
-            raise self.missing(d, "testmini-*.parquet")
         out = []
-        for where, row in read_parquet(files):
+        for where, row in self.parquet_rows(d, "testmini-*.parquet"):
             pid, question, qtype, answer = need(row, where, "pid", "question", "question_type", "answer")
             image: Any = row.get("decoded_image")
             if image is None:

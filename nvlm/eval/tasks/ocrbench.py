@@ -6,8 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 from nvlm.eval.tasks.base import (
-    FOLLOW_SYSTEM, NVLM_SYSTEM, DataError, Prompt, Sample, Task, check_unique, need, parquet_files, read_json,
-    read_parquet,
+    FOLLOW_SYSTEM, NVLM_SYSTEM, DataError, Prompt, Sample, Task, check_unique, need, read_json,
 )  # fmt: skip
 
 
@@ -38,10 +37,7 @@ or data/test-*.parquet                           (HF echo840/OCRBench)"""
                     raise DataError(f"{where}: image {image} not found in {d / 'OCRBench_Images'} or {d}")
                 out.append(Sample(str(r.get("id", i)), [found], _fields(question, answers, name, kind)))
             return check_unique(out, str(path))
-        files = parquet_files(d, self.split)
-        if not files:
-            raise self.missing(d, "OCRBench.json or test-*.parquet")
-        for i, (where, row) in enumerate(read_parquet(files)):
+        for i, (where, row) in enumerate(self.parquet_rows(d, "OCRBench.json or test-*.parquet")):
             name, question, kind, answers, image = need(row, where, "dataset", "question", "question_type",
                                                         "answer", "image")  # fmt: skip
             out.append(Sample(str(i), [image], _fields(question, answers, name, kind)))

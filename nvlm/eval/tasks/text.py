@@ -14,7 +14,7 @@ and is the same for both profiles (no first-line cut; scored with the benchmarks
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from nvlm.eval.tasks.base import (
     LETTER_SUFFIX, NVLM_SYSTEM, DataError, Prompt, Sample, Task, check_unique, mean, need, options_block,
@@ -110,8 +110,7 @@ or main/test-*.parquet                           (HF openai/gsm8k, config main)"
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
         from nvlm.eval.metrics import gsm8k_correct
 
-        return {"accuracy": mean([float(gsm8k_correct(p, s.fields["solution"]))
-                                  for p, s in zip(predictions, samples)])}  # fmt: skip
+        return _solved(gsm8k_correct, predictions, samples)
 
 
 class MATH(_Text):
@@ -131,11 +130,8 @@ or <config>/test-*.parquet                       (HF EleutherAI/hendrycks_math, 
                 problem, solution = need(read_json(path), str(path), "problem", "solution")
                 out.append(Sample(f"{path.parent.name}/{path.stem}", [], {"problem": problem, "solution": solution}))
             return check_unique(out, str(d / "test"))
-        files = parquet_files(d, self.split)
-        if not files:
-            raise self.missing(d, "test/<type>/*.json or <config>/test-*.parquet")
         counts: dict[str, int] = {}
-        for where, row in read_parquet(files):
+        for where, row in self.parquet_rows(d, "test/<type>/*.json or <config>/test-*.parquet"):
             problem, solution = need(row, where, "problem", "solution")
             group = str(row.get("type") or Path(where.split(" (")[0]).parent.name)
             n = counts[group] = counts.get(group, -1) + 1
@@ -148,8 +144,7 @@ or <config>/test-*.parquet                       (HF EleutherAI/hendrycks_math, 
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
         from nvlm.eval.metrics import math_correct
 
-        return {"accuracy": mean([float(math_correct(p, s.fields["solution"]))
-                                  for p, s in zip(predictions, samples)])}  # fmt: skip
+        return _solved(math_correct, predictions, samples)
 
 
 class HumanEval(_Text):
@@ -167,10 +162,7 @@ or openai_humaneval/test-*.parquet               (HF openai/openai_humaneval)"""
         if path is not None:
             rows = list(read_jsonl(path))
         else:
-            files = parquet_files(d, self.split)
-            if not files:
-                raise self.missing(d, "HumanEval.jsonl.gz or test-*.parquet")
-            rows = list(read_parquet(files))
+            rows = list(self.parquet_rows(d, "HumanEval.jsonl.gz or test-*.parquet"))
         out = []
         for where, row in rows:
             need(row, where, "task_id", "prompt", "test", "entry_point")
@@ -194,3 +186,7 @@ or openai_humaneval/test-*.parquet               (HF openai/openai_humaneval)"""
 def _num(stem: str) -> tuple[int, str]:
     return (int(stem), "") if stem.isdigit() else (1 << 62, stem)
 
+
+def _solved(correct: Callable[[str, str], bool], predictions: Sequence[str], samples: Sequence[Sample]) -> dict[str, float]:
+    """Accuracy of predictions judged against each sample's reference solution."""
+    return {"accuracy": mean([float(correct(p, s.fields["solution"])) for p, s in zip(predictions, samples)])}

@@ -63,11 +63,8 @@ or the official release (visualqa.org):
         questions, annotations, image_dir, image_name = self._official[self.split]
         if (d / questions).is_file():
             return self._load_official(d, questions, annotations, image_dir, image_name)
-        files = parquet_files(d, self.split)
-        if not files:
-            raise self.missing(d, f"{self.split}-*.parquet or {questions}")
         out = []
-        for where, row in read_parquet(files):
+        for where, row in self.parquet_rows(d, f"{self.split}-*.parquet or {questions}"):
             qid, question, image = need(row, where, "question_id", "question", "image")
             answers = [a["answer"] if isinstance(a, dict) else a for a in row.get("answers") or []]
             if self.has_answers and not answers:
@@ -110,10 +107,7 @@ or the official release (visualqa.org):
         return out
 
     def submission(self, predictions: Sequence[str], samples: Sequence[Sample]) -> tuple[str, str] | None:
-        if self.has_answers:
-            return None
-        rows = [{"question_id": _int(s.id), "answer": p} for p, s in zip(predictions, samples)]
-        return f"{self.name}_submission.json", json.dumps(rows)
+        return None if self.has_answers else _answers_file(self.name, "question_id", predictions, samples)
 
 
 # ----------------------------------------------------------------------------------------- TextVQA
@@ -139,11 +133,8 @@ or the official release (textvqa.org):
                 image = _image_file(d / "train_images", f"{image_id}.jpg", where)
                 out.append(Sample(str(qid), [image], {"question": question, "answers": list(answers)}))
             return check_unique(out, str(path))
-        files = parquet_files(d, self.split)
-        if not files:
-            raise self.missing(d, "validation-*.parquet or TextVQA_0.5.1_val.json")
         out = []
-        for where, row in read_parquet(files):
+        for where, row in self.parquet_rows(d, "validation-*.parquet or TextVQA_0.5.1_val.json"):
             qid, question, answers, image = need(row, where, "question_id", "question", "answers", "image")
             out.append(Sample(str(qid), [image], {"question": question, "answers": list(answers)}))
         return check_unique(out, str(d))
@@ -211,10 +202,7 @@ or the RRC release (rrc.cvc.uab.es, Single Page DocVQA):
         return {"anls": mean([anls(p, s.fields["answers"], profile=profile) for p, s in zip(predictions, samples)])}
 
     def submission(self, predictions: Sequence[str], samples: Sequence[Sample]) -> tuple[str, str] | None:
-        if self.has_answers:
-            return None
-        rows = [{"questionId": _int(s.id), "answer": p} for p, s in zip(predictions, samples)]
-        return f"{self.name}_submission.json", json.dumps(rows)
+        return None if self.has_answers else _answers_file(self.name, "questionId", predictions, samples)
 
 
 # ----------------------------------------------------------------------------------------- ChartQA
@@ -242,11 +230,8 @@ or the original release (github.com/vis-nlp/ChartQA):
                     out.append(Sample(f"{kind}_{i}", [image], {"question": query, "answer": str(label),
                                                                 "type": kind}))  # fmt: skip
             return check_unique(out, str(d / "test"))
-        files = parquet_files(d, self.split)
-        if not files:
-            raise self.missing(d, "test-*.parquet or test/test_human.json")
         out = []
-        for i, (where, row) in enumerate(read_parquet(files)):
+        for i, (where, row) in enumerate(self.parquet_rows(d, "test-*.parquet or test/test_human.json")):
             question, answer, image = need(row, where, "question", "answer", "image")
             kind = str(row.get("type") or "").removesuffix("_test")
             out.append(Sample(str(i), [image], {"question": question, "answer": str(answer), "type": kind}))
@@ -269,3 +254,9 @@ def _int(x: str) -> int | str:
         return int(x)
     except ValueError:
         return x
+
+
+def _answers_file(task: str, id_key: str, predictions: Sequence[str], samples: Sequence[Sample]) -> tuple[str, str]:
+    """The evaluation server's submission: a JSON list of {id_key: question id, "answer": prediction}."""
+    rows = [{id_key: _int(s.id), "answer": p} for p, s in zip(predictions, samples)]
+    return f"{task}_submission.json", json.dumps(rows)
