@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from nvlm import NVLM, preset
-from nvlm.train.distributed import checkpoint_activations
+from nvlm.train.distributed import apply_activation_checkpointing
 from nvlm.train.loop import PEAK_TFLOPS
 from nvlm.train.stages import set_trainable
 
@@ -49,7 +49,7 @@ def main() -> None:
     model = NVLM(config(args.preset, args.arch)).to(device).train()
     set_trainable(model, 2)
     if args.activation_checkpointing:
-        checkpoint_activations(model)
+        apply_activation_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.98), weight_decay=0.1)
     n_params = sum(p.numel() for p in model.parameters())

@@ -32,7 +32,7 @@ SIDE_FILES = (
     "merges.txt", "preprocessor_config.json", "processor_config.json", "generation_config.json",
     "chat_template.jinja", "chat_template.json",
 )  # fmt: skip
-_VIT_ATTN = re.compile(r"^vision_model\.encoder\.layers\.\d+\.attn\.(qkv\.weight|qkv\.bias|q_norm\.weight|k_norm\.weight|proj\.weight)$")
+VIT_ATTENTION = re.compile(r"^vision_model\.encoder\.layers\.\d+\.attn\.(qkv\.weight|qkv\.bias|q_norm\.weight|k_norm\.weight|proj\.weight)$")
 
 
 class CheckpointError(ValueError):
@@ -44,7 +44,7 @@ class CheckpointError(ValueError):
 
 def unpad_vit_attention(name: str, tensor: torch.Tensor, width: int, head_dim: int) -> torch.Tensor:
     """Drop dummy heads (appended after the real ones) from a padded ViT attention tensor, if padded."""
-    kind = _VIT_ATTN.match(name).group(1)
+    kind = VIT_ATTENTION.match(name).group(1)
     if kind.startswith("qkv"):
         padded = tensor.shape[0] // 3
         if tensor.shape[0] % 3 or padded % head_dim or padded < width:
@@ -57,7 +57,7 @@ def unpad_vit_attention(name: str, tensor: torch.Tensor, width: int, head_dim: i
 
 def pad_vit_attention(name: str, tensor: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Append ``NUM_DUMMY_HEADS`` all-zero heads, as in the released checkpoint."""
-    kind = _VIT_ATTN.match(name).group(1)
+    kind = VIT_ATTENTION.match(name).group(1)
     extra = NUM_DUMMY_HEADS * head_dim
     if kind.startswith("qkv"):
         parts = tensor.chunk(3, dim=0)
@@ -77,52 +77,81 @@ def save_pretrained(
     path: str | Path,
     processor: Any = None,
     max_shard_size: int = 5 * 1024**3,
+    dtype: torch.dtype | None = None,
 ) -> None:
-    """Write config.json, ``model-0000k-of-0000n.safetensors`` shards and their index, and side files."""
+    """Write config.json, ``model-0000k-of-0000n.safetensors`` shards and their index, and side files.
+
+    Tensors stream one at a time into the shard being filled (written once it reaches ``max_shard_size``),
+    so at most one shard is held. A model sharded with FSDP2 is written the same way: every rank gathers
+    each tensor in turn (collective: every rank calls this) and rank 0 writes. ``dtype`` casts the floating
+    tensors (default: each as it is).
+    """
+    import torch.distributed as dist
+
+    writer = not dist.is_initialized() or dist.get_rank() == 0
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     cfg: NVLMConfig = model.config
-    state = _hf_state_dict(model)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in state.items():
+    if writer:
+        path.mkdir(parents=True, exist_ok=True)
+        for old in path.glob("model*.safetensors"):
+            old.unlink()
+    files: list[list[str]] = []  # tensor names per shard file, in order
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        if shard:
+            if writer:
+                save_file(shard, str(path / f"part-{len(files):05d}.tmp"), metadata={"format": "pt"})
+            files.append(list(shard))
+            shard.clear()
+
+    for name, tensor in _hf_tensors(model, dtype):
         nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append({})
+        if shard and size + nbytes > max_shard_size:
+            flush()
             size = 0
-        shards[-1][name] = tensor
+        if writer:
+            shard[name] = tensor.contiguous()
+        else:
+            shard[name] = tensor.new_empty(0)  # names only: rank 0 holds the data
         size += nbytes
-    for old in path.glob("model*.safetensors"):
-        old.unlink()
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        fname = SINGLE_FILE if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in shard.items()}, str(path / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    hf = cfg.to_hf()
-    hf["torch_dtype"] = str(model.dtype).removeprefix("torch.")
-    (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    if processor is not None:
-        processor.save_pretrained(path)
-    elif model.name_or_path and Path(model.name_or_path).resolve() != path.resolve():
-        src = Path(model.name_or_path)
-        for name in SIDE_FILES + tuple(p.name for p in src.glob("*.py")):
-            if (src / name).is_file():
-                shutil.copy2(src / name, path / name)
+        total += nbytes
+    flush()
+    if writer:
+        weight_map = {}
+        for i, names in enumerate(files, start=1):
+            fname = SINGLE_FILE if len(files) == 1 else f"model-{i:05d}-of-{len(files):05d}.safetensors"
+            (path / f"part-{i - 1:05d}.tmp").replace(path / fname)
+            weight_map.update({k: fname for k in names})
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        hf = cfg.to_hf()
+        hf["torch_dtype"] = str(dtype or model.dtype).removeprefix("torch.")
+        (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        if processor is not None:
+            processor.save_pretrained(path)
+        elif model.name_or_path and Path(model.name_or_path).resolve() != path.resolve():
+            src = Path(model.name_or_path)
+            for name in SIDE_FILES + tuple(p.name for p in src.glob("*.py")):
+                if (src / name).is_file():
+                    shutil.copy2(src / name, path / name)
+    if dist.is_initialized():
+        dist.barrier()
 
 
-def _hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _hf_tensors(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors one at a time, whole (gathered from the ranks if sharded), on the CPU."""
     head_dim = model.config.vision.head_dim
-    out = {}
     for name, tensor in model.state_dict().items():
         if name == "language_model.lm_head.weight" and model.config.llm.tie_word_embeddings:
             continue
+        if hasattr(tensor, "full_tensor"):  # a DTensor: FSDP2 shards
+            tensor = tensor.full_tensor()
         tensor = tensor.detach().cpu()
-        out[name] = pad_vit_attention(name, tensor, head_dim) if _VIT_ATTN.match(name) else tensor
-    return out
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        yield name, pad_vit_attention(name, tensor, head_dim) if VIT_ATTENTION.match(name) else tensor
 
 
 # ------------------------------------------------------------------------------------------ load
@@ -154,6 +183,23 @@ def _shard_files(path: Path) -> list[Path]:
     if missing:
         raise CheckpointError(f"{path}: shard files named in the index are missing: {', '.join(missing)}")
     return files
+
+
+def tensor_index(path: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """Every tensor of a checkpoint directory: its file and shape, from the safetensors headers alone."""
+    index: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for file in _shard_files(path):
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if name in index:
+                        raise CheckpointError(f"{file}: tensor {name!r} is also in {index[name][0].name}")
+                    index[name] = (file, tuple(f.get_slice(name).get_shape()))
+        except (OSError, RuntimeError, ValueError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
+    return index
 
 
 def iter_checkpoint(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -190,6 +236,17 @@ def model_dir(path: str | Path) -> Path:
     return path
 
 
+def read_config(path: str | Path) -> tuple[Path, NVLMConfig]:
+    """The checkpoint directory (``model/`` of a run directory) and its config, with the image token's id
+    taken from the directory's tokenizer.json."""
+    path = model_dir(path)
+    cfg = NVLMConfig.from_json_file(path / "config.json")
+    token_id = _image_token_id(path, cfg.image_token)
+    if token_id is not None and token_id != cfg.image_token_id:
+        cfg = NVLMConfig(**{**cfg.__dict__, "image_token_id": token_id})
+    return path, cfg
+
+
 def load_pretrained(
     path: str | Path,
     dtype: torch.dtype | str | None = None,
@@ -203,11 +260,7 @@ def load_pretrained(
     freshly initialised (cross-attention gates at 0), and what the new architecture has no use for is left
     out. That is how an NVLM-X or NVLM-H starts stage 1 from an NVLM-D.
     """
-    path = model_dir(path)
-    cfg = NVLMConfig.from_json_file(path / "config.json")
-    token_id = _image_token_id(path, cfg.image_token)
-    if token_id is not None and token_id != cfg.image_token_id:
-        cfg = NVLMConfig(**{**cfg.__dict__, "image_token_id": token_id})
+    path, cfg = read_config(path)
     fresh: tuple[str, ...] = ()
     if arch is not None and arch != cfg.arch:
         new = cfg.with_arch(arch)  # type: ignore[arg-type]
@@ -271,7 +324,7 @@ def _empty(cfg: NVLMConfig, device: Any) -> tuple[torch.nn.Module, Any, dict[str
 def _place(model: torch.nn.Module, param: torch.Tensor, name: str, tensor: torch.Tensor, device: torch.device,
            dtype: torch.dtype, path: Path) -> None:  # fmt: skip
     """Check one checkpoint tensor against its parameter and put it in place (cast and moved once)."""
-    if _VIT_ATTN.match(name):
+    if VIT_ATTENTION.match(name):
         tensor = unpad_vit_attention(name, tensor, model.config.vision.hidden_size, model.config.vision.head_dim).contiguous()
     if tensor.shape != param.shape:
         raise CheckpointError(
@@ -311,5 +364,5 @@ def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
     module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=module._parameters[attr].requires_grad)
 
 
-__all__ = ["CheckpointError", "ConfigError", "init_modules", "iter_checkpoint", "load_parts", "load_pretrained", "model_dir",
+__all__ = ["CheckpointError", "ConfigError", "init_modules", "iter_checkpoint", "read_config", "tensor_index", "load_parts", "load_pretrained", "model_dir",
            "save_pretrained"]

@@ -138,8 +138,8 @@ def test_block_matches_a_naive_reference():
     reads = torch.rand(2, 5, 12) > 0.5
     reads[0, 0] = False  # reads nothing
     reads[1, 2] = False
-    k, v = block.attn.keys_values(memory)
-    ours = block(x, k, v, reads[:, None])
+    ours, kv = block(x, memory, reads[:, None])
+    assert torch.equal(block(x, memory, reads[:, None], kv)[0], ours)
     ref = gated_xattn_block({n: p.detach() for n, p in block.named_parameters()}, x, memory, reads,
                             cfg.llm.num_heads, cfg.llm.num_kv_heads, cfg.llm.rms_norm_eps)  # fmt: skip
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)

@@ -193,17 +193,6 @@ class LanguageModel(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C)
         return self.model.embed_tokens(input_ids)
 
-    @torch.no_grad()
-    def init_weights(self, std: float = 0.02) -> None:
-        """Weights for training from scratch as transformers' Qwen2/Llama ``_init_weights`` draws them
-        (``initializer_range`` 0.02): normal linear and embedding weights, zero biases. PyTorch's own defaults
-        (unit-variance embeddings) leave a small model blind to its image features for hundreds of steps."""
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=std)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
-
     def forward(
         self,
         embeds: torch.Tensor,  # (B, T, C)

@@ -54,6 +54,11 @@ class NVLM(nn.Module):
             self.xattn_layers = nn.ModuleList(GatedCrossAttentionBlock(config.llm, config.xattn) for _ in blocks)
             self._block_before = {layer: i for i, layer in enumerate(blocks)}  # decoder layer -> block
         self.name_or_path: str | None = None  # the directory it was loaded from, if any
+        # Training under FSDP2: every rank must run every sharded module in every step, or the ranks' gathers
+        # fall out of step. Then a batch without images runs the vision path on one blank crop whose result
+        # nothing reads (NVLM-D: weighted by zero; X/H: a memory no token attends), and NVLM-H's thumbnails
+        # and tiles go through the ViT together in one pass (as they always do).
+        self.run_every_module = False
 
     @property
     def device(self) -> torch.device:
@@ -71,25 +76,40 @@ class NVLM(nn.Module):
         x = x.to(self.mlp1[0].weight.device)
         return self.mlp1(x.to(self.mlp1[0].weight.dtype))
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with the image features scattered into the image-token positions."""
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              feats: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Token embeddings with the image features (of ``pixel_values``, or given) scattered into the
+        image-token positions."""
         input_ids = input_ids.to(self.device)
         embeds = self.language_model.embed(input_ids)  # (B, T, C)
-        if self.config.arch == "X" and pixel_values is not None:
-            raise ImageTokenMismatch("NVLM-X puts no image in its sequence: pass crops as memory_pixel_values")
         slots = input_ids == self.config.image_token_id
         n_slots = int(slots.sum())
-        if pixel_values is None:
+        if feats is None and pixel_values is not None:
+            feats = self.extract_features(pixel_values)  # (N, tokens_per_tile, C)
+        if feats is None:
             if n_slots:
                 raise ImageTokenMismatch(f"the prompt has {n_slots} image tokens but no pixel_values were given")
             return embeds
-        feats = self.extract_features(pixel_values)  # (N, tokens_per_tile, C)
         if n_slots != feats.shape[0] * feats.shape[1]:
             raise ImageTokenMismatch(
                 f"the prompt has {n_slots} image tokens ({self.config.image_token!r}) but {feats.shape[0]} crops "
                 f"give {feats.shape[0] * feats.shape[1]} features ({feats.shape[1]} per crop)"
             )
         return embeds.masked_scatter(slots[..., None], feats.to(embeds.device, embeds.dtype))
+
+    def image_features(self, pixel_values: torch.Tensor | None,
+                       memory_pixel_values: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+        """One ViT pass over every crop of the batch -> (the sequence's crops' features, the memory's)."""
+        parts = [p for p in (pixel_values, memory_pixel_values) if p is not None]
+        if not parts:
+            return None, None
+        feats = self.extract_features(torch.cat(parts) if len(parts) > 1 else parts[0])  # (N, 256, C)
+        n = 0 if pixel_values is None else pixel_values.shape[0]
+        return (feats[:n] if pixel_values is not None else None), (feats[n:] if memory_pixel_values is not None else None)
+
+    def _blank_crop(self) -> torch.Tensor:  # (1, 3, S, S)
+        size = self.config.vision.image_size
+        return torch.zeros(1, 3, size, size, device=self.vision_model.embeddings.patch_embedding.weight.device)
 
     def forward(
         self,
@@ -104,24 +124,36 @@ class NVLM(nn.Module):
         cross_attention_mask: torch.Tensor | None = None,  # X/H: (B, T, K) bool, token t reads crop k
         memory_tag_ids: torch.Tensor | None = None,  # H: (N_mem, L_tag) tag token ids, -1 = padding
     ) -> NVLMOutput:
-        embeds = self.embed(input_ids, pixel_values)
-        t = input_ids.shape[1]
+        b, t = input_ids.shape
+        if self.config.arch == "X" and pixel_values is not None:
+            raise ImageTokenMismatch("NVLM-X puts no image in its sequence: pass crops as memory_pixel_values")
+        blank = self.run_every_module and cache is None
+        if blank and self.config.arch != "D" and memory_pixel_values is None:  # X/H: a memory no token reads
+            memory_pixel_values, memory_crops = self._blank_crop(), torch.tensor([1] + [0] * (b - 1))
+            memory_tag_ids = torch.full((1, 1), -1) if self.config.arch == "H" else None
+            cross_attention_mask = torch.zeros(b, t, 1, dtype=torch.bool)
+        if blank and self.config.arch == "D" and pixel_values is None:  # D: features weighted by zero
+            seq_feats, mem_feats = None, None
+            embeds = self.embed(input_ids) + 0 * self.extract_features(self._blank_crop()).sum().to(self.device)
+        else:
+            seq_feats, mem_feats = self.image_features(pixel_values, memory_pixel_values)
+            embeds = self.embed(input_ids, feats=seq_feats)
         if attention_mask is None and cache is None:
             mask = None  # plain causal attention
             if position_ids is None:
-                position_ids = torch.arange(t, device=embeds.device).expand(input_ids.shape[0], t)
+                position_ids = torch.arange(t, device=embeds.device).expand(b, t)
         else:
             if attention_mask is None:
-                attention_mask = torch.ones(input_ids.shape[0], cache.length + t, device=embeds.device)
+                attention_mask = torch.ones(b, cache.length + t, device=embeds.device)
             attention_mask = attention_mask.to(embeds.device)
             mask = attention_mask_4d(attention_mask, t)
             if position_ids is None:
                 position_ids = position_ids_from_mask(attention_mask)[:, -t:]
         cross_attend = None
         if self.config.arch != "D":
-            memory = self.memory(memory_pixel_values, memory_crops, memory_tag_ids, cache)
+            memory = self.memory(mem_feats, memory_crops, memory_tag_ids, cache)
             if memory is not None:
-                if cross_attention_mask is None and (cache is None or memory_pixel_values is not None):
+                if cross_attention_mask is None and (cache is None or mem_feats is not None):
                     raise ValueError("memory_pixel_values need a cross_attention_mask (the processor makes one)")
                 cross_attend = partial(self._before_layer, memory, memory.attention_mask(cross_attention_mask, t))
         logits = self.language_model(embeds, position_ids, mask, cache, num_logits_to_keep, cross_attend)
@@ -131,17 +163,16 @@ class NVLM(nn.Module):
 
     def memory(
         self,
-        memory_pixel_values: torch.Tensor | None,
+        feats: torch.Tensor | None,  # (N_mem, 256, C) the memory crops' features
         memory_crops: torch.Tensor | None,
         memory_tag_ids: torch.Tensor | None,
         cache: KVCache | None = None,
     ) -> Memory | None:
-        """The batch's cross-attention memory: built from the crops (kept in the cache), or the cached one."""
-        if memory_pixel_values is None:
+        """The batch's cross-attention memory: built from the crops' features (kept in the cache), or the cached one."""
+        if feats is None:
             return cache.memory if cache is not None else None
         if memory_crops is None:
             raise ValueError("memory_pixel_values need memory_crops (the number of memory crops of each row)")
-        feats = self.extract_features(memory_pixel_values)  # (N, 256, C)
         valid = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
         if self.config.arch == "H":  # each tile is preceded by its tag's text embeddings
             if memory_tag_ids is None:
@@ -151,7 +182,8 @@ class NVLM(nn.Module):
             feats = torch.cat([tag_embeds, feats], dim=1)  # (N, L_tag + 256, C)
             valid = torch.cat([tags.to(valid.device) >= 0, valid], dim=1)
         memory = assemble_memory(feats, valid, memory_crops)
-        if cache is not None:
+        if cache is not None and memory is not None:
+            memory.keep_kv = True
             cache.memory = memory
         return memory
 
@@ -161,13 +193,13 @@ class NVLM(nn.Module):
         return x if i is None else self.cross_attend(i, x, memory, mask)
 
     def cross_attend(self, i: int, x: torch.Tensor, memory: Memory, mask: torch.Tensor) -> torch.Tensor:
-        """Block i on hidden states x (B, T, C); its keys and values are computed once per memory."""
+        """Block i on hidden states x (B, T, C); a generation cache keeps its keys and values of the memory."""
         block = self.xattn_layers[i]
         device = block.attn_norm.weight.device
-        if i not in memory.kv:
-            memory.kv[i] = block.attn.keys_values(memory.embeds.to(device))
-        k, v = memory.kv[i]
-        return block(x.to(device), k, v, mask.to(device))
+        x, (k, v) = block(x.to(device), memory.embeds.to(device), mask.to(device), memory.kv.get(i))
+        if memory.keep_kv:
+            memory.kv[i] = (k, v)
+        return x
 
     @torch.inference_mode()
     def generate(

@@ -42,6 +42,10 @@ class VisionEmbeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(3, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.position_embedding = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, cfg.hidden_size))
 
+    def reset_parameters(self) -> None:  # the class token and positions start at zero (the patch conv has its own)
+        nn.init.zeros_(self.class_embedding)
+        nn.init.zeros_(self.position_embedding)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (N, 3, S, S) -> (N, 1 + P, C)
         x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (N, C, S/p, S/p)
         x = x.flatten(2).transpose(1, 2)  # (N, P, C), patches row-major
@@ -92,6 +96,11 @@ class VisionBlock(nn.Module):
         self.norm2 = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = VisionMLP(cfg)
         self.ls2 = nn.Parameter(torch.full((cfg.hidden_size,), cfg.layer_scale_init))
+        self.layer_scale_init = cfg.layer_scale_init
+
+    def reset_parameters(self) -> None:  # the layer scales only (the norms, attention and MLP have their own)
+        nn.init.constant_(self.ls1, self.layer_scale_init)
+        nn.init.constant_(self.ls2, self.layer_scale_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x)) * self.ls1

@@ -33,6 +33,7 @@ class Memory:
     key_mask: torch.Tensor  # (B, K * L) bool: real tokens (not tag padding, not missing crops)
     tokens_per_crop: int  # L
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # block -> (B, Hkv, K*L, D)
+    keep_kv: bool = False  # a generation cache's memory keeps each block's keys and values
 
     @property
     def crop_mask(self) -> torch.Tensor:  # (B, K) bool: the crops each row has
@@ -42,7 +43,7 @@ class Memory:
     def select(self, rows: torch.Tensor) -> "Memory":
         """The memory of these batch rows only, block keys and values included."""
         kv = {i: (k[rows], v[rows]) for i, (k, v) in self.kv.items()}
-        return Memory(self.embeds[rows], self.key_mask[rows], self.tokens_per_crop, kv)
+        return Memory(self.embeds[rows], self.key_mask[rows], self.tokens_per_crop, kv, self.keep_kv)
 
     @staticmethod
     def concat(memories: "list[Memory | None]", rows: list[int]) -> "Memory":
@@ -66,7 +67,7 @@ class Memory:
             ks = [pad(m and m.kv[i][0], r, 2, ref.kv[i][0]) for m, r in zip(memories, rows)]
             vs = [pad(m and m.kv[i][1], r, 2, ref.kv[i][1]) for m, r in zip(memories, rows)]
             kv[i] = (torch.cat(ks), torch.cat(vs))
-        return Memory(embeds, key_mask, ref.tokens_per_crop, kv)
+        return Memory(embeds, key_mask, ref.tokens_per_crop, kv, ref.keep_kv)
 
     def attention_mask(self, cross_attention_mask: torch.Tensor | None, num_new: int) -> torch.Tensor:
         """(B, T, K) crops each new token reads (None: all its row's crops) -> (B, 1, T, K * L) bool."""
@@ -115,7 +116,7 @@ class CrossAttention(nn.Module):
         memory = memory.to(self.k_proj.weight.dtype)
         k = self.k_proj(memory).view(b, m, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(memory).view(b, m, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        return k, v
+        return k.contiguous(), v.contiguous()  # not views: the block returns them (FSDP2 hooks its outputs)
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x (B, T, C), k/v (B, Hkv, M, D), mask (B, 1, T, M) with no all-False row -> (B, T, C)."""
@@ -143,10 +144,20 @@ class GatedCrossAttentionBlock(nn.Module):
         nn.init.zeros_(self.attn_gate)
         nn.init.zeros_(self.ffn_gate)
 
-    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x (B, T, C); k/v (B, Hkv, M, D); mask (B, 1, T, M) bool -> (B, T, C)."""
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, C)
+        memory: torch.Tensor,  # (B, M, C) memory tokens
+        mask: torch.Tensor,  # (B, 1, T, M) bool
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,  # this block's keys/values of ``memory``, if computed
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """-> the new hidden states (B, T, C) and the keys/values (B, Hkv, M, D), kept by a generation cache.
+
+        The keys and values are computed here, inside the block's ``forward``, so that a sharded (FSDP2) or
+        checkpointed block has its weights gathered whenever they are used."""
+        k, v = kv if kv is not None else self.attn.keys_values(memory)
         reads = mask.any(-1, keepdim=True)  # (B, 1, T, 1): tokens that read some memory
         safe = mask | ~reads  # a token that reads nothing attends everything, then is zeroed (SDPA: no NaN)
         keep = reads[:, 0].to(x.dtype)  # (B, T, 1)
         x = x + self.attn_gate.tanh().to(x.dtype) * keep * self.attn(self.attn_norm(x), k, v, safe)
-        return x + self.ffn_gate.tanh().to(x.dtype) * keep * self.ffn(self.ffn_norm(x))
+        return x + self.ffn_gate.tanh().to(x.dtype) * keep * self.ffn(self.ffn_norm(x)), (k, v)

@@ -43,7 +43,9 @@ class TrainConfig:
     grad_clip: float | None = None
     dtype: str = "bfloat16"  # autocast dtype on GPU; the CPU trains in float32
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each block
     fsdp: bool = True  # under torchrun: FSDP2 (fully_shard per block); False: plain data parallelism
+    shard_size: int | None = None  # FSDP2 shards over this many ranks (a node), replicated across groups: HSDP
     device: str | None = None
     seed: int = 0
     save_every: int = 500

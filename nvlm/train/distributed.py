@@ -1,20 +1,23 @@
-"""One process or many under ``torchrun``: process group, device, and the FSDP2 sharding plan.
+"""One process or many under ``torchrun``: process group, device mesh, and the plan that spreads a model.
 
-FSDP2 (``fully_shard``) wraps every decoder layer, every ViT layer and every cross-attention block, then
-the whole model; frozen and trainable parameters sit side by side in one unit (FSDP2 shards per
-parameter). Without FSDP the ranks hold whole copies and average their gradients (plain data parallelism).
-FSDP2 runs on CPU with the gloo backend too, which is how the tests drive it.
+``parallelize`` is applied to a model on the meta device, before any weight exists (torchtitan's order):
+activation checkpointing, then ``torch.compile`` per block, then FSDP2. FSDP2 units: every ViT layer, every
+decoder layer, every cross-attention block, the projector, the token embeddings, the final norm with the LM
+head, then the root (the ViT's patch and position embeddings). FSDP2 shards per parameter, so frozen and
+trained parameters share a unit. On GPU ``MixedPrecisionPolicy`` computes in bf16 and reduces gradients in
+fp32 over the fp32 master copies of the trained parameters; on CPU (gloo) everything is fp32. A 2-D mesh
+(``shard_size`` < world size) gives HSDP: replicas across groups of ``shard_size`` ranks (a node), shards
+within each. Without FSDP the ranks hold whole copies and average their gradients (plain data parallelism).
 """
 
 from __future__ import annotations
 
-import functools
 import os
+import resource
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 
 def setup(device: str | None) -> tuple[int, int, torch.device]:
@@ -31,19 +34,58 @@ def setup(device: str | None) -> tuple[int, int, torch.device]:
     return rank, world, dev
 
 
+def device_mesh(device: torch.device, shard_size: int | None):
+    """The FSDP mesh: 1-D over all ranks, or 2-D (replicate, shard) for HSDP when ``shard_size`` is smaller."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    shard = shard_size or world
+    if shard < 1 or world % shard:
+        raise ValueError(f"shard_size {shard_size} must divide the world size {world}")
+    if shard == world:
+        return init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
+    return init_device_mesh(device.type, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
+
+
 def blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks: the units of sharding and of activation checkpointing."""
+    """The repeated blocks: the units of sharding, activation checkpointing and compilation."""
     out = list(model.vision_model.encoder.layers) + list(model.language_model.model.layers)
     return out + list(getattr(model, "xattn_layers", []))
 
 
-def shard(model: nn.Module) -> None:
-    """FSDP2: one unit per block, then the root (the embeddings, projector, norms and head)."""
-    from torch.distributed.fsdp import fully_shard
+def parallelize(model: nn.Module, mesh, compute_dtype: torch.dtype | None, activation_checkpointing: bool,
+                compile_blocks: bool) -> None:  # fmt: skip
+    """Activation checkpointing, ``torch.compile`` per block, then FSDP2 (``mesh`` None: one process, no FSDP)."""
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if compile_blocks:
+        for block in blocks(model):
+            block.compile()
+    if mesh is None:
+        return
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else MixedPrecisionPolicy()
+    shard = lambda m: fully_shard(m, mesh=mesh, mp_policy=mp)  # noqa: E731
+    llm = model.language_model
+    for block in blocks(model):
+        shard(block)
+    shard(model.mlp1)
+    if llm.config.tie_word_embeddings:  # one weight for both: embeddings, norm and head form one unit
+        shard([llm.model.embed_tokens, llm.model.norm, llm.lm_head])
+    else:
+        shard(llm.model.embed_tokens)
+        shard([llm.model.norm, llm.lm_head])
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in the backward pass instead of keeping them (the composable
+    ``checkpoint``: module hooks, so names, ``forward`` and FSDP2 units are untouched)."""
+    from torch.distributed._composable import checkpoint
 
     for block in blocks(model):
-        fully_shard(block)
-    fully_shard(model)
+        checkpoint(block)
 
 
 def average_gradients(params: list[nn.Parameter]) -> None:
@@ -55,15 +97,23 @@ def average_gradients(params: list[nn.Parameter]) -> None:
             p.grad /= world
 
 
-def checkpoint_activations(model: nn.Module) -> None:
-    """Recompute each block's activations in the backward pass instead of keeping them."""
-    for block in blocks(model):
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-
-
 def all_sum(x: float, device: torch.device) -> float:
     if not dist.is_initialized():
         return x
     t = torch.tensor([x], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t)
+
+
+def peak_memory_gib(device: torch.device) -> list[float]:
+    """Every rank's peak memory so far, in GiB: ``max_memory_allocated`` on GPU, peak RSS on CPU."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    t = torch.tensor([peak / 2**30], dtype=torch.float64, device=device)
+    if not dist.is_initialized():
+        return [float(t)]
+    out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return [float(x) for x in out]

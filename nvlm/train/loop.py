@@ -14,16 +14,13 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from nvlm.checkpoint import load_parts
-from nvlm.config import preset
 from nvlm.data.blend import Blend, Source
 from nvlm.data.labels import IGNORE, Example
 from nvlm.data.packing import collate, padding_fraction
@@ -34,37 +31,38 @@ from nvlm.tokenizer import Tokenizer
 from nvlm.train import distributed, state
 from nvlm.train.config import TrainConfig
 from nvlm.train.stages import set_trainable
+from nvlm.train.weights import fill, set_dtypes, starting_point
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense bf16
 
 
-def build(cfg: TrainConfig) -> tuple[NVLM, Tokenizer]:
-    """The starting point: an NVLM checkpoint (``init``, optionally converted to ``arch``), a preset with a
-    ViT and an LLM checkpoint, or a preset from random weights (seeded)."""
-    if cfg.init:
-        model = NVLM.from_pretrained(cfg.init, dtype=torch.float32, arch=cfg.arch)
-        return model, Tokenizer.from_pretrained(cfg.tokenizer or cfg.init)
-    if not cfg.preset:
-        raise ValueError("say where training starts: init (an NVLM checkpoint) or preset (+ vit and llm)")
-    config = preset(cfg.preset)
-    if cfg.arch:
-        config = config.with_arch(cfg.arch)
-    tok_dir = cfg.tokenizer or cfg.llm
-    if tok_dir is None:
-        raise ValueError("a preset needs a tokenizer directory (tokenizer: DIR)")
-    tokenizer = Tokenizer.from_pretrained(tok_dir)
-    if tokenizer.vocab_size > config.llm.vocab_size:
-        raise ValueError(f"{tok_dir}: {tokenizer.vocab_size} tokens do not fit the preset's {config.llm.vocab_size}")
-    llm = replace(config.llm, eos_token_id=tokenizer.eos_token_id or config.llm.eos_token_id)
-    config = replace(config, llm=llm, image_token_id=tokenizer.token_to_id(config.image_token), torch_dtype="float32")
-    if bool(cfg.vit) != bool(cfg.llm):
-        raise ValueError("give both vit and llm checkpoints, or neither")
-    if cfg.vit:
-        return load_parts(config, cfg.vit, cfg.llm, dtype=torch.float32), tokenizer
-    torch.manual_seed(cfg.seed)
-    model = NVLM(config)
-    model.language_model.init_weights()
-    return model, tokenizer
+def build(cfg: TrainConfig, device: torch.device, world: int) -> tuple[NVLM, Tokenizer, torch.dtype]:
+    """The model, built on the meta device, its trained parameters chosen, dtypes set, the sharding plan
+    applied, then only this rank's shards allocated and filled from the starting point. Returns the model,
+    the tokenizer and the dtype of frozen parameters (that of the exported model)."""
+    point = starting_point(cfg)
+    cfg.resolve(point.config.arch)
+    on_gpu = device.type == "cuda"
+    frozen = getattr(torch, str(point.config.torch_dtype).removeprefix("torch."), torch.float32) if on_gpu else torch.float32
+    with torch.device("meta"):
+        model = NVLM(point.config)
+    set_trainable(model, cfg.stage, cfg.trainable)
+    set_dtypes(model, frozen)
+    mesh = distributed.device_mesh(device, cfg.shard_size) if world > 1 and cfg.fsdp else None
+    compute = getattr(torch, cfg.dtype) if on_gpu and mesh is not None else None  # one GPU: autocast instead
+    distributed.parallelize(model, mesh, compute, cfg.activation_checkpointing, cfg.compile)
+    model.to_empty(device=device)
+    fill(model, point, cfg.seed)
+    model.run_every_module = mesh is not None
+    return model.train(), point.tokenizer, frozen
+
+
+def make_optimizer(model: NVLM, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trained parameters only (no weight decay on vectors: norms, biases, gates)."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW([{"params": [p for p in trained if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+                              {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=cfg.betas)  # fmt: skip
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -114,23 +112,15 @@ class Batcher:
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) a training run; returns the directory of the final model."""
     rank, world, device = distributed.setup(cfg.device)
-    model, tokenizer = build(cfg)
-    cfg.resolve(model.config.arch)
-    trainable = set_trainable(model, cfg.stage, cfg.trainable)
+    model, tokenizer, export_dtype = build(cfg, device, world)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     c = model.config
     images = ImageProcessor(tile_size=c.tile_size, max_tiles=cfg.max_tiles, min_tiles=min(c.min_tiles, cfg.max_tiles),
                             use_thumbnail=c.use_thumbnail)  # fmt: skip
     processor = Processor(tokenizer, images, c, chat_template=cfg.chat_template)
-    model.to(device).train()
-    if cfg.activation_checkpointing:
-        distributed.checkpoint_activations(model)
-    if world > 1 and cfg.fsdp:
-        distributed.shard(model)
+    sharded = world > 1 and cfg.fsdp
     params = dict(model.named_parameters())
-    decay = [params[n] for n in trainable if params[n].ndim >= 2]
-    no_decay = [params[n] for n in trainable if params[n].ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)  # fmt: skip
+    optimizer = make_optimizer(model, cfg)
     sources = [Source(d["path"], float(d.get("weight", 1.0))) for d in cfg.data]
     blend = Blend(processor, sources, cfg.seq_len, cfg.seed, rank, world)
     batcher = Batcher(blend, processor, cfg.micro_batch_size, cfg.seq_len, cfg.pack)
@@ -139,16 +129,16 @@ def train(cfg: TrainConfig) -> Path:
     step = 0
     last = state.latest(ckpt_root)
     if last is not None:
-        saved = state.load(last, model, optimizer)
+        saved, ranks = state.load(last, model, optimizer)
         step = saved["step"]
-        blend.load_state_dict(saved["data"])
+        blend.load_state_dict(_resume_data([r["data"] for r in ranks], rank, world))
         if rank == 0:
             print(f"resuming from {last} (step {step})", file=sys.stderr)
     log = Metrics(out, step, rank == 0)
-    use_amp = device.type == "cuda"
+    use_amp = device.type == "cuda" and not sharded  # FSDP2 casts to bf16 itself (MixedPrecisionPolicy)
     n_params = sum(p.numel() for p in params.values())
     peak = cfg.peak_tflops or (next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
-                               if use_amp else None)  # fmt: skip
+                               if device.type == "cuda" else None)  # fmt: skip
     progress = _progress(cfg.steps, step, rank == 0)
     while step < cfg.steps:
         t0 = time.perf_counter()
@@ -167,7 +157,7 @@ def train(cfg: TrainConfig) -> Path:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
             (loss * world / supervised).backward()
             loss_sum += float(loss.detach())
-        if world > 1 and not cfg.fsdp:
+        if world > 1 and not sharded:
             distributed.average_gradients([params[n] for n in trainable])
         grad_norm = float(torch.nn.utils.clip_grad_norm_([params[n] for n in trainable], cfg.grad_clip))
         optimizer.step()
@@ -178,31 +168,25 @@ def train(cfg: TrainConfig) -> Path:
                   "grad_norm": grad_norm, "tokens": int(tokens), "supervised_tokens": int(supervised),
                   "tokens_per_s": tokens / seconds, "padding": sum(map(padding_fraction, micro)) / len(micro),
                   "skipped": sum(blend.skipped.values())}  # fmt: skip
+        peaks = distributed.peak_memory_gib(device)
+        record.update(peak_memory_gib=max(peaks), peak_memory_gib_per_rank=peaks)
         if peak:
             record["mfu"] = 6 * n_params * tokens / seconds / (world * peak * 1e12)
         log(record, verbose=step % cfg.log_every == 0 or step == cfg.steps)
         progress(record)
         if step % cfg.save_every == 0 or step == cfg.steps:
-            extra = {"data": batcher.state_dict(), "config": _jsonable(asdict(cfg))}
-            state.save(ckpt_root, step, model, optimizer, extra, cfg.keep_last)
-    return _save_final(model, processor, out / "model", rank)
+            state.save(ckpt_root, step, model, optimizer, {"data": batcher.state_dict()},
+                       {"config": _jsonable(asdict(cfg))}, cfg.keep_last)  # fmt: skip
+    model.save_pretrained(out / "model", processor=processor, dtype=export_dtype)  # streamed, tensor by tensor
+    return out / "model"
 
 
-def _save_final(model: NVLM, processor: Processor, path: Path, rank: int) -> Path:
-    """``save_pretrained`` (the NVLM-D-72B layout for D), gathering the shards first under FSDP2."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        with torch.device("meta"):
-            final = NVLM(model.config)
-        final.load_state_dict(full, assign=True)
-        if model.config.llm.tie_word_embeddings:
-            final.language_model.lm_head.weight = final.language_model.model.embed_tokens.weight
-        final.save_pretrained(path, processor=processor)
-    if dist.is_initialized():
-        dist.barrier()
-    return path
+def _resume_data(states: list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:
+    """This rank's data position: its own when the world size is unchanged, else the earliest saved one
+    (no item is skipped; items the ranks ahead had consumed are read again)."""
+    if len(states) == world:
+        return states[rank]
+    return min(states, key=lambda s: s["position"])
 
 
 class Metrics:

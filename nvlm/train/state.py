@@ -1,37 +1,41 @@
-"""Training checkpoints that never lose work: safetensors + JSON, written aside then renamed into place.
+"""Training checkpoints through ``torch.distributed.checkpoint`` (DCP): every rank writes its own part.
 
-``step_00001234/`` holds ``model.safetensors`` (the trainable parameters; frozen ones come back from the
-starting point), ``optimizer.safetensors`` (AdamW's moments and step counts, flattened by parameter
-name), ``rng.safetensors`` (torch's CPU and CUDA generator states) and ``state.json`` (step, data stream
-position, hyper-parameters). A directory appears under its final name only once complete, so a run killed
-at any moment resumes from the last complete one; the oldest are removed beyond ``keep_last``. Under
-FSDP2 the full state is gathered to rank 0, which writes it; on resume it is broadcast back. No pickle.
+``step_00001234/`` holds one safetensors file per rank (``shard-0000r-model-00001-of-00001.safetensors``,
+DCP's Hugging Face storage: each file carries its shards' offsets in its JSON header, so nothing is ever
+unpickled) with that rank's rows of the trained parameters (``model.*``; frozen ones come back from the
+starting point) and of AdamW's moments (``optim.<param>.exp_avg`` ...); ``rank_0000r.json`` with that rank's
+RNG states and data-stream position; ``state.json`` (rank 0: step, optimiser hyper-parameters, world size,
+the run's settings). Nothing is gathered. Every rank writes into ``step_….tmp/`` and syncs its files; after
+a barrier rank 0 writes ``state.json`` and renames the directory into place, so a checkpoint is visible only
+once every rank's part is complete: a run killed at any moment resumes from the last complete one. The
+oldest are removed beyond ``keep_last``.
+
+Resuming on another world size reshards: DCP reads each rank's rows of every tensor from whatever files hold
+them, so parameters and optimiser state come back bit for bit; the data positions follow
+``nvlm.data.loader.reshard``.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict
 
 PREFIX = "step_"
 
 
-def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def latest(root: Path) -> Path | None:
@@ -40,68 +44,102 @@ def latest(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         extra: dict[str, Any], keep_last: int) -> Path:  # fmt: skip
-    """Write checkpoint ``step`` (collective under FSDP2: every rank must call it)."""
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+def _tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The flat tensor state DCP saves and loads in place (DTensors under FSDP2), and the optimiser's groups."""
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    model_sd = {k: v for k, v in get_model_state_dict(model, options=opts).items() if k in trainable}
-    optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
+    flat = {f"model.{k}": v for k, v in get_model_state_dict(model).items() if k in trainable}
+    osd = get_optimizer_state_dict(model, optimizer)  # creates AdamW's state on a fresh optimiser
+    for name, values in osd["state"].items():
+        for key, value in values.items():
+            flat[f"optim.{name}.{key}"] = value
+    return flat, osd
+
+
+def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         rank_state: dict[str, Any], extra: dict[str, Any], keep_last: int) -> Path:  # fmt: skip
+    """Write checkpoint ``step``; collective: every rank calls it with its own ``rank_state`` (data position)."""
+    rank, world = _rank_world()
     final = root / f"{PREFIX}{step:08d}"
-    if _rank0():
-        tmp = root / f"{final.name}.tmp"
+    tmp = root / f"{final.name}.tmp"
+    if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in model_sd.items()}, str(tmp / "model.safetensors"))
-        tensors, groups = _flatten_optimizer(optim_sd)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        save_file(rng, str(tmp / "rng.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({"step": step, "param_groups": groups, **extra}, indent=1))
-        for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+    _barrier()
+    flat, osd = _tensors(model, optimizer)
+    with warnings.catch_warnings():  # one process: DCP says it assumes so
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True), no_dist=world == 1)
+    _write_synced(tmp / f"rank_{rank:05d}.json", {"rng": _rng_state(), **rank_state})
+    _barrier()
+    if rank == 0:
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in osd["param_groups"]]
+        _write_synced(tmp / "state.json", {"step": step, "world_size": world, "param_groups": groups, **extra})
+        _fsync_dir(tmp)
         os.replace(tmp, final)
+        _fsync_dir(root)
         for old in sorted(p for p in root.glob(f"{PREFIX}*") if p.is_dir() and not p.name.endswith(".tmp"))[:-keep_last]:
             shutil.rmtree(old)
-    if dist.is_initialized():
-        dist.barrier()
+    _barrier()
     return final
 
 
-def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model, optimiser and RNG from ``path``; return the JSON state (step, data position, ...)."""
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, strict=False)
-    model_sd = load_file(str(path / "model.safetensors"))
-    set_model_state_dict(model, model_sd, options=opts)
+def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Restore the trained parameters, AdamW's state and this rank's RNG from ``path``; return ``state.json``
+    and every saved rank's state (its data position), in rank order."""
+    rank, world = _rank_world()
     state = json.loads((path / "state.json").read_text())
-    optim_sd = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["param_groups"])
-    set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
-    rng = load_file(str(path / "rng.safetensors"))
-    torch.set_rng_state(rng["cpu"])
+    flat, osd = _tensors(model, optimizer)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=world == 1)
+    for name, values in osd["state"].items():
+        for key in values:
+            values[key] = flat[f"optim.{name}.{key}"]
+    for group, saved in zip(osd["param_groups"], state["param_groups"]):
+        group.update({k: tuple(v) if k == "betas" else v for k, v in saved.items()})
+    set_optimizer_state_dict(model, optimizer, osd)
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for key, value in flat.items():
+            if key.startswith("model."):
+                params[key.removeprefix("model.")].copy_(value)
+    ranks = [json.loads((path / f"rank_{r:05d}.json").read_text()) for r in range(int(state["world_size"]))]
+    _set_rng_state(ranks[rank]["rng"] if rank < len(ranks) else None)
+    return state, ranks
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _write_synced(path: Path, data: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        f.write(json.dumps(data, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rng_state() -> dict[str, str]:
+    states = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            if f"cuda{i}" in rng:
-                torch.cuda.set_rng_state(rng[f"cuda{i}"], i)
-    return state
+        states["cuda"] = torch.cuda.get_rng_state()
+    return {k: base64.b64encode(v.numpy().tobytes()).decode() for k, v in states.items()}
 
 
-def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    tensors = {}
-    for name, values in sd.get("state", {}).items():
-        for key, value in values.items():
-            tensors[f"{name}::{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    return tensors, sd.get("param_groups", [])
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]) -> dict[str, Any]:
-    state: dict[str, dict[str, torch.Tensor]] = {}
-    for flat, value in tensors.items():
-        name, key = flat.rsplit("::", 1)
-        state.setdefault(name, {})[key] = value
-    for g in groups:
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-    return {"state": state, "param_groups": groups}
+def _set_rng_state(states: dict[str, str] | None) -> None:
+    """This rank's saved generators; a rank the checkpoint did not have keeps its seeded ones."""
+    if states is None:
+        return
+    decoded = {k: torch.frombuffer(bytearray(base64.b64decode(v)), dtype=torch.uint8) for k, v in states.items()}
+    torch.set_rng_state(decoded["cpu"])
+    if torch.cuda.is_available() and "cuda" in decoded:
+        torch.cuda.set_rng_state(decoded["cuda"])
