@@ -24,12 +24,13 @@ import torch.nn.functional as F
 
 from nvlm.checkpoint import load_parts
 from nvlm.config import preset
-from nvlm.data.blend import Blend, Source
-from nvlm.data.labels import IGNORE, Example
-from nvlm.data.packing import collate, padding_fraction
+from nvlm.data.blend import Source
+from nvlm.data.labels import IGNORE
+from nvlm.data.loader import Loader
+from nvlm.data.packing import padding_fraction
 from nvlm.image import ImageProcessor
 from nvlm.models.nvlm import NVLM
-from nvlm.processor import BatchInputs, Processor
+from nvlm.processor import Processor
 from nvlm.tokenizer import Tokenizer
 from nvlm.train import distributed, state
 from nvlm.train.config import TrainConfig
@@ -75,42 +76,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-class Batcher:
-    """Micro-batches from the blend: rows of ``seq_len`` packed first-fit (or one example per row).
-
-    An example that does not fit waits for the next micro-batch; the data state saved with a checkpoint is
-    the stream position before it, so resume reads it again.
-    """
-
-    def __init__(self, blend: Blend, processor: Processor, rows: int, seq_len: int, pack: bool) -> None:
-        self.blend, self.processor, self.rows, self.seq_len, self.pack = blend, processor, rows, seq_len, pack
-        self.waiting: tuple[Example, dict[str, Any]] | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.waiting[1] if self.waiting else self.blend.state_dict()
-
-    def _next(self) -> tuple[Example, dict[str, Any]]:
-        if self.waiting:
-            item, self.waiting = self.waiting, None
-            return item
-        before = self.blend.state_dict()
-        return self.blend.next_example(), before
-
-    def __call__(self) -> BatchInputs:
-        if not self.pack:
-            return collate(self.processor, [[self._next()[0]] for _ in range(self.rows)])
-        rows: list[list[Example]] = [[] for _ in range(self.rows)]
-        room = [self.seq_len] * self.rows
-        while True:
-            ex, before = self._next()
-            r = next((i for i, free in enumerate(room) if free >= len(ex)), None)
-            if r is None:
-                self.waiting = (ex, before)
-                return collate(self.processor, [row for row in rows if row], self.seq_len)
-            rows[r].append(ex)
-            room[r] -= len(ex)
-
-
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) a training run; returns the directory of the final model."""
     rank, world, device = distributed.setup(cfg.device)
@@ -132,8 +97,7 @@ def train(cfg: TrainConfig) -> Path:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)  # fmt: skip
     sources = [Source(d["path"], float(d.get("weight", 1.0))) for d in cfg.data]
-    blend = Blend(processor, sources, cfg.seq_len, cfg.seed, rank, world)
-    batcher = Batcher(blend, processor, cfg.micro_batch_size, cfg.seq_len, cfg.pack)
+    loader = Loader(processor, sources, cfg.seq_len, cfg.micro_batch_size, cfg.pack, cfg.seed, rank, world, cfg.num_workers)
     out = Path(cfg.out_dir)
     ckpt_root = out / "checkpoints"
     step = 0
@@ -141,7 +105,7 @@ def train(cfg: TrainConfig) -> Path:
     if last is not None:
         saved = state.load(last, model, optimizer)
         step = saved["step"]
-        blend.load_state_dict(saved["data"])
+        loader.load_state_dict(saved["data"])
         if rank == 0:
             print(f"resuming from {last} (step {step})", file=sys.stderr)
     log = Metrics(out, step, rank == 0)
@@ -155,7 +119,7 @@ def train(cfg: TrainConfig) -> Path:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro = [batcher() for _ in range(cfg.grad_accum)]
+        micro = [loader() for _ in range(cfg.grad_accum)]
         supervised = distributed.all_sum(sum(float((b["targets"] != IGNORE).sum()) for b in micro), device)
         tokens = distributed.all_sum(sum(float(b["attention_mask"].gt(0).sum()) for b in micro), device)
         loss_sum = 0.0
@@ -177,14 +141,15 @@ def train(cfg: TrainConfig) -> Path:
         record = {"step": step, "loss": distributed.all_sum(loss_sum, device) / supervised, "lr": lr,
                   "grad_norm": grad_norm, "tokens": int(tokens), "supervised_tokens": int(supervised),
                   "tokens_per_s": tokens / seconds, "padding": sum(map(padding_fraction, micro)) / len(micro),
-                  "skipped": sum(blend.skipped.values())}  # fmt: skip
+                  "skipped": sum(loader.skipped.values())}  # fmt: skip
         if peak:
             record["mfu"] = 6 * n_params * tokens / seconds / (world * peak * 1e12)
         log(record, verbose=step % cfg.log_every == 0 or step == cfg.steps)
         progress(record)
         if step % cfg.save_every == 0 or step == cfg.steps:
-            extra = {"data": batcher.state_dict(), "config": _jsonable(asdict(cfg))}
+            extra = {"data": loader.state_dict(), "config": _jsonable(asdict(cfg))}
             state.save(ckpt_root, step, model, optimizer, extra, cfg.keep_last)
+    loader.close()
     return _save_final(model, processor, out / "model", rank)
 
 
