@@ -181,7 +181,8 @@ class _WorkerBlend(Blend):
             proc = self._procs[w]
             proc.join(timeout=5)
             self.close()
-            raise RuntimeError(f"data worker {w} of rank {self.rank} exited unexpectedly (exit code {proc.exitcode})") from None
+            raise RuntimeError(f"data worker {w} of rank {self.rank} exited unexpectedly (exit code {proc.exitcode}; "
+                               "its traceback, if any, is on stderr)") from None
         if isinstance(msg, _Failure):
             self.close()
             print(f"data worker {w} of rank {self.rank}:\n{msg.traceback}", file=sys.stderr, flush=True)
