@@ -27,6 +27,14 @@ class Source:
     weight: float = 1.0
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """An unusable record: the reason it is counted under, and where it is with the full error."""
+
+    reason: str
+    message: str
+
+
 class Blend:
     def __init__(self, processor: Processor, sources: Sequence[Source], max_len: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1) -> None:  # fmt: skip
@@ -57,22 +65,39 @@ class Blend:
             self._order[src] = (epoch, order)
         return src, self._order[src][1][i]
 
-    def next_example(self) -> Example:
-        """This rank's next usable example (skipping, and counting, the unusable ones)."""
-        for _ in range(1_000_000):
+    def next_record(self) -> tuple[int, int]:
+        """Advance the stream past this rank's next item: its (source, record index)."""
+        while True:
             k = self.position
             src, i = self._record(k)
             self.position += 1
-            if k % self.world_size != self.rank:
-                continue
-            try:
-                return encode_example(self.processor, self.files[src].messages(i), self.max_len)
-            except RecordError as e:
-                reason = str(e).split(":")[0]
-                if not self.skipped[reason]:
-                    print(f"skipping {self.sources[src].path} line {i + 1}: {e} (further such records are only counted)",
-                          file=sys.stderr)  # fmt: skip
-                self.skipped[reason] += 1
+            if k % self.world_size == self.rank:
+                return src, i
+
+    def encode(self, src: int, i: int) -> Example | Skipped:
+        """Record i of source src as an example, or why it cannot be used (the stream does not move)."""
+        try:
+            return encode_example(self.processor, self.files[src].messages(i), self.max_len)
+        except RecordError as e:
+            return Skipped(str(e).split(":")[0], f"{self.sources[src].path} line {i + 1}: {e}")
+
+    def count(self, skip: Skipped) -> None:
+        """Count an unusable record by reason, printing the first of each reason."""
+        if not self.skipped[skip.reason]:
+            print(f"skipping {skip.message} (further such records are only counted)", file=sys.stderr)
+        self.skipped[skip.reason] += 1
+
+    def next_item(self) -> Example | Skipped:
+        """Advance past this rank's next item and encode it."""
+        return self.encode(*self.next_record())
+
+    def next_example(self) -> Example:
+        """This rank's next usable example (skipping, and counting, the unusable ones)."""
+        for _ in range(1_000_000):
+            item = self.next_item()
+            if isinstance(item, Example):
+                return item
+            self.count(item)
         raise RuntimeError("a million records in a row could not be used: check the data")
 
     def state_dict(self) -> dict[str, Any]:

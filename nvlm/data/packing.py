@@ -1,5 +1,5 @@
 """Batches of training examples, several to a row (packed; the rows are filled first-fit by
-``nvlm.train.loop.Batcher`` as examples stream in) or one per row.
+``nvlm.data.loader.Batcher`` as examples stream in) or one per row.
 
 A packed row numbers its examples 1, 2, ... in ``attention_mask``: each attends only to itself and its
 positions restart (``nvlm.models.llm.attention_mask_4d``), its images and cross-attention memory stay its

@@ -32,6 +32,7 @@ class TrainConfig:
     max_tiles: int | None = None
     seq_len: int | None = None
     pack: bool = True
+    num_workers: int = 2  # data worker processes per rank (record -> image decode, tiles, tokens); 0: in the loop
     micro_batch_size: int = 1  # rows per forward pass, per rank
     grad_accum: int = 1
     steps: int | None = None

@@ -21,12 +21,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from nvlm.data.blend import Blend, Source
-from nvlm.data.labels import IGNORE, Example
-from nvlm.data.packing import collate, padding_fraction
+from nvlm.data.blend import Source
+from nvlm.data.labels import IGNORE
+from nvlm.data.loader import Loader, reshard
+from nvlm.data.packing import padding_fraction
 from nvlm.image import ImageProcessor
 from nvlm.models.nvlm import NVLM
-from nvlm.processor import BatchInputs, Processor
+from nvlm.processor import Processor
 from nvlm.tokenizer import Tokenizer
 from nvlm.train import distributed, state
 from nvlm.train.config import TrainConfig
@@ -73,42 +74,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-class Batcher:
-    """Micro-batches from the blend: rows of ``seq_len`` packed first-fit (or one example per row).
-
-    An example that does not fit waits for the next micro-batch; the data state saved with a checkpoint is
-    the stream position before it, so resume reads it again.
-    """
-
-    def __init__(self, blend: Blend, processor: Processor, rows: int, seq_len: int, pack: bool) -> None:
-        self.blend, self.processor, self.rows, self.seq_len, self.pack = blend, processor, rows, seq_len, pack
-        self.waiting: tuple[Example, dict[str, Any]] | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.waiting[1] if self.waiting else self.blend.state_dict()
-
-    def _next(self) -> tuple[Example, dict[str, Any]]:
-        if self.waiting:
-            item, self.waiting = self.waiting, None
-            return item
-        before = self.blend.state_dict()
-        return self.blend.next_example(), before
-
-    def __call__(self) -> BatchInputs:
-        if not self.pack:
-            return collate(self.processor, [[self._next()[0]] for _ in range(self.rows)])
-        rows: list[list[Example]] = [[] for _ in range(self.rows)]
-        room = [self.seq_len] * self.rows
-        while True:
-            ex, before = self._next()
-            r = next((i for i, free in enumerate(room) if free >= len(ex)), None)
-            if r is None:
-                self.waiting = (ex, before)
-                return collate(self.processor, [row for row in rows if row], self.seq_len)
-            rows[r].append(ex)
-            room[r] -= len(ex)
-
-
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) a training run; returns the directory of the final model."""
     rank, world, device = distributed.setup(cfg.device)
@@ -122,8 +87,7 @@ def train(cfg: TrainConfig) -> Path:
     params = dict(model.named_parameters())
     optimizer = make_optimizer(model, cfg)
     sources = [Source(d["path"], float(d.get("weight", 1.0))) for d in cfg.data]
-    blend = Blend(processor, sources, cfg.seq_len, cfg.seed, rank, world)
-    batcher = Batcher(blend, processor, cfg.micro_batch_size, cfg.seq_len, cfg.pack)
+    loader = Loader(processor, sources, cfg.seq_len, cfg.micro_batch_size, cfg.pack, cfg.seed, rank, world, cfg.num_workers)
     out = Path(cfg.out_dir)
     ckpt_root = out / "checkpoints"
     step = 0
@@ -131,7 +95,7 @@ def train(cfg: TrainConfig) -> Path:
     if last is not None:
         saved, ranks = state.load(last, model, optimizer)
         step = saved["step"]
-        blend.load_state_dict(_resume_data([r["data"] for r in ranks], rank, world))
+        loader.load_state_dict(reshard([r["data"] for r in ranks], world)[rank])
         if rank == 0:
             print(f"resuming from {last} (step {step})", file=sys.stderr)
     log = Metrics(out, step, rank == 0)
@@ -145,7 +109,7 @@ def train(cfg: TrainConfig) -> Path:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro = [batcher() for _ in range(cfg.grad_accum)]
+        micro = [loader() for _ in range(cfg.grad_accum)]
         supervised = distributed.all_sum(sum(float((b["targets"] != IGNORE).sum()) for b in micro), device)
         tokens = distributed.all_sum(sum(float(b["attention_mask"].gt(0).sum()) for b in micro), device)
         loss_sum = 0.0
@@ -167,7 +131,7 @@ def train(cfg: TrainConfig) -> Path:
         record = {"step": step, "loss": distributed.all_sum(loss_sum, device) / supervised, "lr": lr,
                   "grad_norm": grad_norm, "tokens": int(tokens), "supervised_tokens": int(supervised),
                   "tokens_per_s": tokens / seconds, "padding": sum(map(padding_fraction, micro)) / len(micro),
-                  "skipped": sum(blend.skipped.values())}  # fmt: skip
+                  "skipped": sum(loader.skipped.values())}  # fmt: skip
         peaks = distributed.peak_memory_gib(device)
         record.update(peak_memory_gib=max(peaks), peak_memory_gib_per_rank=peaks)
         if peak:
@@ -175,18 +139,11 @@ def train(cfg: TrainConfig) -> Path:
         log(record, verbose=step % cfg.log_every == 0 or step == cfg.steps)
         progress(record)
         if step % cfg.save_every == 0 or step == cfg.steps:
-            state.save(ckpt_root, step, model, optimizer, {"data": batcher.state_dict()},
+            state.save(ckpt_root, step, model, optimizer, {"data": loader.state_dict()},
                        {"config": _jsonable(asdict(cfg))}, cfg.keep_last)  # fmt: skip
+    loader.close()
     model.save_pretrained(out / "model", processor=processor, dtype=export_dtype)  # streamed, tensor by tensor
     return out / "model"
-
-
-def _resume_data(states: list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:
-    """This rank's data position: its own when the world size is unchanged, else the earliest saved one
-    (no item is skipped; items the ranks ahead had consumed are read again)."""
-    if len(states) == world:
-        return states[rank]
-    return min(states, key=lambda s: s["position"])
 
 
 class Metrics:
