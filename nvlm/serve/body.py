@@ -62,7 +62,6 @@ class BodyLimit:
             await self._refuse(send)
 
     async def _refuse(self, send: Callable[[Message], Awaitable[None]]) -> None:
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(self.error)).encode()),
-                   (b"connection", b"close")]  # fmt: skip
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(self.error)).encode())]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": self.error})
