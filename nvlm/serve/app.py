@@ -1,8 +1,11 @@
 """The FastAPI app: ``POST /v1/chat/completions`` (plain or streamed), ``GET /v1/models``, ``GET /health``.
 
-Requests are validated and their images fetched, decoded and tiled in a worker thread, never on the event
-loop; the engine thread does the model work, so ``/health`` answers while generation runs. Every error is
-an OpenAI-style body with a 4xx/5xx status, and a bad request touches nothing but itself.
+Layers, outermost first (docs/SERVER.md lists what each guarantees): the body limit counts bytes as they
+arrive (``body.py``); the prompt is rendered and its length bounded before images are fetched (on a pool of
+their own, ``fetch.py``), decoded and tiled, and before it is tokenized, in worker threads, never on the
+event loop; the engine thread does the model work, so ``/health`` answers while generation runs. Every
+error is an OpenAI-style body ``{"error": {"message", "type", "param", "code"}}`` with a 4xx/5xx status,
+and a bad request touches nothing but itself.
 """
 
 from __future__ import annotations
@@ -299,7 +302,11 @@ def _check_url(url: str, limits: Limits) -> None:
     if "\x00" in url:
         raise api.APIError(400, "an image path cannot hold a NUL character", code="invalid_image")
     root = limits.local_image_dir
-    if root is None or not Path(url.removeprefix("file://")).resolve().is_relative_to(Path(root).resolve()):
+    try:
+        inside = root is not None and Path(url.removeprefix("file://")).resolve().is_relative_to(Path(root).resolve())
+    except (OSError, RuntimeError):  # a symlink loop, a name too long
+        inside = False
+    if not inside:
         raise api.APIError(400, "local image files are only read under the server's --image-dir", code="invalid_image")
 
 

@@ -1,12 +1,14 @@
 """Continuous batching: one thread owns the model and steps every running sequence together.
 
-Each iteration admits waiting sequences (prefilled together as one left-padded batch), then runs one
-decode step for all running ones. The running batch shares one KV cache whose rows are right-aligned at a
-common length: a newly prefilled batch is merged by left-padding the shorter side (``KVCache.concat``),
-padding columns are masked, and every row keeps its own positions, so a sequence computes exactly what it
-would alone. Finished or cancelled rows leave at once and the padding no row needs is trimmed. NVLM-X/H's
+Each iteration admits waiting sequences (prefilled together as one left-padded batch; if that prefill
+fails, each is prefilled alone, so only the culprit fails), then runs one decode step for all running
+ones. The running batch shares one KV cache whose rows are right-aligned at a common length: a newly
+prefilled batch is merged by left-padding the shorter side (``KVCache.concat``), padding columns are
+masked, and every row keeps its own positions, so a sequence computes exactly what it would alone.
+Finished or cancelled rows leave at once and the padding no row needs is trimmed. NVLM-X/H's
 cross-attention memory moves with its rows. Sampling is per row: temperature, top-k, top-p, seed,
-repetition penalty and stop tokens of its own request.
+repetition penalty and stop tokens of its own request (a row whose sampling fails fails alone). Only a
+failing decode step or merge, which belongs to the whole batch, fails every running sequence.
 """
 
 from __future__ import annotations
