@@ -90,7 +90,8 @@ def _get(url: str, max_bytes: int, deadline: float, resolver: Resolver,
     conn.sock = sock  # pinned to the checked address: no second lookup
     try:
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        conn.request("GET", path, headers={"User-Agent": "nvlm-serve", "Accept": "image/*"})
+        headers = {"Host": parts.netloc.rpartition("@")[2], "User-Agent": "nvlm-serve", "Accept": "image/*"}
+        conn.request("GET", path, headers=headers)
         r = conn.getresponse()
         if r.status in (301, 302, 303, 307, 308) and r.getheader("location"):
             return r.status, r.getheader("location"), b""
