@@ -162,3 +162,26 @@ def test_parse_and_routing_errors_use_the_openai_shape(server):
     _openai_error(httpx.get(server.url + "/v1/nothing"), 404)
     err = _openai_error(_post(server, {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 99}), 400)
     assert err["param"] == "n"
+
+
+def test_a_request_whose_sampling_fails_fails_alone(server):
+    """temperature 1e-40 overflows the logits to inf: that row's sampling raises, in prefill and in decode."""
+    good = [[{"role": "user", "content": f"sample {i}"}] for i in range(8)]
+    alone = [server.ask(p, max_tokens=4).choices[0].message.content for p in good]
+    bad = {"model": "tiny", "max_tokens": 4, "temperature": 1e-40, "messages": [{"role": "user", "content": "x"}]}
+    with ThreadPoolExecutor(9) as pool:
+        futures = [pool.submit(server.ask, p, max_tokens=4) for p in good[:4]]
+        failed = pool.submit(_post, server, bad)
+        futures += [pool.submit(server.ask, p, max_tokens=4) for p in good[4:]]
+        together = [f.result().choices[0].message.content for f in futures]
+    assert _openai_error(failed.result(), 500, "generation_failed")
+    assert together == alone
+
+
+def test_an_unexpected_error_is_a_500_in_the_openai_shape(server, monkeypatch):
+    def boom(text):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(server.engine.processor, "min_tokens", boom)
+    err = _openai_error(_post(server, {"model": "tiny", "messages": [{"role": "user", "content": "x"}]}), 500)
+    assert err["type"] == "server_error"
