@@ -179,9 +179,9 @@ def test_a_request_whose_sampling_fails_fails_alone(server):
 
 
 def test_an_unexpected_error_is_a_500_in_the_openai_shape(server, monkeypatch):
-    def boom(text):
+    def boom(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(server.engine.processor, "min_tokens", boom)
+    monkeypatch.setattr(server.engine.processor, "render", boom)
     err = _openai_error(_post(server, {"model": "tiny", "messages": [{"role": "user", "content": "x"}]}), 500)
     assert err["type"] == "server_error"
