@@ -42,6 +42,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # 64 MP (e.g. 8000 x 8000) is far above any camera photo and below Pillow's own warning threshold
 # (~89 MP); a decoded 64 MP RGB image is ~256 MB in PIL. Pillow's hard limit (~179 MP) applies above it.
 DEFAULT_MAX_PIXELS = 64_000_000
+# Tiling costs memory and time in proportion to an image's sides, not only to its pixels: PIL's resize keeps
+# ~4 float64 weights per input pixel along each side (a 25,000,000 x 1 strip: 1.65 GB and 4 s, where a
+# 5000 x 5000 photo needs 0.2 s). So an image's longer side is limited too, to JPEG's own maximum: at the
+# limit, the weights of both resizes (grid and thumbnail) take ~4 MB and a 65,535 x 381 image tiles in 0.2 s.
+MAX_SIDE = 65_535
 
 BAND_MIN_PIXELS = 100_000  # a resize to fewer output pixels runs as one PIL call (bands would not pay)
 _MEAN = np.array(IMAGENET_MEAN, dtype=np.float32)[:, None, None]  # the float32 values torchvision uses
@@ -67,7 +72,8 @@ def load_image(source: str | os.PathLike | bytes | Image.Image, max_pixels: int 
     """Open and fully decode an image (a path, raw bytes, or a PIL image, which is only checked).
 
     Decoding happens here, not later, so that a bad file fails with a clear :class:`ImageError` naming
-    it; the pixel count is checked from the header before decoding, so a decompression bomb costs nothing.
+    it; the pixel count and the longer side (``MAX_SIDE``) are checked from the header before
+    decoding, so a decompression bomb or a 25,000,000 x 1 strip costs nothing.
     """
     if isinstance(source, Image.Image):
         _check_size(source, "image", max_pixels)
@@ -76,6 +82,8 @@ def load_image(source: str | os.PathLike | bytes | Image.Image, max_pixels: int 
         name, fp = f"image ({len(source)} bytes)", io.BytesIO(source)
     else:
         name, fp = str(source), Path(source)
+        if "\x00" in name:
+            raise ImageError(f"{name!r}: an image path cannot hold a NUL character")
         if not fp.exists():
             raise ImageError(f"{name}: no such image file")
         if not fp.is_file():
@@ -119,10 +127,17 @@ def _png_size(head: bytes) -> tuple[int, int] | None:
 
 def _check_size(image: Image.Image, name: str, max_pixels: int) -> None:
     w, h = image.size
-    if w <= 0 or h <= 0:
-        raise ImageError(f"{name}: zero-sized image ({w}x{h})")
     if w * h > max_pixels:
         raise ImageError(f"{name}: {w}x{h} = {w * h} pixels is over the pixel limit of {max_pixels} (a bomb?)")
+    _check_shape(image, name)
+
+
+def _check_shape(image: Image.Image, name: str) -> None:
+    w, h = image.size
+    if w <= 0 or h <= 0:
+        raise ImageError(f"{name}: zero-sized image ({w}x{h})")
+    if max(w, h) > MAX_SIDE:
+        raise ImageError(f"{name}: {w}x{h} has a side over {MAX_SIDE} pixels (tiling cost grows with the sides)")
 
 
 class ImageProcessor:
@@ -168,7 +183,11 @@ class ImageProcessor:
         return tiles + 1 if self.use_thumbnail and tiles != 1 else tiles
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        """The crops of one image, row-major tiles then the thumbnail: ``(n_crops, 3, S, S)`` float32."""
+        """The crops of one image, row-major tiles then the thumbnail: ``(n_crops, 3, S, S)`` float32.
+
+        Any pixel count is tiled (``load_image`` applies the pixel limit), but a side over ``MAX_SIDE`` is
+        an :class:`ImageError`, raised before any work: the cost is then bounded by the pixels alone."""
+        _check_shape(image, "image")
         image = image.convert("RGB") if image.mode != "RGB" else image
         image.load()  # decode now: several threads read it below
         s = self.tile_size

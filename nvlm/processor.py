@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import base64
 import json
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from tokenizers import normalizers
 
 from nvlm.config import ConfigError, NVLMConfig
 from nvlm.image import ImageProcessor, load_image
-from nvlm.template import IMAGE_PLACEHOLDER, PromptError, Rendered, render
+from nvlm.template import IMAGE_PLACEHOLDER, PromptError, Rendered, check_text, render
 from nvlm.tokenizer import Tokenizer
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -64,6 +66,7 @@ class Processor:
         self.config = config
         self.chat_template = chat_template  # "nvlm", "checkpoint", or Jinja source
         self.image_token_id = tokenizer.token_to_id(config.image_token)
+        self._max_token_bytes: int | None = None  # computed at the first min_tokens()
 
     @classmethod
     def from_pretrained(
@@ -140,6 +143,32 @@ class Processor:
             return [(c.image_start, None), *((tag, k) for k, tag in enumerate(tags)), (c.image_end, None)]
         return [(c.image_start + c.thumbnail_tag + pad + c.image_end, None)]  # H
 
+    def _image_tokens(self, n_crops: int) -> int:
+        """How many image tokens the string of an image with ``n_crops`` crops holds."""
+        c = self.config
+        return {"D": n_crops * c.tokens_per_tile, "X": 0, "H": c.tokens_per_tile}[c.arch]
+
+    @property
+    def reserved(self) -> tuple[str, ...]:
+        """Text no prompt may hold (it would become image tokens without an image): the image token."""
+        return (self.config.image_token,)
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on the token count of ``text``, without tokenizing it (microseconds per MB of
+        ASCII): its normalised UTF-8 bytes over the most bytes any one token stands for. 0 when the
+        vocabulary has an unknown token (one of which can stand for any amount of text)."""
+        if self._max_token_bytes is None:
+            backend = self.tokenizer.backend
+            model = backend.model
+            if getattr(model, "unk_token", None) is not None or getattr(model, "unk_id", None) is not None:
+                self._max_token_bytes = 0
+            else:
+                vocab = backend.decode_batch([[i] for i in range(backend.get_vocab_size())], skip_special_tokens=False)
+                self._max_token_bytes = max(len(t.encode("utf-8")) for t in vocab)
+        if not self._max_token_bytes:
+            return 0
+        return -(-len(_normalize(self.tokenizer.backend.normalizer, text).encode("utf-8")) // self._max_token_bytes)
+
     def image_string(self, n_crops: int) -> str:
         """The tile-tagged text of one image with ``n_crops`` crops (the last crop is the thumbnail)."""
         return "".join(piece for piece, _ in self._image_pieces(n_crops))
@@ -150,7 +179,7 @@ class Processor:
 
     def encode(self, text: str, crops_per_image: Sequence[int], tokenize: bool = True) -> Encoded:
         """Expand ``text``'s images, tokenize, and (X/H) work out which memory crops each token reads."""
-        parts = text.split(IMAGE_PLACEHOLDER)
+        parts = [check_text(p, self.reserved, "the prompt text") for p in text.split(IMAGE_PLACEHOLDER)]
         if len(parts) - 1 != len(crops_per_image):
             raise PromptError(f"the prompt has {len(parts) - 1} {IMAGE_PLACEHOLDER} placeholders "
                               f"but {len(crops_per_image)} images were given")  # fmt: skip
@@ -172,6 +201,10 @@ class Processor:
         if not tokenize:
             return Encoded(full, [], [], None)
         ids, offsets = self.tokenizer.encode_with_offsets(full)
+        want = sum(self._image_tokens(n) for n in crops_per_image)
+        if ids.count(self.image_token_id) != want:  # e.g. a normalizer that turned other text into the token
+            raise PromptError(f"the prompt has {ids.count(self.image_token_id)} {self.config.image_token!r} tokens "
+                              f"(the model's image token) but its images need {want}")  # fmt: skip
         bos = self.tokenizer.bos_token_id
         if self.tokenizer.add_bos_token and (not ids or ids[0] != bos):
             ids, offsets = [bos] + ids, [(0, 0)] + offsets
@@ -310,13 +343,14 @@ class Processor:
         name = chat_template or self.chat_template
         tok = self.tokenizer
         if name == "nvlm":
-            return render(messages, "nvlm", add_generation_prompt=add_generation_prompt)
+            return render(messages, "nvlm", add_generation_prompt=add_generation_prompt, reserved=self.reserved)
         if name == "checkpoint" or "{%" in name or "{{" in name:
             source = tok.chat_template if name == "checkpoint" else name
             special = {k: _name(tok.config.get(k)) for k in ("bos_token", "eos_token", "pad_token")}
             eot = special["eos_token"] or "<|im_end|>"
             return render(messages, "checkpoint", jinja_template=source,
-                          add_generation_prompt=add_generation_prompt, end_of_turn=eot, **special)  # fmt: skip
+                          add_generation_prompt=add_generation_prompt, end_of_turn=eot, reserved=self.reserved,
+                          **special)  # fmt: skip
         raise PromptError(f"unknown chat_template {name!r}: use 'nvlm', 'checkpoint' or Jinja source")
 
     def apply_chat_template(
@@ -382,6 +416,17 @@ def _source(image: Any) -> Any:
         if image.startswith(("http://", "https://")):
             raise PromptError(f"remote image URLs are not fetched ({image[:60]}); pass a path, bytes or a data: URL")
     return image
+
+
+def _normalize(normalizer: Any, text: str) -> str:
+    """``text`` as the tokenizer's normalizer leaves it; NFC/NFKC by Python's unicodedata (instant on
+    text that is already normal, such as ASCII), anything else by the normalizer itself."""
+    if normalizer is None:
+        return text
+    for form in ("NFC", "NFKC"):
+        if type(normalizer) is getattr(normalizers, form):
+            return unicodedata.normalize(form, text)
+    return normalizer.normalize_str(text)
 
 
 def _side(v: Any) -> int | None:

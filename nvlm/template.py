@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import jinja2
 import jinja2.ext
@@ -68,8 +68,11 @@ def image_source(part: dict[str, Any]) -> Any:
     return src
 
 
-def parse_messages(messages: Any) -> list[Message]:
-    """Validate messages and flatten list contents (text parts joined, images -> ``<image>\\n``)."""
+def parse_messages(messages: Any, reserved: Sequence[str] = ()) -> list[Message]:
+    """Validate messages and flatten list contents (text parts joined, images -> ``<image>\\n``).
+
+    No message text may hold a ``reserved`` string (the model's image token): only images become image
+    tokens, whatever a user writes."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise PromptError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     out = []
@@ -81,7 +84,7 @@ def parse_messages(messages: Any) -> list[Message]:
             raise PromptError(f"message {i} has role {role!r}; expected one of {', '.join(ROLES)}")
         content = m.get("content")
         if isinstance(content, str):
-            out.append(Message(role, content))
+            out.append(Message(role, check_text(content, reserved, f"message {i} ({role})")))
             continue
         if not isinstance(content, (list, tuple)):
             raise PromptError(f"message {i} ({role}) has no content (a string or a list of parts)")
@@ -89,7 +92,7 @@ def parse_messages(messages: Any) -> list[Message]:
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
-                text.append(part["text"])
+                text.append(check_text(part["text"], reserved, f"message {i} ({role})"))
             elif kind in ("image", "image_url"):
                 images.append(image_source(part))
                 text.append(IMAGE_PLACEHOLDER + "\n")
@@ -97,6 +100,14 @@ def parse_messages(messages: Any) -> list[Message]:
                 raise PromptError(f"message {i} ({role}) has an unknown content part {_short(part)}")
         out.append(Message(role, "".join(text), tuple(images)))
     return out
+
+
+def check_text(text: str, reserved: Sequence[str], where: str = "the text") -> str:
+    """``text``, unless it holds a reserved string: then a :class:`PromptError` naming it."""
+    for token in reserved:
+        if token and token in text:
+            raise PromptError(f"{where} contains {token!r}, the model's image token; it may only come from an image")
+    return text
 
 
 def render(
@@ -107,10 +118,15 @@ def render(
     add_generation_prompt: bool = True,
     system: str = NVLM_SYSTEM,
     end_of_turn: str = END_OF_TURN,
+    reserved: Sequence[str] = (),
     **jinja_vars: Any,
 ) -> Rendered:
-    """Render a conversation; ``system`` is the ``nvlm`` default (a system message overrides it)."""
-    msgs = parse_messages(messages)
+    """Render a conversation; ``system`` is the ``nvlm`` default (a system message overrides it).
+
+    ``reserved`` strings (the image token) are refused in every message's text, in both formats, and in
+    the default ``system`` text."""
+    msgs = parse_messages(messages, reserved)
+    check_text(system, reserved, "the system prompt")
     images = [im for m in msgs for im in m.images]
     if fmt == "nvlm":
         segments = _render_nvlm(msgs, add_generation_prompt, system, end_of_turn)

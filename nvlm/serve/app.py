@@ -1,8 +1,11 @@
 """The FastAPI app: ``POST /v1/chat/completions`` (plain or streamed), ``GET /v1/models``, ``GET /health``.
 
-Requests are validated and their images fetched, decoded and tiled in a worker thread, never on the event
-loop; the engine thread does the model work, so ``/health`` answers while generation runs. Every error is
-an OpenAI-style body with a 4xx/5xx status, and a bad request touches nothing but itself.
+Layers, outermost first (docs/SERVER.md lists what each guarantees): the body limit counts bytes as they
+arrive (``body.py``); the prompt is rendered and its length bounded before images are fetched (on a pool of
+their own, ``fetch.py``), decoded and tiled, and before it is tokenized, in worker threads, never on the
+event loop; the engine thread does the model work, so ``/health`` answers while generation runs. Every
+error is an OpenAI-style body ``{"error": {"message", "type", "param", "code"}}`` with a 4xx/5xx status,
+and a bad request touches nothing but itself.
 """
 
 from __future__ import annotations
@@ -12,40 +15,50 @@ import base64
 import binascii
 import json
 import time
-import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nvlm.generation import SamplingParams
 from nvlm.image import ImageError, load_image
 from nvlm.processor import Processor
 from nvlm.serve import protocol as api
+from nvlm.serve.body import BodyLimit
 from nvlm.serve.engine import Engine, QueueFull, Sequence
+from nvlm.serve.fetch import FETCH_FAILED, FetchError, fetch
+from nvlm.template import Rendered
 
 
 @dataclass
 class Limits:
-    max_body_bytes: int = 20 * 2**20
+    max_body_bytes: int = 20 * 2**20  # counted as received, chunked bodies too
     max_images: int = 8  # per request
     max_image_pixels: int = 25_000_000  # per image, checked from the header before decoding
     max_queue: int = 256  # waiting sequences; beyond it, 429
     timeout_s: float = 600.0  # per request
     default_max_tokens: int = 1024
-    allow_remote_images: bool = False  # fetch http(s) image URLs (an SSRF risk: off by default)
+    allow_remote_images: bool = False  # fetch http(s) image URLs (public addresses only; see fetch.py)
+    fetch_timeout_s: float = 10.0  # per request, for all its remote images together
+    fetch_workers: int = 4  # the fetch pool's threads (its own: slow hosts hold nothing else)
     local_image_dir: str | None = None  # file:// and paths only under this directory
 
 
 def create_app(engine: Engine, model_name: str, limits: Limits | None = None) -> FastAPI:
     limits = limits or Limits()
     app = FastAPI(title="nvlm", docs_url=None, redoc_url=None)
+    too_large = api.APIError(413, f"request body over {limits.max_body_bytes} bytes", code="body_too_large")
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, error_body=too_large.body())
     processor = engine.processor
+    processor.min_tokens("")  # finds the vocabulary's longest token now (~0.3 s for Qwen2.5), not in a request
     context = engine.model.config.llm.max_position_embeddings
     started = int(time.time())
+    fetch_pool = ThreadPoolExecutor(max_workers=limits.fetch_workers, thread_name_prefix="nvlm-fetch")
 
     @app.exception_handler(api.APIError)
     async def _api_error(_: Request, e: api.APIError) -> JSONResponse:
@@ -55,16 +68,22 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None) ->
     async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        msg = "malformed JSON body" if first.get("type") == "json_invalid" else f"{where}: {first.get('msg', 'invalid')}"
-        return JSONResponse(api.APIError(400, msg, code="invalid_request").body(), status_code=400)
+        if first.get("type") == "json_invalid":
+            err = api.APIError(400, "malformed JSON body", code="invalid_json")
+        else:
+            err = api.APIError(400, f"{where}: {first.get('msg', 'invalid')}", code="invalid_request", param=where or None)
+        return JSONResponse(err.body(), status_code=400)
 
-    @app.middleware("http")
-    async def _body_limit(request: Request, call_next: Any) -> Any:
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > limits.max_body_bytes:
-            err = api.APIError(413, f"request body over {limits.max_body_bytes} bytes", code="body_too_large")
-            return JSONResponse(err.body(), status_code=413)
-        return await call_next(request)
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:  # 404, 405, an unreadable body
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "invalid_request")
+        err = api.APIError(e.status_code, str(e.detail), code=code)
+        return JSONResponse(err.body(), status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _bug(_: Request, e: Exception) -> JSONResponse:  # a bug still answers in the OpenAI shape
+        err = api.APIError(500, f"internal error: {type(e).__name__}", "server_error", "internal_error")
+        return JSONResponse(err.body(), status_code=500)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -78,23 +97,26 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None) ->
     async def chat(req: api.ChatCompletionRequest, request: Request) -> Any:
         if req.model != model_name:
             raise api.APIError(404, f"model {req.model!r} is not served here (this server serves {model_name!r})",
-                               code="model_not_found")  # fmt: skip
+                               code="model_not_found", param="model")  # fmt: skip
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = limits.default_max_tokens if max_tokens is None else max_tokens
-        prompt, pixels = await asyncio.get_running_loop().run_in_executor(None, _prepare, req, processor, limits)
-        if len(prompt.input_ids) + max_tokens > context:
-            raise api.APIError(400, f"the prompt ({len(prompt.input_ids)} tokens) plus max_tokens ({max_tokens}) exceed "
-                               f"the model's context of {context} tokens", code="context_length_exceeded")  # fmt: skip
-        events: asyncio.Queue[tuple[int, str, Any]] = asyncio.Queue()
+        budget = context - max_tokens  # tokens the prompt may have
+        if budget < 1:
+            raise _too_long("the prompt", max_tokens, context)
         loop = asyncio.get_running_loop()
+        rendered = await loop.run_in_executor(None, _render, req, processor, limits, budget, max_tokens, context)
+        fetched = await _fetch_all(rendered.images, limits, fetch_pool)
+        prompt, pixels = await loop.run_in_executor(None, _encode, rendered, processor, limits, fetched)
+        if len(prompt.input_ids) > budget:
+            raise _too_long(f"the prompt ({len(prompt.input_ids)} tokens)", max_tokens, context)
+        events: asyncio.Queue[tuple[int, str, Any]] = asyncio.Queue()
         seqs = []
         for i in range(req.n):
             def emit(kind: str, value: Any, i: int = i) -> None:
                 loop.call_soon_threadsafe(events.put_nowait, (i, kind, value))
 
-            seed = None if req.seed is None else req.seed + i
             sampling = SamplingParams(do_sample=req.temperature > 0, temperature=req.temperature, top_p=req.top_p,
-                                      top_k=req.top_k, seed=seed)  # fmt: skip
+                                      top_k=req.top_k, seed=req.choice_seed(i))  # fmt: skip
             seqs.append(Sequence(prompt, pixels, max_tokens, emit, sampling, req.repetition_penalty,
                                  tuple(processor.eos_token_ids)))  # fmt: skip
         if max_tokens == 0:
@@ -108,11 +130,8 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None) ->
         stream = _Choices(seqs, events, req.stops, limits.timeout_s)
         id_ = api.completion_id()
         if not req.stream:
-            try:
-                async for _ in stream:
-                    pass
-            finally:
-                stream.cancel()
+            if not await _drain_unless_disconnected(stream, request):
+                return Response(status_code=499)  # nobody reads it; the sequences have left the batch
             use = api.usage(len(prompt.input_ids), stream.completion_tokens)
             return api.completion(id_, model_name, stream.texts, stream.reasons, use)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -120,6 +139,40 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None) ->
                                  media_type="text/event-stream")  # fmt: skip
 
     return app
+
+
+def _too_long(prompt: str, max_tokens: int, context: int) -> api.APIError:
+    return api.APIError(400, f"{prompt} plus max_tokens ({max_tokens}) exceed the model's context of {context} tokens",
+                        code="context_length_exceeded", param="messages")  # fmt: skip
+
+
+async def _drain_unless_disconnected(stream: "_Choices", request: Request) -> bool:
+    """Wait for every choice of a non-streamed request; False if the client left first (its sequences are
+    cancelled then, so they stop decoding at the next step)."""
+    done = asyncio.ensure_future(_drain(stream))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not done.done():
+            done.cancel()
+        stream.cancel()
+    if done.cancelled():
+        return False
+    done.result()  # raises the request's APIError, if any
+    return True
+
+
+async def _drain(stream: "_Choices") -> None:
+    async for _ in stream:
+        pass
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client disconnects (the body is read by now: ``receive`` waits for that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class _Choices:
@@ -195,8 +248,10 @@ async def _sse(stream: _Choices, id_: str, model: str, prompt_tokens: int, n: in
 # ------------------------------------------------------------------------------ requests -> prompts
 
 
-def _prepare(req: api.ChatCompletionRequest, processor: Processor, limits: Limits) -> tuple[Any, list[Any]]:
-    """Messages -> (encoded prompt, per-image crops); runs in a worker thread."""
+def _render(req: api.ChatCompletionRequest, processor: Processor, limits: Limits, budget: int, max_tokens: int,
+            context: int) -> Rendered:  # fmt: skip
+    """Messages -> the rendered prompt (images still as URLs), refused before anything costly when its text
+    alone must take more than ``budget`` tokens; runs in a worker thread."""
     messages, n_images = [], 0
     for m in req.messages:
         if isinstance(m.content, list):
@@ -210,45 +265,78 @@ def _prepare(req: api.ChatCompletionRequest, processor: Processor, limits: Limit
                     n_images += 1
                     if n_images > limits.max_images:
                         raise api.APIError(400, f"more than {limits.max_images} images in one request", code="too_many_images")
-                    parts.append({"type": "image", "image": _image(p.image_url.url, limits)})
+                    _check_url(p.image_url.url, limits)
+                    parts.append({"type": "image", "image": p.image_url.url})
             messages.append({"role": m.role, "content": parts})
         else:
             messages.append({"role": m.role, "content": m.content or ""})
     try:
         rendered = processor.render(messages)
-        pixels = [processor.image_processor(im) for im in rendered.images]
-        return processor.encode(rendered.text, [p.shape[0] for p in pixels]), pixels
     except ValueError as e:
-        raise api.APIError(400, str(e), code="invalid_request") from None
+        raise api.APIError(400, str(e), code="invalid_request", param="messages") from None
+    at_least = processor.min_tokens(rendered.text)
+    if at_least > budget:
+        raise _too_long(f"the prompt (at least {at_least} tokens by its length)", max_tokens, context)
+    return rendered
 
 
-def _image(url: str, limits: Limits) -> Any:
-    """A decoded PIL image from a data URL, an allowed http(s) URL, or a file under the allowed directory."""
+def _encode(rendered: Rendered, processor: Processor, limits: Limits, fetched: dict[str, bytes]) -> tuple[Any, list[Any]]:
+    """The rendered prompt -> (encoded prompt, per-image crops); runs in a worker thread."""
     try:
-        if url.startswith("data:"):
-            head, _, data = url.partition(",")
-            if not head.startswith("data:image/") or ";base64" not in head:
-                raise api.APIError(400, f"image data URLs must be data:image/...;base64 (got {head[:40]!r})", code="invalid_image")
-            try:
-                raw = base64.b64decode(data, validate=True)
-            except (binascii.Error, ValueError):
-                raise api.APIError(400, "the image data URL is not valid base64", code="invalid_image") from None
-            return load_image(raw, max_pixels=limits.max_image_pixels)
-        if url.startswith(("http://", "https://")):
-            if not limits.allow_remote_images:
-                raise api.APIError(400, "http(s) image URLs are disabled on this server (start it with --allow-remote-images)",
-                                   code="remote_images_disabled")  # fmt: skip
-            with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 (opt-in)
-                raw = r.read(limits.max_body_bytes + 1)
-            if len(raw) > limits.max_body_bytes:
-                raise api.APIError(400, "the remote image is too large", code="invalid_image")
-            return load_image(raw, max_pixels=limits.max_image_pixels)
-        path = Path(url.removeprefix("file://"))
-        root = limits.local_image_dir
-        if root is None or not path.resolve().is_relative_to(Path(root).resolve()):
-            raise api.APIError(400, "local image files are only read under the server's --image-dir", code="invalid_image")
-        return load_image(path, max_pixels=limits.max_image_pixels)
+        pixels = [processor.image_processor(_image(url, limits, fetched)) for url in rendered.images]
+        return processor.encode(rendered.text, [p.shape[0] for p in pixels]), pixels
     except ImageError as e:
-        raise api.APIError(400, str(e), code="invalid_image") from None
-    except OSError as e:
-        raise api.APIError(400, f"could not fetch the image: {e}", code="invalid_image") from None
+        raise api.APIError(400, str(e), code="invalid_image", param="messages") from None
+    except ValueError as e:
+        raise api.APIError(400, str(e), code="invalid_request", param="messages") from None
+
+
+def _check_url(url: str, limits: Limits) -> None:
+    """Refuse at once an image URL this server would never read."""
+    if url.startswith("data:"):
+        return
+    if url.startswith(("http://", "https://")):
+        if not limits.allow_remote_images:
+            raise api.APIError(400, "http(s) image URLs are disabled on this server (start it with --allow-remote-images)",
+                               code="remote_images_disabled")  # fmt: skip
+        return
+    if "\x00" in url:
+        raise api.APIError(400, "an image path cannot hold a NUL character", code="invalid_image")
+    root = limits.local_image_dir
+    try:
+        inside = root is not None and Path(url.removeprefix("file://")).resolve().is_relative_to(Path(root).resolve())
+    except (OSError, RuntimeError):  # a symlink loop, a name too long
+        inside = False
+    if not inside:
+        raise api.APIError(400, "local image files are only read under the server's --image-dir", code="invalid_image")
+
+
+async def _fetch_all(urls: list[str], limits: Limits, pool: ThreadPoolExecutor) -> dict[str, bytes]:
+    """The bytes of a request's http(s) images, fetched on the fetch pool under one deadline."""
+    remote = sorted({u for u in urls if u.startswith(("http://", "https://"))})
+    if not remote:
+        return {}
+    loop = asyncio.get_running_loop()
+    jobs = [loop.run_in_executor(pool, fetch, u, limits.max_body_bytes, limits.fetch_timeout_s) for u in remote]
+    try:
+        return dict(zip(remote, await asyncio.wait_for(asyncio.gather(*jobs), limits.fetch_timeout_s)))
+    except (FetchError, asyncio.TimeoutError):
+        for j in jobs:
+            j.cancel()
+        raise api.APIError(400, FETCH_FAILED, code="invalid_image", param="messages") from None
+
+
+def _image(url: str, limits: Limits, fetched: dict[str, bytes]) -> Any:
+    """A decoded PIL image from a data URL, a fetched http(s) URL, or a file under the allowed directory."""
+    if url.startswith("data:"):
+        head, _, data = url.partition(",")
+        if not head.startswith("data:image/") or ";base64" not in head:
+            raise api.APIError(400, f"image data URLs must be data:image/...;base64 (got {head[:40]!r})", code="invalid_image")
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise api.APIError(400, "the image data URL is not valid base64", code="invalid_image") from None
+        return load_image(raw, max_pixels=limits.max_image_pixels)
+    if url in fetched:
+        return load_image(fetched[url], max_pixels=limits.max_image_pixels)
+    return load_image(Path(url.removeprefix("file://")), max_pixels=limits.max_image_pixels)

@@ -22,7 +22,8 @@ def _serve(args: argparse.Namespace) -> int:
     engine = Engine(model, processor, max_batch=args.max_batch, max_waiting=args.max_queue)
     limits = Limits(max_body_bytes=args.max_body_mb * 2**20, max_images=args.max_images,
                     max_image_pixels=args.max_image_pixels, max_queue=args.max_queue, timeout_s=args.timeout,
-                    allow_remote_images=args.allow_remote_images, local_image_dir=args.image_dir)  # fmt: skip
+                    allow_remote_images=args.allow_remote_images, fetch_timeout_s=args.fetch_timeout,
+                    local_image_dir=args.image_dir)  # fmt: skip
     name = args.served_model_name or Path(args.model).resolve().name
     uvicorn.run(create_app(engine, name, limits), host=args.host, port=args.port, log_level="info")
     engine.shutdown()
@@ -44,6 +45,7 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-image-pixels", type=int, default=25_000_000)
     p.add_argument("--max-body-mb", type=int, default=20)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
+    p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (public hosts only)")
+    p.add_argument("--fetch-timeout", type=float, default=10.0, help="seconds for all remote images of a request")
     p.add_argument("--image-dir", default=None, help="serve file:// images from under this directory")
     p.set_defaults(func=_serve)

@@ -1,12 +1,14 @@
 """Continuous batching: one thread owns the model and steps every running sequence together.
 
-Each iteration admits waiting sequences (prefilled together as one left-padded batch), then runs one
-decode step for all running ones. The running batch shares one KV cache whose rows are right-aligned at a
-common length: a newly prefilled batch is merged by left-padding the shorter side (``KVCache.concat``),
-padding columns are masked, and every row keeps its own positions, so a sequence computes exactly what it
-would alone. Finished or cancelled rows leave at once and the padding no row needs is trimmed. NVLM-X/H's
+Each iteration admits waiting sequences (prefilled together as one left-padded batch; if that prefill
+fails, each is prefilled alone, so only the culprit fails), then runs one decode step for all running
+ones. The running batch shares one KV cache whose rows are right-aligned at a common length: a newly
+prefilled batch is merged by left-padding the shorter side (``KVCache.concat``), padding columns are
+masked, and every row keeps its own positions, so a sequence computes exactly what it would alone.
+Finished or cancelled rows leave at once and the padding no row needs is trimmed. NVLM-X/H's
 cross-attention memory moves with its rows. Sampling is per row: temperature, top-k, top-p, seed,
-repetition penalty and stop tokens of its own request.
+repetition penalty and stop tokens of its own request (a row whose sampling fails fails alone). Only a
+failing decode step or merge, which belongs to the whole batch, fails every running sequence.
 """
 
 from __future__ import annotations
@@ -88,13 +90,36 @@ class Engine:
             try:
                 with torch.inference_mode():
                     if new:
-                        self._prefill(new)
+                        self._admit_prefilled(new)
                     if self.running:
                         self._decode()
-            except Exception as e:  # a failing batch fails its requests, not the server
-                for s in {id(s): s for s in self.running + new}.values():
-                    s.emit("error", f"generation failed: {e}")
+            except Exception as e:  # a merge or decode step is the whole batch's: fail it, keep serving
+                self._fail(self.running + new, e)
                 self.running, self.cache, self.mask, self.positions, self._last = [], None, None, None, None
+
+    def _admit_prefilled(self, new: list[Sequence]) -> None:
+        """Prefill ``new`` together; if that fails, one by one, so that only the culprits fail. A failed
+        prefill leaves the running batch as it was: ``_prefill`` only computes, ``_merge`` changes state."""
+        try:
+            groups = [(new, self._prefill(new))]
+        except Exception as e:
+            if len(new) == 1:
+                return self._fail(new, e)
+            groups = []
+            for s in new:
+                try:
+                    groups.append(([s], self._prefill([s])))
+                except Exception as e:
+                    self._fail([s], e)
+        for seqs, state in groups:
+            self._merge(seqs, *state)
+
+    @staticmethod
+    def _fail(seqs: list[Sequence], e: Exception) -> None:
+        for s in seqs:
+            if not s.cancelled:
+                s.cancelled = True
+                s.emit("error", f"generation failed: {e}")
 
     def _admit(self) -> list[Sequence]:
         new: list[Sequence] = []
@@ -107,21 +132,24 @@ class Engine:
                 new.append(s)
         return new
 
-    def _prefill(self, new: list[Sequence]) -> None:
+    def _prefill(self, new: list[Sequence]) -> tuple[KVCache, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run ``new``'s prompts: (their KV cache, attention mask, next positions, first tokens)."""
         batch = self.processor.collate([s.prompt for s in new], [s.pixels for s in new]).to(self.model.device)
         mask = batch["attention_mask"]
         cache = KVCache(self.model.config.llm.num_layers, mask.shape[1])
         positions = position_ids_from_mask(mask)
         logits = self.model(**batch, position_ids=positions, cache=cache, num_logits_to_keep=1).logits[:, -1]
-        first = self._sample(new, logits)
-        rows = [self.running, new]
+        return cache, mask, positions[:, -1] + 1, self._sample(new, logits)
+
+    def _merge(self, new: list[Sequence], cache: KVCache, mask: torch.Tensor, new_pos: torch.Tensor,
+               first: torch.Tensor) -> None:  # fmt: skip
+        """Join prefilled rows to the running batch (left-padding the shorter side) and deliver their first tokens."""
         caches = [c for c in (self.cache, cache) if c is not None]
         length = max(c.length for c in caches)
-        room = max(s.max_tokens - len(s.tokens) for group in rows for s in group)
+        room = max(s.max_tokens - len(s.tokens) for s in self.running + new)
         self.cache = KVCache.concat(caches, length + room + 1)
         masks = [m for m in (self.mask, mask) if m is not None]
         self.mask = torch.cat([torch.nn.functional.pad(m, (length - m.shape[1], 0)) for m in masks])
-        new_pos = positions[:, -1] + 1
         self.positions = new_pos if self.positions is None else torch.cat([self.positions, new_pos])
         self.running = self.running + new
         self._last = first if self._last is None else torch.cat([self._last, first])
@@ -138,14 +166,19 @@ class Engine:
         self._deliver(self.running, token)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """One token per row; a row whose sampling fails (e.g. non-finite logits) fails alone and leaves."""
         out = []
         for s, row in zip(seqs, no_placeholder(self.model, logits.float())):
-            if s.repetition_penalty != 1.0:  # CTRL's penalty on every token seen, prompt included
-                seen = torch.tensor(s.prompt.input_ids + s.tokens, device=row.device).unique()
-                picked = row[seen]
-                row = row.clone()
-                row[seen] = torch.where(picked > 0, picked / s.repetition_penalty, picked * s.repetition_penalty)
-            out.append(sample(row[None], s.sampling, s.generator)[0])
+            try:
+                if s.repetition_penalty != 1.0:  # CTRL's penalty on every token seen, prompt included
+                    seen = torch.tensor(s.prompt.input_ids + s.tokens, device=row.device).unique()
+                    picked = row[seen]
+                    row = row.clone()
+                    row[seen] = torch.where(picked > 0, picked / s.repetition_penalty, picked * s.repetition_penalty)
+                out.append(sample(row[None], s.sampling, s.generator)[0])
+            except RuntimeError as e:
+                self._fail([s], e)
+                out.append(row.new_zeros((), dtype=torch.long))
         return torch.stack(out)
 
     def _deliver(self, seqs: list[Sequence], tokens: torch.Tensor) -> None:

@@ -9,15 +9,19 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class APIError(Exception):
-    """An error answered as ``{"error": {"message", "type", "code"}}`` with an HTTP status."""
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None) -> None:
+
+class APIError(Exception):
+    """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None) -> None:  # fmt: skip
         super().__init__(message)
-        self.status, self.message, self.type, self.code = status, message, type_, code
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "code": self.code}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 class ImageURL(BaseModel):
@@ -54,13 +58,20 @@ class ChatCompletionRequest(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0.0)
     n: int = Field(default=1, ge=1, le=16)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     stream_options: StreamOptions | None = None
 
     @property
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop or [] if s]
+
+    def choice_seed(self, i: int) -> int | None:
+        """Choice i's seed: ``seed + i``, wrapped to stay in the range torch accepts."""
+        if self.seed is None:
+            return None
+        s = self.seed + i
+        return s - 2**64 if s > SEED_RANGE[1] else s
 
 
 def completion_id() -> str:
