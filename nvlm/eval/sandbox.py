@@ -64,8 +64,8 @@ class Outcome:
 _TIMEOUT_EXIT = 124  # the child's own alarm
 _SETUP_EXIT = 125  # the namespace set-up failed
 # Modules that give a program raw memory, a fresh interpreter or processes without an audit event (and so a way
-# round the guard): the guard refuses importing them, and in namespaces mode their extension files are hidden
-# (/dev/null is bound over them), since CPython's ``_imp.create_dynamic`` loads an extension without any event.
+# round the guard): the guard refuses importing them (also through ``_imp.create_dynamic``), and in namespaces
+# mode their extension files are hidden as well (/dev/null is bound over them).
 _NATIVE = ("ctypes", "_ctypes", "cffi", "_cffi_backend", "numpy", "_posixsubprocess", "_testcapi", "_testinternalcapi", "_testbuffer",
            "_testmultiphase", "_testimportmultiple", "_testsinglephase", "_testclinic", "_ctypes_test",
            "_xxsubinterpreters", "_xxinterpchannels", "_xxtestfuzz")
@@ -106,17 +106,19 @@ def install(workdir, readable, trusted, token_path, harness, blocked):
              "os.removexattr": ("write", (0, -1)), "shutil.rmtree": ("write", (0, 1)),
              "os.listdir": ("read", (0, -1)), "os.scandir": ("read", (0, -1)), "os.walk": ("read", (0, -1)),
              "os.fwalk": ("read", (0, 4)), "os.listxattr": ("read", (0, -1)), "os.getxattr": ("read", (0, -1)),
-             "os.chdir": ("cd", (0, -1)), "marshal.loads": ("trusted",), "open": ("open",)}
+             "os.chdir": ("cd", (0, -1)), "marshal.loads": ("trusted",), "open": ("open",),
+             "import": ("trusted", (1, -1))}
 
     def audit(event, args):
         if type_(event) is not str_ or type_(args) is not tuple_:
             return
         if event in denied or event.startswith(denied_prefixes):
             raise Refused("sandbox: %s refused" % event)
-        if event == "import":
-            if len_(args) and type_(args[0]) is str_ and args[0].partition(".")[0] in blocked:
-                raise NoModule("sandbox: module %s refused" % args[0])
-            return
+        if event == "import":  # (name, file or None, ...); with a file: _imp.create_dynamic loading it
+            if len_(args) < 2 or type_(args[0]) is not str_ or args[0].partition(".")[0] in blocked:
+                raise NoModule("sandbox: module %s refused" % (args[0] if len_(args) else ""))
+            if args[1] is None:
+                return
         rule = paths.get(event)
         if rule is None:
             return
@@ -129,10 +131,15 @@ def install(workdir, readable, trusted, token_path, harness, blocked):
                     "w" in mode or "a" in mode or "x" in mode or "+" in mode)):
                 kind = "write"
             checks = ((0, -1),)
-        elif kind == "trusted":  # marshal.loads: only the import system's, of a file in the Python install
-            frame = getframe(1)
+        elif event == "marshal.loads":  # only the import system's, of a file in the Python install
+            frame, path = getframe(1), None
             data = args[0] if len_(args) else None
-            path = frame.f_locals.get("bytecode_path") if frame.f_code is compile_bytecode else None
+            if frame.f_code is compile_bytecode:
+                names = frame.f_locals
+                for name in names:  # str keys only, so that looking one up runs no code of the program's
+                    if type_(name) is not str_:
+                        raise Refused("sandbox: marshal.loads refused")
+                path = names.get("bytecode_path")
             if type_(path) is not str_ or type_(data) is not bytes_:
                 raise Refused("sandbox: marshal.loads refused")
             args = (path,)
@@ -191,7 +198,13 @@ def install(workdir, readable, trusted, token_path, harness, blocked):
                 todo += rest
             real = real or "/"
             if real == token_path:  # the harness, once the program has returned, and nothing else
-                if not (kind == "open" and getframe(1) is harness and harness.f_locals.get("stage") == "done"):
+                if kind != "open" or getframe(1) is not harness:
+                    raise Refused("sandbox: %s refused (%s)" % (event, real))
+                names = harness.f_locals  # refreshed from the frame's own variables, which the program cannot set
+                for name in names:
+                    if type_(name) is not str_:
+                        raise Refused("sandbox: %s refused (%s)" % (event, real))
+                if names.get("stage") != "done":
                     raise Refused("sandbox: %s refused (%s)" % (event, real))
                 continue
             inside = real == workdir or real.startswith(below)
@@ -200,7 +213,7 @@ def install(workdir, readable, trusted, token_path, harness, blocked):
             elif kind == "write":
                 ok = inside
             else:
-                ok = inside
+                ok = inside and kind != "trusted"
                 for top in (trusted if kind == "trusted" else readable):
                     ok = ok or real == top or real.startswith(top + "/")
                 if ok and kind == "open" and not inside:
@@ -210,7 +223,7 @@ def install(workdir, readable, trusted, token_path, harness, blocked):
                         pass
             if not ok:
                 raise Refused("sandbox: %s refused (%s)" % (event, real))
-        if kind == "trusted":  # the bytes must be that file's
+        if event == "marshal.loads":  # the bytes must be that file's
             fd, chunks = open_(real, O_READ), []
             try:
                 chunk = read(fd, 1 << 20)
@@ -282,7 +295,7 @@ main()
 # the guarded Python (not exec'd: pid 1 ignores default-action signals, which would defeat RLIMIT_CPU).
 _SETUP = r"""
 cut -d' ' -f5 /proc/self/mountinfo | while read -r m; do mount -o remount,bind,ro "$m" 2>/dev/null; done
-mount -t tmpfs -o "size=$2,nr_inodes=4096,mode=0700" sandbox "$1" || exit 125
+mount -t tmpfs -o "size=$2,nr_inodes=4096,mode=0700,noexec,nosuid,nodev" sandbox "$1" || exit 125
 work=$1 hidden=$3
 shift 3
 while [ "$hidden" -gt 0 ]; do
@@ -453,7 +466,7 @@ def _run(program: str, *, timeout: float, memory_mb: int, disk_mb: int, max_proc
     base = tempfile.mkdtemp(prefix="nvlm-sandbox-")
     token = secrets.token_hex(16)
     try:
-        with _sandbox_uid() as uid, _pids_cgroup(max_processes + 3) if root else contextlib.nullcontext() as procs, \
+        with _sandbox_uid() as uid, _pids_cgroup(max_processes + 2 * isolated) if root else contextlib.nullcontext() as procs, \
                 tempfile.TemporaryFile() as out:
             os.chmod(base, 0o711)  # the sandbox's uid may pass through, not list
             work, source, fifo = (os.path.join(base, name) for name in ("work", "program.py", "token"))
