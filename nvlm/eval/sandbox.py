@@ -130,7 +130,6 @@ def _hidden_modules() -> tuple[str, ...]:
     for top in {os.path.realpath(p) for p in sys.path if p and os.path.isdir(p)}:
         for name in _NATIVE:
             found += glob.glob(os.path.join(glob.escape(top), f"{name}.*.so"))
-        found += glob.glob(os.path.join(glob.escape(top), "numpy", "**", "*.so"), recursive=True)
     return tuple(sorted(set(found)))
 
 
