@@ -295,7 +295,7 @@ def _sleepers(marker: str) -> list[int]:
 def test_process_limit_holds_and_nothing_outlives_the_sandbox(mode, monkeypatch):
     marker = f"{time.time() % 1000 + 1000:.6f}"  # sleep's argument, unique to this test
     monkeypatch.setattr(sandbox, "_GUARD", _FORKER)
-    monkeypatch.setattr(sandbox, "_NATIVE", (marker,))
+    monkeypatch.setattr(sandbox, "_BLOCKED", (marker,))
     try:
         outcome = run_untrusted("", timeout=2.0, max_processes=8)
         forked = int(outcome.detail.rsplit(" ", 1)[-1])
@@ -314,7 +314,7 @@ def test_no_native_code(mode):
             "def load(name, path=None):\n"
             "    path = path or os.path.join(lib, name + m.EXTENSION_SUFFIXES[0])\n"
             "    return _imp.create_dynamic(m.ModuleSpec(name, None, origin=path))\n")
-    for attack in ("load('_ctypes')", "load('_posixsubprocess')", "import _testcapi",
+    for attack in ("load('_ctypes')", "load('_posixsubprocess')", "load('spwd')", "import _testcapi", "import pwd",
                    "open('evil.so', 'wb').write(open(os.path.join(lib, '_json' + m.EXTENSION_SUFFIXES[0]), 'rb')"
                    ".read())\nload('_json', os.path.abspath('evil.so'))"):
         outcome = run_untrusted(load + attack)

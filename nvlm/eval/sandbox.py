@@ -16,12 +16,12 @@ Each program runs in a fresh process and throwaway directory, with layers that d
   probed once per process; ``sandbox_mode()`` says which mode is in use): a network namespace with only a
   downed loopback (no network at all), a PID namespace (nothing the program starts outlives it; other
   processes are invisible in its ``/proc``), and a mount namespace in which every mount is remounted
-  read-only, the extension modules of ``_NATIVE`` are hidden, and the work directory is a small ``noexec``
+  read-only, the extension modules of ``_BLOCKED`` are hidden, and the work directory is a small ``noexec``
   tmpfs (``disk_mb``; bounded bytes and inodes). The program then runs with no capabilities (``setpriv
   --bounding-set=-all --no-new-privs``), so it cannot undo any of this.
 * **An in-process guard** (``sandbox_guard.py``: a ``sys.addaudithook`` hook, which cannot be removed from
   Python, with no state the program can reach): it refuses process creation, signals to other processes,
-  sockets, the ``_NATIVE`` modules (ctypes, cffi, numpy, CPython's test modules: raw memory), any extension
+  sockets, the ``_BLOCKED`` modules (ctypes, cffi, numpy, CPython's test modules: raw memory), any extension
   module from outside the Python install, crafted bytecode (``code.__new__``, ``marshal`` of anything but the
   import system's reading of the install's own ``.pyc`` files), tracing, ``gc`` object walks, a second audit
   hook; reads outside the work directory and the Python install (``/etc``, the evaluator's files, ``/proc``);
@@ -72,12 +72,16 @@ class Outcome:
 
 _TIMEOUT_EXIT = 124  # the child's own alarm
 _SETUP_EXIT = 125  # the namespace set-up failed
-# Modules that give a program raw memory, a fresh interpreter or processes without an audit event (and so a way
-# round the guard): the guard refuses importing them (also through ``_imp.create_dynamic``), and in namespaces
-# mode their extension files are hidden as well (/dev/null is bound over them).
-_NATIVE = ("ctypes", "_ctypes", "cffi", "_cffi_backend", "numpy", "_posixsubprocess", "_testcapi",
-           "_testinternalcapi", "_testbuffer", "_testmultiphase", "_testimportmultiple", "_testsinglephase",
-           "_testclinic", "_ctypes_test", "_xxsubinterpreters", "_xxinterpchannels", "_xxtestfuzz")
+# Modules the guard refuses (also when loaded straight through ``_imp.create_dynamic``), whose extension files are
+# also hidden in namespaces mode (/dev/null is bound over them): raw memory (ctypes, cffi, numpy arrays over any
+# address, CPython's test modules), a fresh interpreter, processes (_posixsubprocess, _multiprocessing), and C
+# code that opens host files or sockets without an audit event (spwd reads /etc/shadow, sqlite ATTACH, ssl
+# certificate files, readline history, shared memory, syslog, dbm, curses, tkinter, audio).
+_BLOCKED = ("ctypes", "_ctypes", "cffi", "_cffi_backend", "numpy", "_posixsubprocess", "_multiprocessing",
+            "_posixshmem", "_testcapi", "_testinternalcapi", "_testbuffer", "_testmultiphase", "_testimportmultiple",
+            "_testsinglephase", "_testclinic", "_ctypes_test", "_xxsubinterpreters", "_xxinterpchannels",
+            "_xxtestfuzz", "spwd", "grp", "pwd", "nis", "_sqlite3", "_ssl", "readline", "syslog", "_dbm", "_gdbm",
+            "_curses", "_curses_panel", "_tkinter", "ossaudiodev")
 
 # The harness, run with ``python -c`` (see its docstring).
 _GUARD = (Path(__file__).parent / "sandbox_guard.py").read_text(encoding="utf-8")
@@ -125,10 +129,10 @@ def _user_tasks() -> int:
 
 @functools.cache
 def _hidden_modules() -> tuple[str, ...]:
-    """The files of the ``_NATIVE`` extension modules in this Python's ``sys.path``, to hide in namespaces mode."""
+    """The files of the ``_BLOCKED`` extension modules in this Python's ``sys.path``, to hide in namespaces mode."""
     found = []
     for top in {os.path.realpath(p) for p in sys.path if p and os.path.isdir(p)}:
-        for name in _NATIVE:
+        for name in _BLOCKED:
             found += glob.glob(os.path.join(glob.escape(top), f"{name}.*.so"))
     return tuple(sorted(set(found)))
 
@@ -277,7 +281,7 @@ def _run(program: str, *, timeout: float, memory_mb: int, disk_mb: int, max_proc
                 nproc = max_processes if isolated or uid is not None else _user_tasks() + max_processes
                 limits = [memory_mb << 20, math.ceil(timeout) + 1, disk_mb << 20, 64, nproc]
                 python = [sys.executable, "-I", "-B", "-X", "utf8", "-c", _GUARD, source, work, fifo, str(timeout),
-                          *map(str, limits), *_NATIVE]
+                          *map(str, limits), *_BLOCKED]
                 command = _command(python, work, disk_mb, isolated)
                 if root and procs is not None:  # joins the cgroup before anything else runs
                     command = ["sh", "-c", 'echo $$ > "$0" && unset PWD OLDPWD && exec "$@"', procs, *command]
