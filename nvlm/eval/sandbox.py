@@ -267,10 +267,10 @@ def _run(program: str, *, timeout: float, memory_mb: int, disk_mb: int, max_proc
             os.mkdir(work, 0o700)
             with open(source, "w", encoding="utf-8") as f:
                 f.write(program)
-            os.chmod(source, 0o644)
+            os.chmod(source, 0o600)
             os.mkfifo(fifo, 0o600)
             if uid is not None:
-                for path in (work, fifo):
+                for path in (work, source, fifo):
                     os.chown(path, uid, uid)
             # Held open read-write, the fifo holds the token until the harness reads it, without blocking anyone.
             token_fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
