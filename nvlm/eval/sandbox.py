@@ -221,7 +221,7 @@ def _empty_cgroup(path: str) -> None:
 def _kill_uid(uid: int) -> None:
     """SIGKILL every process of ``uid``, wherever it went (another session, another process group)."""
     subprocess.run([sys.executable, "-I", "-S", "-c", "import os\ntry: os.kill(-1, 9)\nexcept OSError: pass"],
-                   user=uid, group=uid, extra_groups=[], env={}, stdin=subprocess.DEVNULL,
+                   user=uid, group=uid, extra_groups=[], env={}, cwd="/", stdin=subprocess.DEVNULL,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
 
 
