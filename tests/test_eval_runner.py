@@ -122,6 +122,25 @@ def test_interrupted_run_resumes_from_the_cache(tiny_model_dir, data, tmp_path, 
     assert again.calls == 0
 
 
+def test_an_unreadable_cache_line_is_dropped_and_its_sample_generated_again(tiny_model_dir, data, tmp_path,
+                                                                          monkeypatch, caplog):
+    monkeypatch.setattr(runner, "generate_batch", Counter(fake=True))
+    assert _eval(tiny_model_dir, data, tmp_path, "--tasks", "chartqa") == 0
+    cache = tmp_path / "predictions" / "chartqa.rank0.jsonl"
+    header, first, *rest = cache.read_bytes().split(b"\n")
+    broken = first.replace(b'"prediction"', b'"predic\xfftion"')  # one byte that is not UTF-8
+    cache.write_bytes(b"\n".join([header, broken, *rest]) + b'{"sample_id": "9", "prompt_ha')  # and a cut line
+    again = Counter(fake=True)
+    monkeypatch.setattr(runner, "generate_batch", again)
+    with caplog.at_level("WARNING", logger="nvlm.eval"):
+        assert _eval(tiny_model_dir, data, tmp_path, "--tasks", "chartqa") == 0
+    assert again.samples == 1  # only the sample whose line was lost
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["tasks"]["chartqa"]["cached"] == 2 and "error" not in results["tasks"]["chartqa"]
+    said = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+    assert len(said) == 1 and "dropped 2 unreadable line(s)" in said[0], said
+
+
 def test_limit_then_full_run_and_what_invalidates_the_cache(tiny_model_dir, data, tmp_path, monkeypatch):
     count = Counter()
     monkeypatch.setattr(runner, "generate_batch", count)

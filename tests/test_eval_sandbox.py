@@ -33,6 +33,7 @@ def mode(request, monkeypatch):
     """Run a test in the mode this machine allows, and again without namespaces (the guard and limits alone)."""
     if request.param == "rlimits":
         monkeypatch.setattr(sandbox, "sandbox_mode", lambda: "rlimits")
+        monkeypatch.setenv("NVLM_SANDBOX_ALLOW_ROOT", "1")  # used only where no other uid can run Python
     return request.param
 
 
@@ -161,3 +162,194 @@ def test_human_eval_example():
         evaluate_humaneval([RETURN1], [("test/1", "    return 1")])
     with pytest.raises(ValueError):
         evaluate_humaneval([RETURN1, dict(RETURN1, task_id="test/1")], pairs)
+
+
+def _nothing_changed(outside, before):
+    assert sorted(p.name for p in outside.iterdir()) == before
+
+
+@pytest.mark.parametrize("trick", [
+    "import posix; posix._exit(0)",
+    "import os; os._exit(0)",
+    "import sys; sys.exit(0)",
+    "import __main__; __main__.exit_now(0)",  # the old guard's own exit
+    "print('\\n' + '0123456789abcdef' * 2)\nimport posix; posix._exit(0)",  # a token of the right shape
+])
+def test_leaving_before_the_tests_is_failed(trick, tmp_path, mode):
+    """A pass is the harness's token after check() returned, not an exit status of 0."""
+    program = f"{trick}\nopen({str(tmp_path / 'left')!r}, 'w')\nassert False, 'the tests ran'"
+    outcome = check_humaneval(RETURN1, f"    return 2\n{program}")
+    assert outcome.status == "failed" and not outcome.passed, outcome
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_guard_cannot_be_switched_off(tmp_path, mode):
+    """The old `busy` switch and every other way to the guard's state or the harness's token is refused."""
+    victim = tmp_path / "victim"
+    attacks = [
+        "import __main__; __main__.busy.append(1)",
+        "import gc; gc.get_objects()",
+        "import gc; gc.get_referrers(open)",
+        "sys.settrace(lambda *a: None)",
+        "sys.setprofile(lambda *a: None)",
+        "sys._current_frames()",
+        "(lambda: 0).__code__.replace(co_code=b'')",
+        "import marshal; marshal.loads(marshal.dumps(compile('1', 'x', 'eval')))",
+        "import _imp, importlib.util; _imp.create_builtin(importlib.util.find_spec('gc')).get_objects()",
+        # the harness's frame is visible, but its variables are not writable and its token file not openable
+        "h = sys._getframe(1).f_locals; h['open_'](h['token_path'], 0)",
+        "f = sys._getframe(1); f.f_locals['stage'] = 'done'; f.f_locals['open_'](f.f_locals['token_path'], 0)",
+        "open(sys._getframe(1).f_locals['token_path'], 'rb')",
+        f"open({str(victim)!r}, 'w')",
+    ]
+    program = "import sys\nsurvived = []\n"
+    for attack in attacks:
+        program += f"try:\n    {attack}\n    survived.append({attack!r})\nexcept Exception:\n    pass\n"
+    program += "assert not survived, survived\n"
+    # a second hook is not added (sys.addaudithook swallows the refusal)
+    program += "seen = []\nsys.addaudithook(lambda e, a: seen.append(e))\nopen('probe', 'w').close()\nassert not seen\n"
+    outcome = run_untrusted(program)
+    assert outcome.passed, outcome.detail
+    assert not victim.exists()
+
+
+def test_a_planted_pyc_is_not_loaded(mode):
+    program = ("import importlib.machinery, importlib.util, marshal\n"
+               "open('evil.pyc', 'wb').write(importlib.util.MAGIC_NUMBER + bytes(12)"
+               " + marshal.dumps(compile('x = 1', 'evil', 'exec')))\n"
+               "importlib.machinery.SourcelessFileLoader('evil', 'evil.pyc').load_module()")
+    outcome = run_untrusted(program)
+    assert outcome.status == "failed" and "marshal.loads refused" in outcome.detail, outcome
+
+
+@pytest.mark.parametrize("attack", [
+    "fd = os.open({outside!r}, os.O_RDONLY)\nos.open('x', os.O_CREAT | os.O_WRONLY, dir_fd=fd)",
+    "fd = os.open({outside!r}, os.O_RDONLY)\nos.mkdir('x', dir_fd=fd)",
+    "fd = os.open('/proc/self', os.O_RDONLY)\nprint(os.read(os.open('environ', os.O_RDONLY, dir_fd=fd), 999))",
+    "os.makedirs('a/b')\nfd = os.open('a/b', os.O_RDONLY)\n"
+    "os.open('../../../outside/x', os.O_CREAT | os.O_WRONLY, dir_fd=fd)",
+    "os.makedirs('a/b')\nfd = os.open('a/b', os.O_RDONLY)\nos.mkdir('../../../outside/x', dir_fd=fd)",
+    "os.mkdir('a')\nos.symlink('..', 'a/up')",
+    "os.makedirs('a/b/c')\nos.chdir('a/b/c')\nopen('../../../../outside/x', 'w')",
+    "open('/proc/self/cwd/../../outside/x', 'w')",
+])
+def test_fd_relative_paths_do_not_walk_past_the_guard(attack, tmp_path, mode, monkeypatch):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    monkeypatch.setattr(sandbox.tempfile, "tempdir", str(tmp_path))  # the work dir is then tmp_path/*/work
+    outcome = run_untrusted("import os\n" + attack.format(outside=str(outside)))
+    assert outcome.status == "failed" and "sandbox:" in outcome.detail, outcome
+    assert list(outside.iterdir()) == []
+
+
+def test_fd_relative_paths_inside_work(mode):
+    inside = ("import os\nos.makedirs('a/b')\nfd = os.open('a', os.O_RDONLY)\n"
+              "os.close(os.open('b/f', os.O_CREAT | os.O_WRONLY, dir_fd=fd))\n"
+              "os.rename('b/f', 'g', src_dir_fd=fd, dst_dir_fd=fd)\nos.remove('g', dir_fd=fd)\n"
+              "assert os.listdir(fd) == ['b'] and os.listdir('a/b') == []")
+    outcome = run_untrusted(inside)
+    assert outcome.passed, outcome.detail
+
+
+def test_host_files_are_not_readable(mode):
+    for path in ("/etc/shadow", "/etc/passwd", __file__, f"/proc/{os.getpid()}/cmdline", "/proc/1/environ"):
+        outcome = run_untrusted(f"print(open({path!r}, 'rb').read())")
+        assert outcome.status == "failed" and "sandbox: open refused" in outcome.detail, (path, outcome)
+    listing = run_untrusted(f"import os\nprint(os.listdir({os.path.dirname(__file__)!r}))")
+    assert listing.status == "failed" and "sandbox: os.listdir refused" in listing.detail
+    # the Python install stays readable: the standard library imports
+    assert run_untrusted("import statistics, fractions, decimal, json\nassert statistics.mean([1, 3]) == 2").passed
+
+
+# The guard replaced by a program that forks: what the kernel layers alone (uid, namespaces, pids cgroup) hold.
+_FORKER = r"""
+import os, resource, sys, time
+resource.setrlimit(resource.RLIMIT_NPROC, (int(sys.argv[9]),) * 2)
+forked = 0
+for _ in range(40):
+    try:
+        pid = os.fork()
+    except OSError:
+        break
+    if pid == 0:
+        os.setsid()
+        os.execv("/bin/sleep", ["sleep", sys.argv[-1]])
+    forked += 1
+print("forked", forked)
+sys.exit(1)
+"""
+
+
+def _sleepers(marker: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().split(b"\0")[1:2] == [marker.encode()]:
+                    found.append(int(pid))
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+def test_process_limit_holds_and_nothing_outlives_the_sandbox(mode, monkeypatch):
+    marker = f"{time.time() % 1000 + 1000:.6f}"  # sleep's argument, unique to this test
+    monkeypatch.setattr(sandbox, "_GUARD", _FORKER)
+    monkeypatch.setattr(sandbox, "_BLOCKED", (marker,))
+    try:
+        outcome = run_untrusted("", timeout=2.0, max_processes=8)
+        forked = int(outcome.detail.rsplit(" ", 1)[-1])
+        assert 0 < forked <= 8, outcome  # root included (a uid of its own, or a pids cgroup)
+        assert _sleepers(marker) == [], "a process outlived the sandbox"
+    finally:
+        for pid in _sleepers(marker):
+            os.kill(pid, 9)
+
+
+def test_no_native_code(mode):
+    """Extension modules that reach raw memory or processes, or any from outside the Python install, are refused,
+    also when loaded straight through ``_imp.create_dynamic``."""
+    load = ("import _imp, importlib.machinery as m, os, sys\n"
+            "lib = next(p for p in sys.path if p.endswith('lib-dynload'))\n"
+            "def load(name, path=None):\n"
+            "    path = path or os.path.join(lib, name + m.EXTENSION_SUFFIXES[0])\n"
+            "    return _imp.create_dynamic(m.ModuleSpec(name, None, origin=path))\n")
+    for attack in ("load('_ctypes')", "load('_posixsubprocess')", "load('spwd')", "import _testcapi", "import pwd",
+                   "open('evil.so', 'wb').write(open(os.path.join(lib, '_json' + m.EXTENSION_SUFFIXES[0]), 'rb')"
+                   ".read())\nload('_json', os.path.abspath('evil.so'))"):
+        outcome = run_untrusted(load + attack)
+        assert outcome.status == "failed" and "sandbox: " in outcome.detail, (attack, outcome)
+
+
+_LOADER = r"""
+import _imp, importlib.machinery as m, os, sys
+lib = next(p for p in sys.path if p.endswith("lib-dynload"))
+found = []
+for name in ("_ctypes", "_posixsubprocess", "_testcapi"):
+    try:
+        _imp.create_dynamic(m.ModuleSpec(name, None, origin=os.path.join(lib, name + m.EXTENSION_SUFFIXES[0])))
+        found.append(name)
+    except ImportError:
+        pass
+print("loaded", found)
+sys.exit(1)
+"""
+
+
+@pytest.mark.skipif(sandbox_mode() != "namespaces", reason="needs unprivileged namespaces")
+def test_native_modules_are_hidden_in_namespaces(monkeypatch):
+    monkeypatch.setattr(sandbox, "_GUARD", _LOADER)  # without the guard: the mount namespace alone
+    assert run_untrusted("").detail == "failed: loaded []"
+
+
+def test_the_hook_reads_no_globals():
+    """Everything the audit hook uses is bound before the program runs: it looks up no global or builtin, and
+    has no nested function whose closure could be reached."""
+    import dis
+
+    install = next(c for c in compile(sandbox._GUARD, "guard", "exec").co_consts if getattr(c, "co_name", "") ==
+                   "install")
+    audit = next(c for c in install.co_consts if getattr(c, "co_name", "") == "audit")
+    ops = {i.opname for i in dis.get_instructions(audit)}
+    assert not ops & {"LOAD_GLOBAL", "LOAD_NAME", "STORE_GLOBAL", "STORE_DEREF", "DELETE_DEREF"}, ops
+    assert not [c for c in audit.co_consts if hasattr(c, "co_code")]

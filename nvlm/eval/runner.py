@@ -7,7 +7,8 @@
   header line holds a fingerprint of the model files, task, prompt version, profile, token budget, tiling
   and dtype; a run only reuses predictions under the same fingerprint, and each record carries a hash of
   its prompt, so edited data is regenerated. Reading takes every rank's file, so a rerun with another
-  world size (or one process) reuses them all.
+  world size (or one process) reuses them all. A line that does not read as a UTF-8 JSON record is dropped
+  (counted, logged once) and its sample generated again.
 - Output: ``OUT/results.json`` and ``OUT/results.md`` (our numbers beside the paper's), rewritten as each
   task finishes; ``OUT/submissions/`` for test splits with hidden answers.
 A task whose data is missing or malformed is reported and skipped; the other tasks go on.
@@ -103,6 +104,7 @@ class PredictionCache:
 
     def __init__(self, directory: Path, key: str, fingerprint: str) -> None:
         self.dir, self.key, self.fingerprint = directory, key, fingerprint
+        self.dropped: dict[str, int] = {}  # file name -> lines that read() could not use
 
     def path(self, rank: int) -> Path:
         return self.dir / f"{self.key}.rank{rank}.jsonl"
@@ -111,25 +113,33 @@ class PredictionCache:
         return sorted(self.dir.glob(f"{self.key}.rank*.jsonl"))
 
     def read(self) -> dict[tuple[str, str], dict[str, Any]]:
-        """(sample id, prompt hash) -> record, over every rank's file with this fingerprint."""
+        """(sample id, prompt hash) -> record, over every rank's file with this fingerprint.
+
+        A line that is not a whole UTF-8 JSON record (a cut line, a stray byte) is dropped, so its sample is
+        generated again; ``dropped`` holds each such file's last count, and a warning names the file once."""
         out: dict[tuple[str, str], dict[str, Any]] = {}
         for f in self.files():
-            with open(f, encoding="utf-8") as fh:
-                if _header(fh.readline()) != self.fingerprint:
-                    continue
-                for line in fh:
-                    try:
-                        r = json.loads(line)
-                        out.setdefault((str(r["sample_id"]), r["prompt_hash"]), r)
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        continue  # a line cut short by a killed run
+            header, *lines = f.read_bytes().split(b"\n")
+            if _header(header) != self.fingerprint:
+                continue
+            bad = 0
+            for line in lines:
+                try:
+                    r = json.loads(line.decode("utf-8"))
+                    out.setdefault((str(r["sample_id"]), r["prompt_hash"]), r)
+                except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+                    bad += line.strip() != b""
+            if bad and f.name not in self.dropped:  # said once per file, however often it is read
+                log.warning("%s: dropped %d unreadable line(s); their samples are generated again", f, bad)
+            if bad:
+                self.dropped[f.name] = bad
         return out
 
     def writer(self, rank: int) -> "_Writer":
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.path(rank)
         if path.is_file():
-            with open(path, encoding="utf-8") as fh:
+            with open(path, "rb") as fh:
                 same = _header(fh.readline()) == self.fingerprint
             if same:
                 _trim_partial_line(path)
@@ -170,10 +180,10 @@ class _Writer:
         self.fh.close()
 
 
-def _header(line: str) -> str | None:
+def _header(line: bytes) -> str | None:
     try:
-        return json.loads(line).get("fingerprint")
-    except (json.JSONDecodeError, AttributeError):
+        return json.loads(line.decode("utf-8")).get("fingerprint")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         return None
 
 
