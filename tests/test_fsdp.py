@@ -133,3 +133,36 @@ def test_kill_9_mid_step_and_mid_save_then_resume_and_reshard(tiny_model_dir, tm
     _check(_torchrun(4, SCRIPT, "train", json.dumps([more])))
     losses = _losses(tmp_path / "straight")
     assert len(losses) == 14 and losses[:12] == _losses(run)
+
+
+def test_build_fills_the_checkpoint_and_keeps_frozen_weights_in_their_dtype(tiny_model_dir):
+    """One process: the meta-built model holds the checkpoint's tensors exactly (the ViT's dummy heads
+    dropped), trained parameters in fp32, frozen ones in the dtype asked for, and converted X's new blocks
+    drawn the same way every time."""
+    from nvlm import NVLM
+    from nvlm.train.config import TrainConfig
+    from nvlm.train.loop import build, make_optimizer
+    from nvlm.train.stages import set_trainable
+    from nvlm.train.weights import set_dtypes
+
+    cfg = TrainConfig(init=str(tiny_model_dir), stage=1, data=[{"path": "x.jsonl"}])
+    model, _, export_dtype = build(cfg, torch.device("cpu"), 1)
+    ref = NVLM.from_pretrained(tiny_model_dir).state_dict()
+    ours = model.state_dict()
+    assert ours.keys() == ref.keys() and export_dtype == torch.float32
+    for k in ref:
+        assert torch.equal(ours[k], ref[k]), k
+    optimizer = make_optimizer(model, cfg)
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in model.mlp1.parameters()}
+
+    x1, _, _ = build(TrainConfig(init=str(tiny_model_dir), arch="X", stage=1, data=[{"path": "x.jsonl"}]), torch.device("cpu"), 1)
+    x2, _, _ = build(TrainConfig(init=str(tiny_model_dir), arch="X", stage=1, data=[{"path": "x.jsonl"}]), torch.device("cpu"), 1)
+    assert all(torch.equal(a, b) for a, b in zip(x1.xattn_layers.parameters(), x2.xattn_layers.parameters()))
+    assert x1.xattn_layers[0].attn.q_proj.weight.std() > 0 and float(x1.xattn_layers[0].attn_gate.detach()) == 0.0
+
+    with torch.device("meta"):
+        meta = NVLM(model.config)
+    set_trainable(meta, 1)
+    set_dtypes(meta, torch.bfloat16)
+    assert {p.dtype for p in meta.mlp1.parameters()} == {torch.float32}
+    assert {p.dtype for n, p in meta.named_parameters() if not n.startswith("mlp1.")} == {torch.bfloat16}

@@ -66,17 +66,19 @@ def parallelize(model: nn.Module, mesh, compute_dtype: torch.dtype | None, activ
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else MixedPrecisionPolicy()
-    shard = lambda m: fully_shard(m, mesh=mesh, mp_policy=mp)  # noqa: E731
+    for unit in units(model):
+        fully_shard(unit, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)  # the root: what no unit holds
+
+
+def units(model: nn.Module) -> list[list[nn.Module]]:
+    """The FSDP2 units below the root, in order: each block, the projector, the token embeddings, and the
+    final norm with the LM head (with the embeddings too when they share a weight)."""
     llm = model.language_model
-    for block in blocks(model):
-        shard(block)
-    shard(model.mlp1)
-    if llm.config.tie_word_embeddings:  # one weight for both: embeddings, norm and head form one unit
-        shard([llm.model.embed_tokens, llm.model.norm, llm.lm_head])
-    else:
-        shard(llm.model.embed_tokens)
-        shard([llm.model.norm, llm.lm_head])
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    head = [llm.model.norm, llm.lm_head]
+    if llm.config.tie_word_embeddings:
+        return [[b] for b in blocks(model)] + [[model.mlp1], [llm.model.embed_tokens, *head]]
+    return [[b] for b in blocks(model)] + [[model.mlp1], [llm.model.embed_tokens], head]
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
