@@ -45,6 +45,10 @@ def write_data(root: Path, n: int = 120) -> list[Source]:
              for a in range(n)]  # fmt: skip
     lines[3], lines[10] = "{not json", json.dumps({"messages": []})
     (root / "numbers.jsonl").write_text("".join(x + "\n" for x in lines))
+    return sources_in(root)
+
+
+def sources_in(root: Path) -> list[Source]:
     return [Source(str(root / "train.jsonl"), 1.0), Source(str(root / "numbers.jsonl"), 3.0)]
 
 
@@ -72,7 +76,7 @@ def descendants(pid: int) -> list[int]:
 
 def main() -> None:
     mode, data, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-    sources = write_data(data) if mode != "torchrun" else [Source(str(data / "train.jsonl")), Source(str(data / "numbers.jsonl"), 3.0)]
+    sources = sources_in(data) if mode == "torchrun" else write_data(data)  # torchrun's ranks share the test's
     if mode == "torchrun":
         import torch.distributed as dist
 

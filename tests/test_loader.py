@@ -19,6 +19,7 @@ from nvlm.data.loader import reshard
 PY = sys.executable
 HERE = Path(__file__).parent
 ENV = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1"}
+needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="process checks read /proc")
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +144,20 @@ def test_resharding_loses_no_item_and_repeats_within_the_bound(old, new, tmp_pat
     assert repeats <= M - m and (repeats > 0) == (old > 1)
 
 
+def test_ranks_with_workers_share_no_item_and_miss_none(tmp_path):
+    sources = write_data(tmp_path, n=200)[1:]
+    index = _stream_index(sources, 200)
+    items, ends = [], []
+    for rank in range(2):
+        with loader(sources, rank, 2, num_workers=2) as data_loader:
+            items.append(_items(data_loader, index, 3))
+            ends.append(data_loader.state_dict()["position"])
+        assert all(k % 2 == rank for k in items[rank])
+    assert not set(items[0]) & set(items[1])
+    bad = {index[(0, 3)], index[(0, 10)]}
+    assert set(items[0]) | set(items[1]) == set(range(min(ends))) - bad | {k for k in items[0] + items[1] if k >= min(ends)}
+
+
 def test_a_state_of_another_world_size_needs_reshard(sources):
     with loader(sources, rank=0, world_size=2) as data_loader:
         state = data_loader.state_dict()
@@ -165,6 +180,7 @@ def test_a_worker_that_raises_or_dies_is_a_clear_error(sources):
                 data_loader()
 
 
+@needs_proc
 def test_closing_ends_the_workers(sources):
     data_loader = loader(sources, num_workers=2)
     data_loader()
@@ -177,6 +193,7 @@ def test_closing_ends_the_workers(sources):
     data_loader.close()
 
 
+@needs_proc
 def test_no_process_is_left_after_ctrl_c_or_kill_9(tmp_path):
     runs = {}
     for mode in ("interrupt", "wait"):
@@ -199,7 +216,8 @@ def test_no_process_is_left_after_ctrl_c_or_kill_9(tmp_path):
 
 def test_workers_under_torchrun_after_gloo_init(sources, tmp_path):
     data = Path(sources[0].path).parent
-    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(HERE / "loader_data.py"), "torchrun", str(data), str(tmp_path)]
+    script = [str(HERE / "loader_data.py"), "torchrun", str(data), str(tmp_path)]
+    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", *script]
     subprocess.run(cmd, check=True, env=ENV, capture_output=True, timeout=120)
     for rank in range(2):
         saved = torch.load(tmp_path / f"rank{rank}.pt")

@@ -82,7 +82,8 @@ class Batcher:
 
 class Loader:
     """This rank's micro-batches (``loader()``), encoded by ``num_workers`` processes (0: this one), each
-    holding up to ``prefetch`` encoded examples ahead. Use it as a context manager or call ``close``."""
+    holding up to ``prefetch`` encoded examples ahead (plus one in the pipe). Use it as a context manager
+    or call ``close``."""
 
     def __init__(self, processor: Processor, sources: Sequence[Source], seq_len: int, rows: int, pack: bool = True,
                  seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0, prefetch: int = 8) -> None:  # fmt: skip
@@ -137,12 +138,12 @@ def reshard(states: Sequence[dict[str, Any]], world_size: int) -> list[dict[str,
     among the repeats are counted again). The same world size returns the states unchanged.
     """
     if world_size < 1 or not states:
-        raise ValueError(f"reshard needs the saved states of every rank and a world size >= 1, not {len(states)} states and {world_size}")
+        raise ValueError(f"reshard needs every rank's saved state and a world size >= 1, not {len(states)} and {world_size}")
     if len(states) == world_size:
         return list(states)
     for r, s in enumerate(states):
         if int(s.get("rank", r)) != r or int(s.get("world_size", len(states))) != len(states):
-            raise ValueError(f"state {r} is rank {s.get('rank')} of {s.get('world_size')}: give every rank's state, in rank order")
+            raise ValueError(f"state {r} is rank {s.get('rank')} of {s.get('world_size')}: give every rank's, in rank order")
     first = min(states, key=lambda s: int(s["position"]))
     counts: list[Counter[str]] = [Counter() for _ in range(world_size)]
     for r, s in enumerate(states):
