@@ -88,60 +88,60 @@ def train(cfg: TrainConfig) -> Path:
     optimizer = make_optimizer(model, cfg)
     sources = [Source(d["path"], float(d.get("weight", 1.0))) for d in cfg.data]
     loader = Loader(processor, sources, cfg.seq_len, cfg.micro_batch_size, cfg.pack, cfg.seed, rank, world, cfg.num_workers)
-    out = Path(cfg.out_dir)
-    ckpt_root = out / "checkpoints"
-    step = 0
-    last = state.latest(ckpt_root)
-    if last is not None:
-        saved, ranks = state.load(last, model, optimizer)
-        step = saved["step"]
-        loader.load_state_dict(reshard([r["data"] for r in ranks], world)[rank])
-        if rank == 0:
-            print(f"resuming from {last} (step {step})", file=sys.stderr)
-    log = Metrics(out, step, rank == 0)
-    use_amp = device.type == "cuda" and not sharded  # FSDP2 casts to bf16 itself (MixedPrecisionPolicy)
-    n_params = sum(p.numel() for p in params.values())
-    peak = cfg.peak_tflops or (next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
-                               if device.type == "cuda" else None)  # fmt: skip
-    progress = _progress(cfg.steps, step, rank == 0)
-    while step < cfg.steps:
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        micro = [loader() for _ in range(cfg.grad_accum)]
-        supervised = distributed.all_sum(sum(float((b["targets"] != IGNORE).sum()) for b in micro), device)
-        tokens = distributed.all_sum(sum(float(b["attention_mask"].gt(0).sum()) for b in micro), device)
-        loss_sum = 0.0
-        for batch in micro:
-            batch = batch.to(device)
-            targets = batch.pop("targets")
-            with torch.autocast(device.type, dtype=getattr(torch, cfg.dtype), enabled=use_amp):
-                logits = model(**batch).logits
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-            (loss * world / supervised).backward()
-            loss_sum += float(loss.detach())
-        if world > 1 and not sharded:
-            distributed.average_gradients([params[n] for n in trainable])
-        grad_norm = float(torch.nn.utils.clip_grad_norm_([params[n] for n in trainable], cfg.grad_clip))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        seconds = time.perf_counter() - t0
-        record = {"step": step, "loss": distributed.all_sum(loss_sum, device) / supervised, "lr": lr,
-                  "grad_norm": grad_norm, "tokens": int(tokens), "supervised_tokens": int(supervised),
-                  "tokens_per_s": tokens / seconds, "padding": sum(map(padding_fraction, micro)) / len(micro),
-                  "skipped": sum(loader.skipped.values())}  # fmt: skip
-        peaks = distributed.peak_memory_gib(device)
-        record.update(peak_memory_gib=max(peaks), peak_memory_gib_per_rank=peaks)
-        if peak:
-            record["mfu"] = 6 * n_params * tokens / seconds / (world * peak * 1e12)
-        log(record, verbose=step % cfg.log_every == 0 or step == cfg.steps)
-        progress(record)
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            state.save(ckpt_root, step, model, optimizer, {"data": loader.state_dict()},
-                       {"config": _jsonable(asdict(cfg))}, cfg.keep_last)  # fmt: skip
-    loader.close()
+    with loader:  # the data workers end on every path out
+        out = Path(cfg.out_dir)
+        ckpt_root = out / "checkpoints"
+        step = 0
+        last = state.latest(ckpt_root)
+        if last is not None:
+            saved, ranks = state.load(last, model, optimizer)
+            step = saved["step"]
+            loader.load_state_dict(reshard([r["data"] for r in ranks], world)[rank])
+            if rank == 0:
+                print(f"resuming from {last} (step {step})", file=sys.stderr)
+        log = Metrics(out, step, rank == 0)
+        use_amp = device.type == "cuda" and not sharded  # FSDP2 casts to bf16 itself (MixedPrecisionPolicy)
+        n_params = sum(p.numel() for p in params.values())
+        peak = cfg.peak_tflops or (next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+                                   if device.type == "cuda" else None)  # fmt: skip
+        progress = _progress(cfg.steps, step, rank == 0)
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro = [loader() for _ in range(cfg.grad_accum)]
+            supervised = distributed.all_sum(sum(float((b["targets"] != IGNORE).sum()) for b in micro), device)
+            tokens = distributed.all_sum(sum(float(b["attention_mask"].gt(0).sum()) for b in micro), device)
+            loss_sum = 0.0
+            for batch in micro:
+                batch = batch.to(device)
+                targets = batch.pop("targets")
+                with torch.autocast(device.type, dtype=getattr(torch, cfg.dtype), enabled=use_amp):
+                    logits = model(**batch).logits
+                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+                (loss * world / supervised).backward()
+                loss_sum += float(loss.detach())
+            if world > 1 and not sharded:
+                distributed.average_gradients([params[n] for n in trainable])
+            grad_norm = float(torch.nn.utils.clip_grad_norm_([params[n] for n in trainable], cfg.grad_clip))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            seconds = time.perf_counter() - t0
+            record = {"step": step, "loss": distributed.all_sum(loss_sum, device) / supervised, "lr": lr,
+                      "grad_norm": grad_norm, "tokens": int(tokens), "supervised_tokens": int(supervised),
+                      "tokens_per_s": tokens / seconds, "padding": sum(map(padding_fraction, micro)) / len(micro),
+                      "skipped": sum(loader.skipped.values())}  # fmt: skip
+            peaks = distributed.peak_memory_gib(device)
+            record.update(peak_memory_gib=max(peaks), peak_memory_gib_per_rank=peaks)
+            if peak:
+                record["mfu"] = 6 * n_params * tokens / seconds / (world * peak * 1e12)
+            log(record, verbose=step % cfg.log_every == 0 or step == cfg.steps)
+            progress(record)
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                state.save(ckpt_root, step, model, optimizer, {"data": loader.state_dict()},
+                           {"config": _jsonable(asdict(cfg))}, cfg.keep_last)  # fmt: skip
     model.save_pretrained(out / "model", processor=processor, dtype=export_dtype)  # streamed, tensor by tensor
     return out / "model"
 
