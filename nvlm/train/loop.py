@@ -132,7 +132,7 @@ def train(cfg: TrainConfig) -> Path:
             record = {"step": step, "loss": distributed.all_sum(loss_sum, device) / supervised, "lr": lr,
                       "grad_norm": grad_norm, "tokens": int(tokens), "supervised_tokens": int(supervised),
                       "tokens_per_s": tokens / seconds, "padding": sum(map(padding_fraction, micro)) / len(micro),
-                      "skipped": sum(loader.skipped.values())}  # fmt: skip
+                      "skipped": int(distributed.all_sum(sum(loader.skipped.values()), device))}  # fmt: skip
             peaks = distributed.peak_memory_gib(device)
             record.update(peak_memory_gib=max(peaks), peak_memory_gib_per_rank=peaks)
             if peak:
