@@ -189,7 +189,15 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def _save_final(model: NVLM, processor: Processor, path: Path, rank: int) -> Path:
-    """``save_pretrained`` (the NVLM-D-72B layout for D), gathering the shards first under FSDP2."""
+    """``save_pretrained`` (the NVLM-D-72B layout for D), gathering the shards first under FSDP2.
+
+    The model is written to ``<path>.tmp`` and renamed to ``path`` only once complete: a failed save (a full
+    disk) removes its ``.tmp`` and leaves an existing ``path`` as it was, and a save killed part-way leaves
+    only a ``.tmp``, discarded by the next save. The old ``path`` is moved aside (``.old``) just before the
+    rename, so at no moment does ``path`` hold a partial model.
+    """
+    import shutil
+
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -199,7 +207,18 @@ def _save_final(model: NVLM, processor: Processor, path: Path, rank: int) -> Pat
         final.load_state_dict(full, assign=True)
         if model.config.llm.tie_word_embeddings:
             final.language_model.lm_head.weight = final.language_model.model.embed_tokens.weight
-        final.save_pretrained(path, processor=processor)
+        tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            final.save_pretrained(tmp, processor=processor)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
     return path
@@ -207,17 +226,35 @@ def _save_final(model: NVLM, processor: Processor, path: Path, rank: int) -> Pat
 
 class Metrics:
     """One JSON line per step in ``metrics.jsonl`` (lines past a resumed step are dropped), the console,
-    and TensorBoard when it is installed."""
+    and TensorBoard when it is installed.
+
+    Each line is appended with a single ``os.write``; one that fails part-way (a full disk) is cut back off
+    before the error is raised, so the file only ever ends with a whole line. On resume, lines that do not
+    parse (one cut short by a crash) are dropped with a note, and the kept lines replace the file atomically.
+    """
 
     def __init__(self, out: Path, step: int, active: bool) -> None:
+        import os
+
         self.active = active
         if not active:
             return
         out.mkdir(parents=True, exist_ok=True)
         self.path = out / "metrics.jsonl"
         if self.path.exists():  # a resumed run continues the curve from its checkpoint
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept, dropped = [], 0
+            for line in self.path.read_bytes().decode("utf-8", "replace").splitlines():
+                try:
+                    if int(json.loads(line)["step"]) <= step:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    dropped += bool(line.strip())
+            if dropped:
+                print(f"{self.path}: dropped {dropped} unreadable line(s), e.g. one cut short by a full disk",
+                      file=sys.stderr)  # fmt: skip
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -226,10 +263,24 @@ class Metrics:
             self.tb = None
 
     def __call__(self, record: dict[str, Any], verbose: bool) -> None:
+        import errno
+        import os
+
         if not self.active:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        data = (json.dumps(record) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, "short write")
+            except OSError as e:
+                os.ftruncate(fd, size)
+                raise OSError(e.errno, f"{self.path}: metrics line of step {record.get('step')} not written "
+                                       f"({e.strerror})") from None  # fmt: skip
+        finally:
+            os.close(fd)
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step":
