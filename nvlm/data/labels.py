@@ -16,7 +16,7 @@ import torch
 from nvlm.data.records import RecordError
 from nvlm.image import load_image
 from nvlm.processor import Processor
-from nvlm.template import IMAGE_PLACEHOLDER, PromptError
+from nvlm.template import IMAGE_PLACEHOLDER, PromptError, parse_messages
 
 IGNORE = -100  # cross_entropy's ignore_index
 
@@ -41,9 +41,9 @@ def encode_example(processor: Processor, messages: list[dict[str, Any]], max_len
     conversation, a ``PromptError`` of the renderer, the image token written as text, an unreadable image, no
     answer, over ``max_len`` tokens). The example's image tokens are exactly those of its images."""
     try:
+        if any(processor.config.image_token in m.content for m in parse_messages(messages)):
+            raise RecordError(f"image token text: {processor.config.image_token} written in a message")
         rendered = processor.render(messages, add_generation_prompt=False)
-        if processor.config.image_token in rendered.text:
-            raise RecordError(f"image token text: {processor.config.image_token} written in the conversation")
         if not any(role == "assistant" and text.strip() for text, role in rendered.segments):
             raise RecordError("no assistant answer to learn from")
         try:
