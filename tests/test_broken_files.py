@@ -14,6 +14,7 @@ from nvlm.checkpoint import CheckpointError
 from nvlm.config import ConfigError
 
 INDEX = "model.safetensors.index.json"
+PRE = "preprocessor_config.json"
 S1, S2, S3 = (f"model-0000{k}-of-00003.safetensors" for k in (1, 2, 3))
 
 
@@ -177,6 +178,10 @@ BROKEN = {
     "eos_token not in the vocabulary": (_json("tokenizer_config.json", lambda t: t.update(eos_token="<nope>")),
                                         "tokenizer_config.json"),
     "special_tokens_map.json a string": (_raw("special_tokens_map.json", b'"x"'), "special_tokens_map.json"),
+    "preprocessor_config.json not UTF-8": (_raw(PRE, b'{"a": "\xff"}'), PRE),
+    "preprocessor_config.json a list": (_raw(PRE, b"[]"), PRE),
+    "max_dynamic_patch a string": (_raw(PRE, b'{"max_dynamic_patch": "6"}'), PRE),
+    "max_dynamic_patch 10^9": (_raw(PRE, b'{"max_dynamic_patch": 1000000000}'), PRE),
 }  # fmt: skip
 
 
