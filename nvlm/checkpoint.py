@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nvlm.config import ConfigError, NVLMConfig
+from nvlm.tokenizer import TokenizerError
 
 NUM_DUMMY_HEADS = 7
 INDEX_FILE = "model.safetensors.index.json"
@@ -159,71 +160,127 @@ def _hf_tensors(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[t
 
 def _resolve_dtype(dtype: torch.dtype | str | None, cfg: NVLMConfig) -> torch.dtype:
     name = dtype if dtype is not None else cfg.torch_dtype
-    if isinstance(name, torch.dtype):
-        return name
-    resolved = getattr(torch, str(name).removeprefix("torch."), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}")
+    resolved = name if isinstance(name, torch.dtype) else getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype {name!r}: a floating-point dtype (e.g. bfloat16, float32) is needed")
     return resolved
 
 
 def _shard_files(path: Path) -> list[Path]:
+    """The directory's shard files, each inside it (no absolute or ``..`` names in the index, no symlink to a
+    file elsewhere, except into the ``blobs/`` of a Hugging Face cache whose ``snapshots/`` holds ``path``)."""
     index = path / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
-        files = [path / f for f in dict.fromkeys(weight_map.values())]
+        names = dict.fromkeys(_weight_map(index).values())
+        files = [_inside(path, index, name) for name in names]
     elif (path / SINGLE_FILE).is_file():
-        files = [path / SINGLE_FILE]
+        files = [_inside(path, path / SINGLE_FILE, SINGLE_FILE)]
     else:
         raise CheckpointError(f"{path}: no {INDEX_FILE} or {SINGLE_FILE}")
-    missing = [f.name for f in files if not f.is_file()]
+    missing = [f for f in files if not f.is_file()]
     if missing:
-        raise CheckpointError(f"{path}: shard files named in the index are missing: {', '.join(missing)}")
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{missing[0]}: missing or not a file, named in {index}{more}")
     return files
 
 
 def tensor_index(path: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
-    """Every tensor of a checkpoint directory: its file and shape, from the safetensors headers alone."""
-    index: dict[str, tuple[Path, tuple[int, ...]]] = {}
-    for file in _shard_files(path):
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    if name in index:
-                        raise CheckpointError(f"{file}: tensor {name!r} is also in {index[name][0].name}")
-                    index[name] = (file, tuple(f.get_slice(name).get_shape()))
-        except (OSError, RuntimeError, ValueError) as e:
-            if isinstance(e, CheckpointError):
-                raise
-            raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
-    return index
+    """Every tensor of a checkpoint directory: its file and shape, from the safetensors headers alone (the
+    same checks as ``iter_checkpoint``: a ``CheckpointError`` names the file)."""
+    return {name: (file, shape) for file, name, shape in _headers(path)}
+
+
+def _headers(path: Path) -> Iterator[tuple[Path, str, tuple[int, ...]]]:
+    for file, name, f in _entries(path):
+        yield file, name, tuple(f.get_slice(name).get_shape())
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The index's ``weight_map`` (tensor name -> shard file name); a name listed twice is an error."""
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"{key!r} is listed twice")
+            seen.add(key)
+        return dict(pairs)
+
+    try:
+        weight_map = json.loads(index.read_bytes(), object_pairs_hook=unique)["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:  # bad JSON, not UTF-8, a duplicate, no weight_map
+        raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) and f for f in weight_map.values()):
+        raise CheckpointError(f"{index}: weight_map must map each tensor name to a shard file name")
+    return weight_map
+
+
+def _inside(path: Path, named_in: Path, name: str) -> Path:
+    """``path / name``, refused when the name or a symlink leads out of ``path``."""
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise CheckpointError(f"{named_in}: shard {name!r} is outside {path}")
+    file = path / name
+    if file.exists():
+        target, roots = file.resolve(), [path.resolve()]
+        if path.parent.name == "snapshots":  # a Hugging Face cache: snapshots/REV/FILE -> ../../blobs/HASH
+            roots.append(path.parent.parent.resolve() / "blobs")
+        if not any(target.is_relative_to(root) for root in roots):
+            raise CheckpointError(f"{file}: a link to {target}, outside {path}")
+    return file
 
 
 def iter_checkpoint(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of every shard, one at a time."""
+    for _, name, tensor in _tensors(path):
+        yield name, tensor
+
+
+def _tensors(path: Path) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    """(shard file, name, tensor) one at a time."""
+    for file, name, f in _entries(path):
+        yield file, name, f.get_tensor(name)
+
+
+def _entries(path: Path) -> Iterator[tuple[Path, str, Any]]:
+    """(shard file, tensor name, open safetensors file) for every tensor; a file that safetensors cannot read,
+    or a tensor in two shards, is a ``CheckpointError`` naming the file."""
+    seen: dict[str, Path] = {}
     for file in _shard_files(path):
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
-        except (OSError, RuntimeError, ValueError) as e:
-            if isinstance(e, CheckpointError):
-                raise
-            raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
+                    if name in seen:
+                        raise CheckpointError(f"{file}: tensor {name!r} is also in {seen[name].name}")
+                    seen[name] = file
+                    yield file, name, f
+        except CheckpointError:
+            raise
+        except (OSError, RuntimeError, ValueError, TypeError, SafetensorError) as e:
+            raise CheckpointError(f"{file}: unreadable safetensors file ({_one_line(e)})") from None
 
 
-def _image_token_id(path: Path, token: str) -> int | None:
+def _image_token_id(path: Path, token: str, vocab_size: int) -> int | None:
     """The id of the image token in the directory's tokenizer.json, which wins over config.json."""
     tok = path / "tokenizer.json"
     if not tok.is_file():
         return None
-    for added in json.loads(tok.read_text()).get("added_tokens", []):
-        if added.get("content") == token:
-            return int(added["id"])
+    try:
+        data = json.loads(tok.read_bytes())
+    except ValueError as e:  # bad JSON or not UTF-8
+        raise TokenizerError(f"{tok}: not valid JSON ({e})") from None
+    added = data.get("added_tokens", []) if isinstance(data, dict) else None
+    if not isinstance(added, list) or not all(isinstance(a, dict) for a in added):
+        raise TokenizerError(f"{tok}: added_tokens must be a list of token objects")
+    for a in added:
+        if a.get("content") == token:
+            if not isinstance(a.get("id"), int) or isinstance(a["id"], bool) or not 0 <= a["id"] < vocab_size:
+                raise TokenizerError(f"{tok}: {token} has id {a.get('id')!r}, not one of the model's {vocab_size}")
+            return a["id"]
     return None
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def model_dir(path: str | Path) -> Path:
@@ -241,7 +298,7 @@ def read_config(path: str | Path) -> tuple[Path, NVLMConfig]:
     taken from the directory's tokenizer.json."""
     path = model_dir(path)
     cfg = NVLMConfig.from_json_file(path / "config.json")
-    token_id = _image_token_id(path, cfg.image_token)
+    token_id = _image_token_id(path, cfg.image_token, cfg.llm.vocab_size)
     if token_id is not None and token_id != cfg.image_token_id:
         cfg = NVLMConfig(**{**cfg.__dict__, "image_token_id": token_id})
     return path, cfg
@@ -269,12 +326,12 @@ def load_pretrained(
     torch_dtype = _resolve_dtype(dtype, cfg)
     model, device_map, params = _empty(cfg, device)
     loaded: set[str] = set()
-    for name, tensor in iter_checkpoint(path):
+    for file, name, tensor in _tensors(path):
         if name.startswith(fresh) or (fresh and name not in params):
             continue  # converting architectures: replaced, or not used by the new one
         if name not in params:
             raise CheckpointError(f"{path}: unexpected tensor {name!r} {tuple(tensor.shape)} for an NVLM-{cfg.arch} model")
-        _place(model, params[name], name, tensor, device_map(name), torch_dtype, path)
+        _place(model, params[name], name, tensor, device_map(name), torch_dtype, file)
         loaded.add(name)
     _finish(model, params, loaded, fresh, device_map, torch_dtype, path)
     model.name_or_path = str(path)
@@ -295,13 +352,13 @@ def load_parts(
     model, device_map, params = _empty(config, device)
     loaded: set[str] = set()
     for prefix, path in (("vision_model.", Path(vit)), ("language_model.", Path(llm))):
-        for name, tensor in iter_checkpoint(path):
+        for file, name, tensor in _tensors(path):
             full = prefix + name
             if full not in params:
                 if prefix == "vision_model.":
                     continue  # InternViT repos carry more than the encoder NVLM uses (e.g. heads, extra layers)
                 raise CheckpointError(f"{path}: unexpected tensor {name!r} for the LLM of this config")
-            _place(model, params[full], full, tensor, device_map(full), torch_dtype, path)
+            _place(model, params[full], full, tensor, device_map(full), torch_dtype, file)
             loaded.add(full)
     fresh = ("mlp1.", "xattn_layers.")
     _finish(model, params, loaded, fresh, device_map, torch_dtype, Path(llm))
@@ -322,13 +379,19 @@ def _empty(cfg: NVLMConfig, device: Any) -> tuple[torch.nn.Module, Any, dict[str
 
 
 def _place(model: torch.nn.Module, param: torch.Tensor, name: str, tensor: torch.Tensor, device: torch.device,
-           dtype: torch.dtype, path: Path) -> None:  # fmt: skip
-    """Check one checkpoint tensor against its parameter and put it in place (cast and moved once)."""
+           dtype: torch.dtype, file: Path) -> None:  # fmt: skip
+    """Check one tensor of the shard ``file`` against its parameter and put it in place (cast and moved once)."""
+    if param.is_floating_point() and not tensor.is_floating_point():
+        raise CheckpointError(f"{file}: tensor {name!r} is {tensor.dtype}, a floating-point weight was expected")
     if VIT_ATTENTION.match(name):
-        tensor = unpad_vit_attention(name, tensor, model.config.vision.hidden_size, model.config.vision.head_dim).contiguous()
+        try:
+            tensor = unpad_vit_attention(name, tensor, model.config.vision.hidden_size, model.config.vision.head_dim)
+        except CheckpointError as e:
+            raise CheckpointError(f"{file}: {e}") from None
+        tensor = tensor.contiguous()
     if tensor.shape != param.shape:
         raise CheckpointError(
-            f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, the config asks for {tuple(param.shape)}"
+            f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, the config asks for {tuple(param.shape)}"
         )
     _assign(model, name, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -140,8 +141,13 @@ class NVLMConfig:
         return int(self.vision.num_patches * self.downsample_ratio**2)
 
     def validate(self) -> "NVLMConfig":
+        """The config itself, or ``ConfigError`` listing every problem. Types and ranges are checked first (every
+        size and count an integer in ``[1, LIMITS[name]]``, every float finite and positive, flags booleans, the
+        dtype a floating one), so the relations after them never divide by zero and no absurd model is built."""
+        problems = _field_problems(self)
+        if problems:
+            raise ConfigError("invalid NVLM config: " + "; ".join(problems))
         v, lm, p = self.vision, self.llm, self.projector
-        problems = []
         if self.arch not in ("D", "X", "H"):
             problems.append(f"arch must be D, X or H, not {self.arch!r}")
         if v.hidden_size % v.num_heads:
@@ -158,12 +164,15 @@ class NVLMConfig:
             problems.append(f"projector output_size {p.output_size} != LLM hidden_size {lm.hidden_size}")
         if lm.hidden_size % lm.num_heads or lm.num_heads % lm.num_kv_heads:
             problems.append("LLM heads do not divide its width, or KV heads do not divide its heads")
+        elif lm.head_dim % 2:
+            problems.append(f"LLM head dim {lm.head_dim} is odd: RoPE rotates pairs of channels")
         if not -v.num_layers <= self.select_layer <= v.num_layers:
             problems.append(f"select_layer {self.select_layer} is outside the ViT's {v.num_layers} layers")
         if self.ps_version != "v2":
             problems.append(f"ps_version {self.ps_version!r}: NVLM uses pixel shuffle v2 only")
-        if not 1 <= self.min_tiles <= self.max_tiles:
-            problems.append(f"tiles: need 1 <= min_tiles <= max_tiles, got {self.min_tiles}, {self.max_tiles}")
+        if not 1 <= self.min_tiles <= self.max_tiles <= LIMITS["max_tiles"]:
+            problems.append(f"tiles: need 1 <= min_tiles <= max_tiles <= {LIMITS['max_tiles']}, "
+                            f"got {self.min_tiles}, {self.max_tiles}")  # fmt: skip
         if p.num_layers not in (1, 2):
             problems.append(f"projector num_layers must be 1 or 2, not {p.num_layers}")
         x = self.xattn
@@ -185,6 +194,8 @@ class NVLMConfig:
             if arch is None:
                 raise ConfigError(f"architectures {cfg.get('architectures')!r} is not NVLM_D, NVLM_X or NVLM_H")
             vc, lc = cfg["vision_config"], cfg["llm_config"]
+            if not isinstance(vc, dict) or not isinstance(lc, dict):
+                raise ConfigError("vision_config and llm_config must be JSON objects")
             vision = VisionConfig(
                 hidden_size=vc["hidden_size"],
                 num_layers=vc["num_hidden_layers"],
@@ -208,6 +219,7 @@ class NVLMConfig:
                 raise ConfigError(f"llm_config architectures {lc.get('architectures')!r}: need Qwen2 or Llama")
             if family == "llama" and lc.get("attention_bias"):
                 raise ConfigError("llm_config: a Llama-family LLM with attention_bias is not supported")
+            kv_heads = lc.get("num_key_value_heads")  # absent or null: as many as the query heads (HF's rule)
             llm = LLMConfig(
                 family=family,
                 vocab_size=lc["vocab_size"],
@@ -215,7 +227,7 @@ class NVLMConfig:
                 intermediate_size=lc["intermediate_size"],
                 num_layers=lc["num_hidden_layers"],
                 num_heads=lc["num_attention_heads"],
-                num_kv_heads=lc.get("num_key_value_heads") or lc["num_attention_heads"],
+                num_kv_heads=lc["num_attention_heads"] if kv_heads is None else kv_heads,
                 rope_theta=float(lc.get("rope_theta", 10000.0)),
                 rms_norm_eps=lc.get("rms_norm_eps", 1e-6),
                 max_position_embeddings=lc.get("max_position_embeddings", 32768),
@@ -225,6 +237,8 @@ class NVLMConfig:
                 rope_scaling=lc.get("rope_scaling"),
             )
             ratio = cfg.get("downsample_ratio", 0.5)
+            if not (_is_number(ratio) and 0 < ratio <= 1):
+                raise ConfigError(f"downsample_ratio must be in (0, 1], not {ratio!r}")
             projector = replace(_default_projector(vision, llm, ratio, arch), **cfg.get("projector_config", {}))
             xattn = replace(default_xattn(llm), **cfg.get("xattn_config", {})) if arch != "D" else CrossAttentionConfig()
             extra = {f.name: cfg[f.name] for f in fields(cls) if f.name in _TOP_LEVEL_OURS and f.name in cfg}
@@ -244,9 +258,11 @@ class NVLMConfig:
                 torch_dtype=cfg.get("torch_dtype") or "bfloat16",
                 **extra,
             ).validate()
+        except ConfigError:
+            raise
         except KeyError as e:
             raise ConfigError(f"config.json lacks the key {e.args[0]!r}") from None
-        except TypeError as e:
+        except (TypeError, AttributeError, ValueError) as e:
             raise ConfigError(f"config.json has a value of the wrong type: {e}") from None
 
     def with_arch(self, arch: Arch) -> "NVLMConfig":
@@ -342,6 +358,8 @@ class NVLMConfig:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path}: no config.json there") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(data, dict):
@@ -350,6 +368,60 @@ class NVLMConfig:
             return cls.from_hf(data)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
+
+
+# Upper bounds far above any released model (NVLM-D-72B: 80 layers of width 8192, FFN 29568, 152k tokens; the
+# ViT: 45 layers of width 3200): a corrupt config.json is refused before a model of absurd size is built.
+LIMITS = {
+    "num_layers": 1024, "hidden_size": 65536, "intermediate_size": 1 << 20, "num_heads": 1024, "num_kv_heads": 1024,
+    "vocab_size": 1 << 22, "max_position_embeddings": 1 << 24, "image_size": 8192, "patch_size": 8192,
+    "input_size": 1 << 20, "output_size": 65536, "interval": 1024, "max_tiles": 128, "projector.hidden_size": 1 << 20,
+}  # fmt: skip
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def _field_problems(cfg: "NVLMConfig") -> list[str]:
+    """Type and range problems of the part configs' fields and the top-level numbers, flags and strings."""
+    out = []
+    for part in ("vision", "llm", "projector", "xattn"):
+        obj = getattr(cfg, part)
+        for f in fields(obj):
+            value, name = getattr(obj, f.name), f"{part}.{f.name}"
+            limit = LIMITS.get(name, LIMITS.get(f.name))
+            if f.type == "int" and not (_is_int(value) and 1 <= value <= limit):
+                out.append(f"{name} must be an integer in [1, {limit}], not {value!r}")
+            elif f.type == "float" and not (_is_number(value) and 0 < value < math.inf):
+                out.append(f"{name} must be a positive number, not {value!r}")
+            elif f.type == "bool" and not isinstance(value, bool):
+                out.append(f"{name} must be true or false, not {value!r}")
+    for name in ("select_layer", "min_tiles", "max_tiles", "image_token_id"):
+        if not _is_int(getattr(cfg, name)):
+            out.append(f"{name} must be an integer, not {getattr(cfg, name)!r}")
+    if not (_is_number(cfg.downsample_ratio) and 0 < cfg.downsample_ratio <= 1):
+        out.append(f"downsample_ratio must be in (0, 1], not {cfg.downsample_ratio!r}")
+    if not isinstance(cfg.use_thumbnail, bool):
+        out.append(f"use_thumbnail must be true or false, not {cfg.use_thumbnail!r}")
+    for name in ("ps_version", "template", "image_token", "image_start", "image_end", "tile_tag", "thumbnail_tag"):
+        if not isinstance(getattr(cfg, name), str):
+            out.append(f"{name} must be a string, not {getattr(cfg, name)!r}")
+    if isinstance(cfg.tile_tag, str):
+        try:
+            cfg.tile_tag.format(1)
+        except (IndexError, KeyError, ValueError):
+            out.append(f"tile_tag {cfg.tile_tag!r} must take one {{}} for the tile number")
+    if not isinstance(cfg.image_token, str) or not cfg.image_token:
+        out.append("image_token must be a non-empty string")
+    if not isinstance(cfg.torch_dtype, str) or cfg.torch_dtype.removeprefix("torch.") not in FLOAT_DTYPES:
+        out.append(f"torch_dtype must be one of {', '.join(FLOAT_DTYPES)}, not {cfg.torch_dtype!r}")
+    return out
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _default_projector(vision: VisionConfig, llm: LLMConfig, downsample_ratio: float, arch: Arch = "D") -> ProjectorConfig:

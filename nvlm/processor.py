@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -85,9 +85,11 @@ class Processor:
         pre = path / "preprocessor_config.json"
         if pre.is_file():
             try:
-                data = json.loads(pre.read_text())
-            except json.JSONDecodeError as e:
+                data = json.loads(pre.read_bytes())
+            except ValueError as e:  # bad JSON or not UTF-8
                 raise ConfigError(f"{pre}: not valid JSON ({e})") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"{pre}: a JSON object was expected")
             for key in ("image_size", "crop_size", "size"):
                 size = _side(data.get(key))
                 if size is not None and size != cfg.tile_size:
@@ -96,6 +98,10 @@ class Processor:
                              ("use_thumbnail", "use_thumbnail")):  # fmt: skip
                 if src in data:
                     tiling[dst] = data[src]
+            try:  # the config's checks (types, 1 <= min <= max <= the limit) before any grid is enumerated
+                replace(cfg, **tiling).validate()
+            except ConfigError as e:
+                raise ConfigError(f"{pre}: {e}") from None
         if max_tiles is not None:
             tiling["max_tiles"] = max_tiles
             tiling["min_tiles"] = min(tiling["min_tiles"], max_tiles)

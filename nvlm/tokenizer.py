@@ -15,9 +15,11 @@ from typing import Any, Iterable
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as _HFTokenizer
 
+from nvlm.config import ConfigError
 
-class TokenizerError(ValueError):
-    """Missing or unreadable tokenizer files, or a token the vocabulary does not have."""
+
+class TokenizerError(ConfigError):
+    """Missing or unreadable tokenizer files (the message names the file), or a token the vocabulary lacks."""
 
 
 def _content(tok: Any) -> str | None:
@@ -46,16 +48,23 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise TokenizerError(f"{file}: cannot be read as a tokenizers file ({e})") from None
         config: dict[str, Any] = {}
+        source: dict[str, Path] = {}  # which file set each key
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
             f = path / name
             if f.is_file():
-                try:
-                    config.update(json.loads(f.read_text()))
-                except json.JSONDecodeError as e:
-                    raise TokenizerError(f"{f}: not valid JSON ({e})") from None
+                data = _read_json_object(f)
+                config.update(data)
+                source.update(dict.fromkeys(data, f))
+        for key in ("bos_token", "eos_token", "pad_token"):  # the ones prompting and generation use
+            tok = config.get(key)
+            if tok is not None and (not isinstance(_content(tok), str) or tk.token_to_id(_content(tok)) is None):
+                raise TokenizerError(f"{source[key]}: {key} {_content(tok)!r} is not a token of {file.name}")
         jinja = path / "chat_template.jinja"  # newer transformers save the template beside the config
         if config.get("chat_template") is None and jinja.is_file():
-            config["chat_template"] = jinja.read_text()
+            try:
+                config["chat_template"] = jinja.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise TokenizerError(f"{jinja}: not UTF-8 ({e.reason} at byte {e.start})") from None
         return cls(tk, config)
 
     # ------------------------------------------------------------------------------------ encode/decode
@@ -145,6 +154,16 @@ class Tokenizer:
                 smap[key] = {"content": tok, "lstrip": False, "normalized": False, "rstrip": False,
                              "single_word": False}  # fmt: skip
         (path / "special_tokens_map.json").write_text(json.dumps(smap, indent=2, ensure_ascii=False) + "\n")
+
+
+def _read_json_object(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_bytes())
+    except ValueError as e:  # bad JSON or not UTF-8
+        raise TokenizerError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{file}: a JSON object was expected, not a {type(data).__name__}")
+    return data
 
 
 class StreamDecoder:

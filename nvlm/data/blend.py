@@ -4,8 +4,11 @@ Global item k picks its source with the weights (a draw seeded by k); the n-th i
 record ``perm(source, epoch)[n % size]``, a fresh seeded permutation per epoch. The state is the next k
 and each source's draw count: a few integers, saved with every checkpoint. Under data parallelism every
 rank walks the same global stream and keeps items ``k % world_size == rank``: no record is given to two
-ranks within an epoch. Records that cannot be used (malformed line, missing or corrupt image, no answer,
-too long) are skipped, counted by reason, and reported the first time each reason appears.
+ranks within an epoch. Records that cannot be used (a line that is not UTF-8 or not a JSON object, a bad
+image field, ``<image>`` or image-token text, a missing or corrupt image, no answer, too long) are skipped,
+counted by reason in ``skipped``, and reported (file and line) the first time each reason appears. A blend
+with no usable record at all fails fast: after as many unusable records in a row as its weighted sources
+hold, one pass over every record decides, and ``DataError`` names the files and the skip reasons.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ class Skipped:
     message: str
 
 
+class DataError(ValueError):
+    """A blend from which not one training example can be made."""
+
+
 class Blend:
     def __init__(self, processor: Processor, sources: Sequence[Source], max_len: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1) -> None:  # fmt: skip
@@ -51,6 +58,7 @@ class Blend:
         self.position = 0  # the next global stream item
         self.drawn = [0] * len(sources)  # items each source has given so far
         self.skipped: Counter[str] = Counter()
+        self._usable = False  # a pass over the records found one that encodes
         self._order: dict[int, tuple[int, list[int]]] = {}  # source -> (epoch, permutation)
 
     def _record(self, k: int) -> tuple[int, int]:
@@ -79,7 +87,7 @@ class Blend:
         try:
             return encode_example(self.processor, self.files[src].messages(i), self.max_len)
         except RecordError as e:
-            return Skipped(str(e).split(":")[0], f"{self.sources[src].path} line {i + 1}: {e}")
+            return Skipped(_reason(e), f"{self.files[src].where(i)}: {e}")
 
     def count(self, skip: Skipped) -> None:
         """Count an unusable record by reason, printing the first of each reason."""
@@ -92,13 +100,34 @@ class Blend:
         return self.encode(*self.next_record())
 
     def next_example(self) -> Example:
-        """This rank's next usable example (skipping, and counting, the unusable ones)."""
-        for _ in range(1_000_000):
+        """This rank's next usable example (skipping, and counting, the unusable ones). After as many misses in
+        a row as the weighted sources hold records, one pass over them decides: ``DataError`` if none is usable."""
+        misses = 0
+        while True:
             item = self.next_item()
             if isinstance(item, Example):
                 return item
             self.count(item)
-        raise RuntimeError("a million records in a row could not be used: check the data")
+            misses += 1
+            if not self._usable and misses >= sum(len(f) for f, s in zip(self.files, self.sources) if s.weight > 0):
+                self._check_usable()
+
+    def _check_usable(self) -> None:
+        """One pass over the weighted sources' records, up to the first usable one; ``DataError`` if none is."""
+        reasons: Counter[str] = Counter()
+        used = [(f, s) for f, s in zip(self.files, self.sources) if s.weight > 0]
+        for f, _ in used:
+            for i in range(len(f)):
+                try:
+                    encode_example(self.processor, f.messages(i), self.max_len)
+                except RecordError as e:
+                    reasons[_reason(e)] += 1
+                    continue
+                self._usable = True
+                return
+        counts = ", ".join(f"{r} {n}" for r, n in reasons.most_common())
+        raise DataError(f"no usable training record in {', '.join(s.path for _, s in used)} "
+                        f"(max_len {self.max_len}); skipped: {counts}")  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
         return {"position": self.position, "drawn": list(self.drawn), "skipped": dict(self.skipped)}
@@ -107,3 +136,8 @@ class Blend:
         self.position, self.drawn = int(state["position"]), [int(n) for n in state["drawn"]]
         self.skipped = Counter(state.get("skipped", {}))
         self._order.clear()
+
+
+def _reason(e: RecordError) -> str:
+    """The counted reason of a skip: the error's text before its first ':'."""
+    return str(e).split(":")[0]

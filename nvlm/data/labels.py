@@ -16,7 +16,7 @@ import torch
 from nvlm.data.records import RecordError
 from nvlm.image import load_image
 from nvlm.processor import Processor
-from nvlm.template import IMAGE_PLACEHOLDER
+from nvlm.template import IMAGE_PLACEHOLDER, PromptError, parse_messages
 
 IGNORE = -100  # cross_entropy's ignore_index
 
@@ -37,19 +37,23 @@ class Example:
 
 
 def encode_example(processor: Processor, messages: list[dict[str, Any]], max_len: int) -> Example:
-    """Render, tokenize and label one conversation; ``RecordError`` when it cannot be trained on."""
+    """Render, tokenize and label one conversation; ``RecordError`` when it cannot be trained on (a malformed
+    conversation, a ``PromptError`` of the renderer, the image token written as text, an unreadable image, no
+    answer, over ``max_len`` tokens). The example's image tokens are exactly those of its images."""
     try:
+        if any(processor.config.image_token in m.content for m in parse_messages(messages)):
+            raise RecordError(f"image token text: {processor.config.image_token} written in a message")
         rendered = processor.render(messages, add_generation_prompt=False)
-    except ValueError as e:
+        if not any(role == "assistant" and text.strip() for text, role in rendered.segments):
+            raise RecordError("no assistant answer to learn from")
+        try:
+            pixels = [processor.image_processor(load_image(src)) for src in rendered.images]
+        except (ValueError, OSError) as e:
+            raise RecordError(f"image: {e}") from None
+        crops = [p.shape[0] for p in pixels]
+        enc = processor.encode(rendered.text, crops)
+    except PromptError as e:
         raise RecordError(f"bad conversation: {e}") from None
-    if not any(role == "assistant" and text.strip() for text, role in rendered.segments):
-        raise RecordError("no assistant answer to learn from")
-    try:
-        pixels = [processor.image_processor(load_image(src)) for src in rendered.images]
-    except (ValueError, OSError) as e:
-        raise RecordError(f"image: {e}") from None
-    crops = [p.shape[0] for p in pixels]
-    enc = processor.encode(rendered.text, crops)
     if len(enc.input_ids) > max_len:
         raise RecordError(f"too long: {len(enc.input_ids)} tokens > {max_len}")
     # character ranges of the assistant segments in the expanded text

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from nvlm.data.blend import Source
@@ -142,23 +144,69 @@ def train(cfg: TrainConfig) -> Path:
             if step % cfg.save_every == 0 or step == cfg.steps:
                 state.save(ckpt_root, step, model, optimizer, {"data": loader.state_dict()},
                            {"config": _jsonable(asdict(cfg))}, cfg.keep_last)  # fmt: skip
-    model.save_pretrained(out / "model", processor=processor, dtype=export_dtype)  # streamed, tensor by tensor
-    return out / "model"
+    return _save_final(model, processor, out / "model", rank, export_dtype)
+
+
+def _save_final(model: NVLM, processor: Processor, path: Path, rank: int, dtype: torch.dtype | None = None) -> Path:
+    """``save_pretrained`` (the NVLM-D-72B layout for D), streamed tensor by tensor (collective under FSDP2:
+    every rank gathers each tensor in turn, rank 0 writes).
+
+    The model is written to ``<path>.tmp`` and renamed to ``path`` only once complete: a failed save (a full
+    disk) removes its ``.tmp`` and leaves an existing ``path`` as it was, and a save killed part-way leaves
+    only a ``.tmp``, discarded by the next save. The old ``path`` is moved aside (``.old``) just before the
+    rename, so at no moment does ``path`` hold a partial model.
+    """
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, processor=processor, dtype=dtype)
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if rank == 0:
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return path
 
 
 class Metrics:
     """One JSON line per step in ``metrics.jsonl`` (lines past a resumed step are dropped), the console,
-    and TensorBoard when it is installed."""
+    and TensorBoard when it is installed.
+
+    Each line is appended with a single ``os.write``; one that fails part-way (a full disk) is cut back off
+    before the error is raised, so the file only ever ends with a whole line. On resume, lines that do not
+    parse (one cut short by a crash) are dropped with a note, and the kept lines replace the file atomically.
+    """
 
     def __init__(self, out: Path, step: int, active: bool) -> None:
+        import os
+
         self.active = active
         if not active:
             return
         out.mkdir(parents=True, exist_ok=True)
         self.path = out / "metrics.jsonl"
         if self.path.exists():  # a resumed run continues the curve from its checkpoint
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept, dropped = [], 0
+            for line in self.path.read_bytes().decode("utf-8", "replace").splitlines():
+                try:
+                    if int(json.loads(line)["step"]) <= step:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    dropped += bool(line.strip())
+            if dropped:
+                print(f"{self.path}: dropped {dropped} unreadable line(s), e.g. one cut short by a full disk",
+                      file=sys.stderr)  # fmt: skip
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -167,10 +215,24 @@ class Metrics:
             self.tb = None
 
     def __call__(self, record: dict[str, Any], verbose: bool) -> None:
+        import errno
+        import os
+
         if not self.active:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        data = (json.dumps(record) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, "short write")
+            except OSError as e:
+                os.ftruncate(fd, size)
+                raise OSError(e.errno, f"{self.path}: metrics line of step {record.get('step')} not written "
+                                       f"({e.strerror})") from None  # fmt: skip
+        finally:
+            os.close(fd)
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step":
