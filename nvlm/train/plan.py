@@ -1,0 +1,331 @@
+"""``nvlm train --plan``: the per-device memory of a training run, from its config alone (no weights read).
+
+The layout counted is FSDP2's (``nvlm.train.distributed``): one ``fully_shard`` unit per ViT layer, decoder
+layer and cross-attention block, then the root (embeddings, ``lm_head``, ``mlp1``, ViT embeddings, norms).
+Each parameter is split along dim 0 over the shard group (all devices, or one node's with HSDP), padded as
+FSDP2 pads it. Per device, with S the shard group and P_t / P_f the trained / frozen parameters (a recipe's
+``trainable``, else ``stages.TRAINABLE``):
+
+- parameters: 4 P_t / S (fp32 master copies) + b_f P_f / S (frozen: bf16 on GPU, b_f = 2; fp32 on CPU)
+- gradients: 4 P_t / S (fp32, trained parameters only); optimizer: 8 P_t / S (AdamW exp_avg, exp_avg_sq)
+- transients: the root unit unsharded through forward and backward (c bytes per element: bf16 on GPU under
+  ``MixedPrecisionPolicy``, fp32 on CPU), the largest block unit unsharded twice (computed + prefetched) and
+  its unsharded gradient in backward, or the root's unsharded gradient at the end of backward, whichever is
+  larger (2 x 4 bytes per trained element: the fp32 copy and FSDP2's reduce-scatter input). None on one CPU
+  process, which runs unsharded.
+- activations: what autograd saves, counted tensor by tensor from the modules' code (tests check the count
+  against ``saved_tensors_hooks``), at ``micro_batch_size`` rows of ``seq_len`` tokens and one image per row
+  of ``max_tiles`` tiles (+ thumbnail); the frozen ViT runs without saving anything, so only its forward
+  working set counts; logits count as the held (B, T, vocab) logits, the fp32 log-softmax saved for the loss
+  and its two gradients in backward. With activation checkpointing: the input of each block, plus one block
+  recomputed with its backward working set.
+
+``fits`` leaves ``headroom`` (10% by default) of each GPU for the CUDA context, communication buffers and
+allocator fragmentation. Tag tokens of NVLM-H's memory (a few per tile) are not counted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nvlm.config import NVLMConfig, preset
+from nvlm.train.config import TrainConfig
+
+GIB = 2**30
+_F32 = 4
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per element of each kind of state."""
+
+    master: int  # a trained parameter's sharded copy
+    frozen: int  # a frozen parameter's sharded copy
+    compute: int  # unsharded parameters and activations
+    reduce: int  # gradients as they are reduced
+
+
+GPU = Precision(master=4, frozen=2, compute=2, reduce=4)  # MixedPrecisionPolicy(bf16, reduce fp32)
+CPU = Precision(master=4, frozen=4, compute=4, reduce=4)  # gloo: everything fp32
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One FSDP2 unit's parameter elements: whole, and on one device of a shard group."""
+
+    name: str
+    trained: int
+    frozen: int
+    trained_shard: int
+    frozen_shard: int
+
+    @property
+    def total(self) -> int:
+        return self.trained + self.frozen
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per device; ``total`` counts the activations the recipe's ``activation_checkpointing`` implies."""
+
+    devices: int
+    shard_group: int
+    device_gib: float
+    cpu: bool
+    activation_checkpointing: bool
+    params_total: int  # elements, whole model
+    params_trained: int
+    parameters: int
+    gradients: int
+    optimizer: int
+    activations_ac: int
+    activations_no_ac: int
+    transients: int
+    headroom: float
+
+    @property
+    def activations(self) -> int:
+        return self.activations_ac if self.activation_checkpointing else self.activations_no_ac
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.optimizer + self.activations + self.transients
+
+    @property
+    def usable(self) -> int:
+        """The bytes a run may use on one device: its memory less the headroom."""
+        return int(self.device_gib * GIB * (1 - self.headroom))
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.usable
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "activations": self.activations, "total": self.total, "usable": self.usable,
+                "fits": self.fits}  # fmt: skip
+
+
+def model_config(train: TrainConfig) -> NVLMConfig:
+    """The starting point's config: ``init``'s config.json (nothing else is read), else ``preset``; then
+    ``arch``. An ``init`` that does not exist yet (the model of an earlier stage) needs ``preset`` to name it."""
+    from nvlm.checkpoint import model_dir
+
+    config = None
+    if train.init:
+        path = Path(train.init)
+        if path.is_dir():
+            config = NVLMConfig.from_json_file(model_dir(path) / "config.json")
+        elif not train.preset:
+            raise ValueError(f"{path}: no such directory (not trained yet?): name its model with --preset NAME")
+    if config is None:
+        if not train.preset:
+            raise ValueError("say where training starts: init (an NVLM checkpoint) or preset")
+        config = preset(train.preset)
+    return config.with_arch(train.arch) if train.arch else config  # type: ignore[arg-type]
+
+
+def meta_model(config: NVLMConfig, train: TrainConfig) -> nn.Module:
+    """The model on the meta device (no memory, no weights) with the recipe's trainable set marked."""
+    from nvlm.models.nvlm import NVLM
+    from nvlm.train.stages import set_trainable
+
+    with torch.device("meta"):
+        model = NVLM(config)
+    set_trainable(model, train.stage, train.trainable)
+    if any(p.requires_grad for p in model.vision_model.encoder.parameters()):
+        raise ValueError("the memory plan counts a frozen ViT (as in both of the paper's stages); this recipe trains it")
+    return model
+
+
+def count_units(model: nn.Module, shard_group: int) -> list[Unit]:
+    """Every FSDP2 unit of a (meta) model, blocks first and the root last, with its parameter elements."""
+    from nvlm.train.distributed import blocks
+
+    units = [_unit(type(b).__name__, b.parameters(), shard_group) for b in blocks(model)]
+    in_blocks = {id(p) for b in blocks(model) for p in b.parameters()}
+    root = (p for p in model.parameters() if id(p) not in in_blocks)
+    return units + [_unit("root", root, shard_group)]
+
+
+def _unit(name: str, params: Any, shard_group: int) -> Unit:
+    n = {True: 0, False: 0}
+    shard = {True: 0, False: 0}
+    for p in params:
+        n[p.requires_grad] += p.numel()
+        rows = p.shape[0] if p.dim() else 1
+        shard[p.requires_grad] += math.ceil(rows / shard_group) * (p.numel() // max(rows, 1))
+    return Unit(name, n[True], n[False], shard[True], shard[False])
+
+
+def _trains(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def activation_bytes(model: nn.Module, train: TrainConfig, precision: Precision, checkpointing: bool) -> int:
+    """Peak activation bytes of one micro-batch on one device for a (meta) model with its trainable set
+    marked, ``train`` resolved (see the module docstring)."""
+    config: NVLMConfig = model.config
+    a = precision.compute
+    lm, v = config.llm, config.vision
+    c, f, d, h = lm.hidden_size, lm.intermediate_size, lm.head_dim, lm.num_heads
+    kv = lm.num_kv_heads * d
+    rows, t = train.micro_batch_size, train.seq_len
+    tokens = rows * t
+    crops = train.max_tiles + (1 if config.use_thumbnail and train.max_tiles > 1 else 0)
+    seq_crops, mem_crops = {"D": (crops, 0), "X": (0, crops), "H": (1, crops - 1)}[config.arch]
+    per_crop = config.tokens_per_tile
+    mem = mem_crops * per_crop  # memory tokens per row
+    llm = model.language_model
+    projector_trains = _trains(model.mlp1)
+    # gradients reach a block when it or anything before it trains; only then does it save anything
+    flows = _trains(llm.model.embed_tokens) or (projector_trains and seq_crops > 0)
+    before = dict(zip(config.xattn.layer_indices(), getattr(model, "xattn_layers", []))) if config.arch != "D" else {}
+    blocks, boundaries = [], []
+    root = rows * t * t  # the boolean causal/document mask, built once
+    fx = config.xattn.intermediate_size
+    memory_trains = projector_trains or any(_trains(b) for b in before.values())
+    for i, layer in enumerate(llm.model.layers):
+        if i in before:
+            # per text token: the norms' fp32 inputs (+ outputs and linear inputs when trained), q, the
+            # attention and FFN outputs the gates scale, SwiGLU, the converted memory mask, the log-sum-exp
+            w = _trains(before[i])
+            flows = flows or w or projector_trains
+            text = 8 * c + (8 * a * c + 4 * a * fx if w else 2 * a * c + 3 * a * fx) + a * mem + _F32 * h + 3 * a + 8
+            keys_values = 2 * a * kv * mem * rows  # computed outside the block: kept with or without checkpointing
+            blocks.append(text * tokens + keys_values)
+            boundaries.append(a * c * tokens + keys_values)
+        w = _trains(layer)
+        flows = flows or w
+        if flows:
+            # per token: each norm's fp32 input (+ its output and the linear's input when trained), q, k, v
+            # and the attention output, RoPE's cos and sin, the mask converted for SDPA, the log-sum-exp, SwiGLU
+            per_token = 8 * c + (6 * a * c + 4 * a * f if w else 2 * a * c + 3 * a * f)
+            blocks.append((per_token + 2 * a * kv + 2 * a * d + a * t + _F32 * h + 8) * tokens)
+            boundaries.append((a * c + 2 * a * d) * tokens)
+    if before:
+        root += (a * c * mem * rows if memory_trains else 0) + rows * t * mem  # memory embeddings, its boolean mask
+    if projector_trains:
+        p = config.projector
+        per_token = 2 * a * p.input_size + (2 * a * p.hidden_size if p.num_layers == 2 else 0) + 2 * a
+        root += per_token * per_crop * crops * rows
+    vocab = lm.vocab_size
+    head = 4 * c + a * c * (_trains(llm.model.norm) + _trains(llm.lm_head)) + 8
+    root += (head + (a + _F32) * vocab) * tokens  # final norm, lm_head input, held logits, fp32 log-softmax
+    head_backward = 2 * _F32 * vocab * tokens  # the log-softmax's gradient in and out
+    widest = max(blocks, default=0)
+    vit = crops * rows * (v.num_patches + 1) * (a * (2 * v.intermediate_size + 4 * v.hidden_size) + _F32 * v.hidden_size)
+    if checkpointing:
+        return max(vit, sum(boundaries) + root + max(head_backward, 2 * widest))
+    return max(vit, sum(blocks) + root + max(head_backward, widest))
+
+
+def plan(
+    config: NVLMConfig,
+    train: TrainConfig,
+    devices: int,
+    device_gib: float,
+    devices_per_node: int = 8,
+    hsdp: bool = False,
+    cpu: bool | None = None,
+    headroom: float | None = None,
+) -> MemoryPlan:
+    """The per-device memory of ``train`` (its stage, trainable set, sequence, tiles, micro batch and
+    checkpointing) for ``config`` on ``devices`` devices of ``device_gib`` GiB. ``hsdp`` shards within a node
+    of ``devices_per_node`` and replicates across nodes; ``fsdp: false`` replicates everything. ``cpu``
+    (default: the recipe's ``device: cpu``) counts gloo's fp32 layout; ``headroom`` defaults to 10% on GPU, 0 on CPU."""
+    train = _resolved(config, train)
+    return _plan(meta_model(config, train), train, devices, device_gib, devices_per_node, hsdp, cpu, headroom)
+
+
+def smallest_fit(
+    config: NVLMConfig,
+    train: TrainConfig,
+    device_gib: float,
+    devices_per_node: int = 8,
+    hsdp: bool = False,
+    cpu: bool | None = None,
+    headroom: float | None = None,
+    max_devices: int = 4096,
+) -> MemoryPlan | None:
+    """The plan on the fewest devices that fit: 1 to ``devices_per_node``, then whole nodes; None if even
+    ``max_devices`` do not (with HSDP, if one node's shard group does not)."""
+    train = _resolved(config, train)
+    model = meta_model(config, train)
+    candidates = list(range(1, devices_per_node + 1))
+    if not hsdp:
+        candidates += list(range(2 * devices_per_node, max_devices + 1, devices_per_node))
+    for n in (n for n in candidates if n <= max_devices):
+        p = _plan(model, train, n, device_gib, devices_per_node, hsdp, cpu, headroom)
+        if p.fits:
+            return p
+    return None
+
+
+def _plan(
+    model: nn.Module,
+    train: TrainConfig,
+    devices: int,
+    device_gib: float,
+    devices_per_node: int,
+    hsdp: bool,
+    cpu: bool | None,
+    headroom: float | None,
+) -> MemoryPlan:
+    if devices < 1 or devices_per_node < 1 or device_gib <= 0:
+        raise ValueError(f"need devices >= 1, devices_per_node >= 1 and device memory > 0, not {devices}, "
+                         f"{devices_per_node}, {device_gib}")  # fmt: skip
+    cpu = (train.device or "").startswith("cpu") if cpu is None else cpu
+    precision = CPU if cpu else GPU
+    group = 1 if not train.fsdp else (min(devices, devices_per_node) if hsdp else devices)
+    units = count_units(model, group)
+    root, blocks = units[-1], units[:-1]
+    trained = sum(u.trained_shard for u in units)
+    frozen = sum(u.frozen_shard for u in units)
+    transients = 0
+    if not (cpu and devices == 1):  # one CPU process runs the model as it is, unsharded
+        c, r = precision.compute, precision.reduce
+        widest = max(blocks, key=lambda u: (u.total, u.trained), default=Unit("none", 0, 0, 0, 0))
+        in_block = 2 * widest.total * c + 2 * r * widest.trained + c * root.trained
+        transients = root.total * c + max(in_block, 2 * r * root.trained)
+    return MemoryPlan(
+        devices=devices, shard_group=group, device_gib=device_gib, cpu=cpu,
+        activation_checkpointing=train.activation_checkpointing,
+        params_total=sum(u.total for u in units), params_trained=sum(u.trained for u in units),
+        parameters=trained * precision.master + frozen * precision.frozen,
+        gradients=trained * _F32, optimizer=2 * trained * _F32,
+        activations_ac=activation_bytes(model, train, precision, True),
+        activations_no_ac=activation_bytes(model, train, precision, False),
+        transients=transients, headroom=(0.0 if cpu else 0.1) if headroom is None else headroom,
+    )  # fmt: skip
+
+
+def _resolved(config: NVLMConfig, train: TrainConfig) -> TrainConfig:
+    """The recipe with the paper's defaults for its architecture and stage filled in (no data needed)."""
+    return replace(train, data=train.data or [{"path": "(none)"}], betas=train.betas).resolve(config.arch)
+
+
+def format_table(p: MemoryPlan, fit: MemoryPlan | None, label: str) -> str:
+    """The plan as a markdown table, with the smallest device count that fits."""
+    gib = lambda b: f"{b / GIB:,.1f}"  # noqa: E731
+    kind = "CPU processes" if p.cpu else "GPUs"
+    lines = [f"{label}: {p.params_total / 1e9:.2f}B parameters ({p.params_trained / 1e9:.2f}B trained)",
+             f"{p.devices} {kind} of {p.device_gib:g} GiB (shard group {p.shard_group}), per device:", "",
+             "| | GiB |", "|---|---|"]  # fmt: skip
+    ac = "with" if p.activation_checkpointing else "without"
+    rows = [("parameters", p.parameters), ("gradients", p.gradients), ("optimizer (AdamW)", p.optimizer),
+            ("activations, checkpointed", p.activations_ac), ("activations, not checkpointed", p.activations_no_ac),
+            ("transients (unsharded units)", p.transients), (f"**total** ({ac} activation checkpointing)", p.total)]  # fmt: skip
+    lines += [f"| {name} | {gib(b)} |" for name, b in rows]
+    lines.append(f"| usable ({1 - p.headroom:.0%} of the device) | {gib(p.usable)} |")
+    lines += ["", f"fits: {'yes' if p.fits else 'no'}"]
+    if fit is None:
+        lines.append("smallest fit: none (up to the device limit)")
+    else:
+        lines.append(f"smallest fit: {fit.devices} {kind} ({gib(fit.total)} GiB per device)")
+    return "\n".join(lines)
