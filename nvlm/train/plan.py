@@ -21,7 +21,7 @@ FSDP2 pads it. Per device, with S the shard group and P_t / P_f the trained / fr
   recomputed with its backward working set.
 
 ``fits`` leaves ``headroom`` (10% by default) of each GPU for the CUDA context, communication buffers and
-allocator fragmentation. Tag tokens of NVLM-H's memory (a few per tile) are not counted.
+allocator fragmentation.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from nvlm.train.config import TrainConfig
 
 GIB = 2**30
 _F32 = 4
+_TAG_TOKENS = 5  # an NVLM-H memory tile's ``<tile_k>`` tag: five BPE pieces (<, tile, _, k, >) in Qwen2's vocabulary
 
 
 @dataclass(frozen=True)
@@ -167,9 +168,34 @@ def _trains(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters())
 
 
-def activation_bytes(model: nn.Module, train: TrainConfig, precision: Precision, checkpointing: bool) -> int:
-    """Peak activation bytes of one micro-batch on one device for a (meta) model with its trainable set
-    marked, ``train`` resolved (see the module docstring)."""
+@dataclass(frozen=True)
+class Activations:
+    """One micro-batch's activation bytes on one device, by where they sit."""
+
+    blocks: tuple[int, ...]  # saved by each block (decoder layer, cross-attention block) for its backward
+    boundaries: tuple[int, ...]  # what each block keeps when checkpointed: its inputs
+    root: int  # saved outside the blocks: masks, memory, projector, final norm, lm_head input, log-softmax
+    logits: int  # the (B, T, vocab) logits the loop holds
+    head_backward: int  # the log-softmax's gradients in and out, at the start of backward
+    vit: int  # the frozen ViT's forward working set (nothing saved)
+
+    @property
+    def saved(self) -> int:
+        """What autograd holds at the end of the forward pass without checkpointing."""
+        return sum(self.blocks) + self.root
+
+    def peak(self, checkpointing: bool) -> int:
+        """The forward's ViT pass, or the backward's start (or one block's backward, recomputed first when
+        checkpointed), whichever is larger."""
+        widest = max(self.blocks, default=0)
+        if checkpointing:
+            return max(self.vit, sum(self.boundaries) + self.root + self.logits + max(self.head_backward, 2 * widest))
+        return max(self.vit, self.saved + self.logits + max(self.head_backward, widest))
+
+
+def count_activations(model: nn.Module, train: TrainConfig, precision: Precision) -> Activations:
+    """The activations of one micro-batch for a (meta) model with its trainable set marked and ``train``
+    resolved, counted tensor by tensor from what each module saves (see the module docstring)."""
     config: NVLMConfig = model.config
     a = precision.compute
     lm, v = config.llm, config.vision
@@ -180,7 +206,7 @@ def activation_bytes(model: nn.Module, train: TrainConfig, precision: Precision,
     crops = train.max_tiles + (1 if config.use_thumbnail and train.max_tiles > 1 else 0)
     seq_crops, mem_crops = {"D": (crops, 0), "X": (0, crops), "H": (1, crops - 1)}[config.arch]
     per_crop = config.tokens_per_tile
-    mem = mem_crops * per_crop  # memory tokens per row
+    mem = mem_crops * (per_crop + (_TAG_TOKENS if config.arch == "H" else 0))  # memory tokens per row
     llm = model.language_model
     projector_trains = _trains(model.mlp1)
     # gradients reach a block when it or anything before it trains; only then does it save anything
@@ -216,13 +242,9 @@ def activation_bytes(model: nn.Module, train: TrainConfig, precision: Precision,
         root += per_token * per_crop * crops * rows
     vocab = lm.vocab_size
     head = 4 * c + a * c * (_trains(llm.model.norm) + _trains(llm.lm_head)) + 8
-    root += (head + (a + _F32) * vocab) * tokens  # final norm, lm_head input, held logits, fp32 log-softmax
-    head_backward = 2 * _F32 * vocab * tokens  # the log-softmax's gradient in and out
-    widest = max(blocks, default=0)
+    root += (head + _F32 * vocab) * tokens  # final norm, lm_head input, the fp32 log-softmax, targets
     vit = crops * rows * (v.num_patches + 1) * (a * (2 * v.intermediate_size + 4 * v.hidden_size) + _F32 * v.hidden_size)
-    if checkpointing:
-        return max(vit, sum(boundaries) + root + max(head_backward, 2 * widest))
-    return max(vit, sum(blocks) + root + max(head_backward, widest))
+    return Activations(tuple(blocks), tuple(boundaries), root, a * vocab * tokens, 2 * _F32 * vocab * tokens, vit)
 
 
 def plan(
@@ -287,6 +309,7 @@ def _plan(
     root, blocks = units[-1], units[:-1]
     trained = sum(u.trained_shard for u in units)
     frozen = sum(u.frozen_shard for u in units)
+    acts = count_activations(model, train, precision)
     transients = 0
     if not (cpu and devices == 1):  # one CPU process runs the model as it is, unsharded
         c, r = precision.compute, precision.reduce
@@ -299,8 +322,7 @@ def _plan(
         params_total=sum(u.total for u in units), params_trained=sum(u.trained for u in units),
         parameters=trained * precision.master + frozen * precision.frozen,
         gradients=trained * _F32, optimizer=2 * trained * _F32,
-        activations_ac=activation_bytes(model, train, precision, True),
-        activations_no_ac=activation_bytes(model, train, precision, False),
+        activations_ac=acts.peak(True), activations_no_ac=acts.peak(False),
         transients=transients, headroom=(0.0 if cpu else 0.1) if headroom is None else headroom,
     )  # fmt: skip
 
