@@ -146,22 +146,32 @@ def meta_model(config: NVLMConfig, train: TrainConfig) -> nn.Module:
 
 def count_units(model: nn.Module, shard_group: int) -> list[Unit]:
     """Every FSDP2 unit of a (meta) model, blocks first and the root last, with its parameter elements."""
+    return _units(_shapes(model), shard_group)
+
+
+_Shapes = list[tuple[str, list[tuple[int, int, bool]]]]  # per unit: (dim-0 rows, elements, trained) per parameter
+
+
+def _shapes(model: nn.Module) -> _Shapes:
     from nvlm.train.distributed import blocks
 
-    units = [_unit(type(b).__name__, b.parameters(), shard_group) for b in blocks(model)]
+    def rows(params: Any) -> list[tuple[int, int, bool]]:
+        return [(p.shape[0] if p.dim() else 1, p.numel(), p.requires_grad) for p in params]
+
     in_blocks = {id(p) for b in blocks(model) for p in b.parameters()}
-    root = (p for p in model.parameters() if id(p) not in in_blocks)
-    return units + [_unit("root", root, shard_group)]
+    root = [p for p in model.parameters() if id(p) not in in_blocks]
+    return [(type(b).__name__, rows(b.parameters())) for b in blocks(model)] + [("root", rows(root))]
 
 
-def _unit(name: str, params: Any, shard_group: int) -> Unit:
-    n = {True: 0, False: 0}
-    shard = {True: 0, False: 0}
-    for p in params:
-        n[p.requires_grad] += p.numel()
-        rows = p.shape[0] if p.dim() else 1
-        shard[p.requires_grad] += math.ceil(rows / shard_group) * (p.numel() // max(rows, 1))
-    return Unit(name, n[True], n[False], shard[True], shard[False])
+def _units(shapes: _Shapes, shard_group: int) -> list[Unit]:
+    units = []
+    for name, params in shapes:
+        n, shard = [0, 0], [0, 0]  # [frozen, trained]
+        for rows, numel, trained in params:
+            n[trained] += numel
+            shard[trained] += math.ceil(rows / shard_group) * (numel // max(rows, 1))  # FSDP2 pads dim 0
+        units.append(Unit(name, n[True], n[False], shard[True], shard[False]))
+    return units
 
 
 def _trains(module: nn.Module) -> bool:
@@ -262,7 +272,8 @@ def plan(
     of ``devices_per_node`` and replicates across nodes; ``fsdp: false`` replicates everything. ``cpu``
     (default: the recipe's ``device: cpu``) counts gloo's fp32 layout; ``headroom`` defaults to 10% on GPU, 0 on CPU."""
     train = _resolved(config, train)
-    return _plan(meta_model(config, train), train, devices, device_gib, devices_per_node, hsdp, cpu, headroom)
+    counted = _Counted.of(meta_model(config, train), train)
+    return counted.plan(devices, device_gib, devices_per_node, hsdp, cpu, headroom)
 
 
 def smallest_fit(
@@ -278,53 +289,58 @@ def smallest_fit(
     """The plan on the fewest devices that fit: 1 to ``devices_per_node``, then whole nodes; None if even
     ``max_devices`` do not (with HSDP, if one node's shard group does not)."""
     train = _resolved(config, train)
-    model = meta_model(config, train)
+    counted = _Counted.of(meta_model(config, train), train)
     candidates = list(range(1, devices_per_node + 1))
     if not hsdp:
         candidates += list(range(2 * devices_per_node, max_devices + 1, devices_per_node))
     for n in (n for n in candidates if n <= max_devices):
-        p = _plan(model, train, n, device_gib, devices_per_node, hsdp, cpu, headroom)
+        p = counted.plan(n, device_gib, devices_per_node, hsdp, cpu, headroom)
         if p.fits:
             return p
     return None
 
 
-def _plan(
-    model: nn.Module,
-    train: TrainConfig,
-    devices: int,
-    device_gib: float,
-    devices_per_node: int,
-    hsdp: bool,
-    cpu: bool | None,
-    headroom: float | None,
-) -> MemoryPlan:
-    if devices < 1 or devices_per_node < 1 or device_gib <= 0:
-        raise ValueError(f"need devices >= 1, devices_per_node >= 1 and device memory > 0, not {devices}, "
-                         f"{devices_per_node}, {device_gib}")  # fmt: skip
-    cpu = (train.device or "").startswith("cpu") if cpu is None else cpu
-    precision = CPU if cpu else GPU
-    group = 1 if not train.fsdp else (min(devices, devices_per_node) if hsdp else devices)
-    units = count_units(model, group)
-    root, blocks = units[-1], units[:-1]
-    trained = sum(u.trained_shard for u in units)
-    frozen = sum(u.frozen_shard for u in units)
-    acts = count_activations(model, train, precision)
-    transients = 0
-    if not (cpu and devices == 1):  # one CPU process runs the model as it is, unsharded
-        c, r = precision.compute, precision.reduce
-        widest = max(blocks, key=lambda u: (u.total, u.trained), default=Unit("none", 0, 0, 0, 0))
-        in_block = 2 * widest.total * c + 2 * r * widest.trained + c * root.trained
-        transients = root.total * c + max(in_block, 2 * r * root.trained)
-    return MemoryPlan(
-        devices=devices, shard_group=group, device_gib=device_gib, cpu=cpu,
-        activation_checkpointing=train.activation_checkpointing,
-        params_total=sum(u.total for u in units), params_trained=sum(u.trained for u in units),
-        parameters=trained * precision.master + frozen * precision.frozen,
-        gradients=trained * _F32, optimizer=2 * trained * _F32,
-        activations_ac=acts.peak(True), activations_no_ac=acts.peak(False),
-        transients=transients, headroom=(0.0 if cpu else 0.1) if headroom is None else headroom,
-    )  # fmt: skip
+@dataclass(frozen=True)
+class _Counted:
+    """A recipe's parameter shapes per unit and its activations in both layouts: what plans are made of."""
+
+    train: TrainConfig
+    shapes: _Shapes
+    activations: dict[Precision, Activations]
+
+    @classmethod
+    def of(cls, model: nn.Module, train: TrainConfig) -> "_Counted":
+        return cls(train, _shapes(model), {p: count_activations(model, train, p) for p in (CPU, GPU)})
+
+    def plan(self, devices: int, device_gib: float, devices_per_node: int, hsdp: bool, cpu: bool | None,
+             headroom: float | None) -> MemoryPlan:  # fmt: skip
+        if devices < 1 or devices_per_node < 1 or device_gib <= 0:
+            raise ValueError(f"need devices >= 1, devices_per_node >= 1 and device memory > 0, not {devices}, "
+                             f"{devices_per_node}, {device_gib}")  # fmt: skip
+        train = self.train
+        cpu = (train.device or "").startswith("cpu") if cpu is None else cpu
+        precision = CPU if cpu else GPU
+        group = 1 if not train.fsdp else (min(devices, devices_per_node) if hsdp else devices)
+        units = _units(self.shapes, group)
+        root, blocks = units[-1], units[:-1]
+        trained = sum(u.trained_shard for u in units)
+        frozen = sum(u.frozen_shard for u in units)
+        acts = self.activations[precision]
+        transients = 0
+        if not (cpu and devices == 1):  # one CPU process runs the model as it is, unsharded
+            c, r = precision.compute, precision.reduce
+            widest = max(blocks, key=lambda u: (u.total, u.trained), default=Unit("none", 0, 0, 0, 0))
+            in_block = 2 * widest.total * c + 2 * r * widest.trained + c * root.trained
+            transients = root.total * c + max(in_block, 2 * r * root.trained)
+        return MemoryPlan(
+            devices=devices, shard_group=group, device_gib=device_gib, cpu=cpu,
+            activation_checkpointing=train.activation_checkpointing,
+            params_total=sum(u.total for u in units), params_trained=sum(u.trained for u in units),
+            parameters=trained * precision.master + frozen * precision.frozen,
+            gradients=trained * _F32, optimizer=2 * trained * _F32,
+            activations_ac=acts.peak(True), activations_no_ac=acts.peak(False),
+            transients=transients, headroom=(0.0 if cpu else 0.1) if headroom is None else headroom,
+        )  # fmt: skip
 
 
 def _resolved(config: NVLMConfig, train: TrainConfig) -> TrainConfig:
