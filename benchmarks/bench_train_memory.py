@@ -9,7 +9,10 @@ tiny tokenizer, then for each rank count runs ``torchrun --nproc_per_node N -m n
 ``VmRSS`` of torchrun's children, every 20 ms). Loading is everything before the first step began (the first
 metrics record's time less its step time); training runs from there to the last step's record (the final
 save after it is left out). Peaks are reported above the baseline of a process that has imported the
-training code, beside the plan's per-device figures (parameters for loading, the total for training).
+training code, as a share of the 1-rank figure and (loading) of the fp32 model's bytes, beside the plan's
+per-device figures (parameters for loading, the total for training). A checkpoint already in the training
+dtype stays memory-mapped until first touched, so one rank's loading peak is small and its weights appear
+in the training peak.
 """
 
 from __future__ import annotations
@@ -154,16 +157,16 @@ def main() -> None:
             measured = run(n, recipe, tmp_path / f"run{n}", env)
             p = plan(config, train_cfg, n, 1024.0, devices_per_node=max(args.ranks))
             rows.append((n, measured["load"] - base, measured["train"] - base, p))
-    one_load, one_train = rows[0][1], rows[0][2]
-    p0 = rows[0][3]
+    one_load, one_train, p0 = rows[0][1], rows[0][2], rows[0][3]
     print(f"{p0.params_total / 1e9:.3f}B parameters ({p0.params_trained / 1e9:.3f}B trained), stage 2, seq_len "
           f"{args.seq_len}, micro batch {args.micro_batch_size}, {args.max_tiles} tiles + thumbnail, activation "
           f"checkpointing {'on' if args.activation_checkpointing else 'off'}; baseline after imports {base:.0f} MiB\n")  # fmt: skip
-    print("| ranks | load peak (MiB) | x 1 rank | plan: parameters | train peak (MiB) | x 1 rank | plan: total | measured / plan |")
-    print("|---|---|---|---|---|---|---|---|")
+    model_mib = 4 * p0.params_total / MIB  # the fp32 checkpoint
+    print("| ranks | load peak (MiB) | x 1 rank | x model | plan: parameters | train peak (MiB) | x 1 rank | plan: total "
+          "| measured / plan |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     for n, load, step, p in rows:
-        print(f"| {n} | {load:,.0f} | {load / one_load:.2f} | {p.parameters / MIB:,.0f} | {step:,.0f} | "
-              f"{step / one_train:.2f} | {p.total / MIB:,.0f} | {step / (p.total / MIB):.2f} |")
+        print(f"| {n} | {load:,.0f} | {load / one_load:.2f} | {load / model_mib:.2f} | {p.parameters / MIB:,.0f} | "
+              f"{step:,.0f} | {step / one_train:.2f} | {p.total / MIB:,.0f} | {step / (p.total / MIB):.2f} |")
 
 
 if __name__ == "__main__":
