@@ -1,6 +1,7 @@
 """``nvlm train --plan``: parameter and optimiser bytes by hand, frozen vs trained, sharding, the smallest
 fit, activations against what autograd really saves, the CLI (config.json only), and a measured CPU peak."""
 
+import contextlib
 import json
 import os
 import sys
@@ -11,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nvlm import NVLM
 from nvlm.cli import main
@@ -88,11 +90,14 @@ def test_smallest_fit_is_the_least_device_count_that_fits():
 SMALL = dict(hidden_size=96, intermediate_size=200, num_heads=4, num_kv_heads=2, num_layers=3)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "bf16-math"])
 @pytest.mark.parametrize("arch,stage", [(a, s) for a in "DXH" for s in (1, 2)])
-def test_activation_count_matches_what_autograd_saves(arch, stage, dtype):
+def test_activation_count_matches_what_autograd_saves(arch, stage, kind):
     """A training forward (model + loss) of 2 rows x 96 tokens, one 2-tile image per row; every tensor
-    autograd saves, parameters aside, against the plan's count (fp32 = the CPU layout, bf16 = the GPU's)."""
+    autograd saves, parameters aside, against the plan's count: fp32 is the CPU layout; bf16 the GPU's with
+    a fused attention kernel, bf16-math the GPU's as CUDA runs a masked GQA call (the math kernel, forced here)."""
+    dtype = torch.float32 if kind == "fp32" else torch.bfloat16
+    layout = {"fp32": CPU, "bf16": replace(GPU, masked_gqa_math=False), "bf16-math": GPU}[kind]
     base = preset("tiny-d")
     cfg = replace(base, llm=replace(base.llm, **SMALL), projector=replace(base.projector, hidden_size=200, output_size=96))
     cfg = cfg.with_arch(arch)
@@ -114,11 +119,12 @@ def test_activation_count_matches_what_autograd_saves(arch, stage, dtype):
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    math = sdpa_kernel(SDPBackend.MATH) if kind == "bf16-math" else contextlib.nullcontext()
+    with math, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         logits = model(**batch).logits
         F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
     train = _resolved(cfg, TrainConfig(stage=stage, seq_len=96, micro_batch_size=2, max_tiles=2))
-    counted = count_activations(meta_model(cfg, train), train, CPU if dtype == torch.float32 else GPU)
+    counted = count_activations(meta_model(cfg, train), train, layout)
     assert counted.saved == pytest.approx(sum(saved.values()), rel=0.03)
 
 

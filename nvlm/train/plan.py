@@ -17,8 +17,9 @@ FSDP2 pads it. Per device, with S the shard group and P_t / P_f the trained / fr
   against ``saved_tensors_hooks``), at ``micro_batch_size`` rows of ``seq_len`` tokens and one image per row
   of ``max_tiles`` tiles (+ thumbnail); the frozen ViT runs without saving anything, so only its forward
   working set counts; logits count as the held (B, T, vocab) logits, the fp32 log-softmax saved for the loss
-  and its two gradients in backward. With activation checkpointing: the input of each block, plus one block
-  recomputed with its backward working set.
+  and its two gradients in backward. Attention on GPU is counted as PyTorch runs it for a masked GQA call,
+  with the math kernel and its (B, heads, T, keys) fp32 probabilities (``Layout.masked_gqa_math``). With
+  activation checkpointing: the input of each block, plus one block recomputed with its backward working set.
 
 ``fits`` leaves ``headroom`` (10% by default) of each GPU for the CUDA context, communication buffers and
 allocator fragmentation.
@@ -43,17 +44,21 @@ _TAG_TOKENS = 5  # an NVLM-H memory tile's ``<tile_k>`` tag: five BPE pieces (<,
 
 
 @dataclass(frozen=True)
-class Precision:
-    """Bytes per element of each kind of state."""
+class Layout:
+    """Bytes per element of each kind of state, and the attention kernel a masked GQA call gets."""
 
     master: int  # a trained parameter's sharded copy
     frozen: int  # a frozen parameter's sharded copy
     compute: int  # unsharded parameters and activations
     reduce: int  # gradients as they are reduced
+    # PyTorch's CUDA SDPA has no fused kernel for an attention mask with GQA (enable_gqa): it falls back to
+    # the math kernel, which upcasts q, k, v to fp32, repeats k and v per head and keeps the (B, H, T, S)
+    # fp32 probabilities. Its CPU flash kernel takes both.
+    masked_gqa_math: bool
 
 
-GPU = Precision(master=4, frozen=2, compute=2, reduce=4)  # MixedPrecisionPolicy(bf16, reduce fp32)
-CPU = Precision(master=4, frozen=4, compute=4, reduce=4)  # gloo: everything fp32
+GPU = Layout(master=4, frozen=2, compute=2, reduce=4, masked_gqa_math=True)  # MixedPrecisionPolicy(bf16, fp32)
+CPU = Layout(master=4, frozen=4, compute=4, reduce=4, masked_gqa_math=False)  # gloo: everything fp32
 
 
 @dataclass(frozen=True)
@@ -183,6 +188,7 @@ class Activations:
     """One micro-batch's activation bytes on one device, by where they sit."""
 
     blocks: tuple[int, ...]  # saved by each block (decoder layer, cross-attention block) for its backward
+    working: tuple[int, ...]  # what each block's backward allocates while it runs
     boundaries: tuple[int, ...]  # what each block keeps when checkpointed: its inputs
     root: int  # saved outside the blocks: masks, memory, projector, final norm, lm_head input, log-softmax
     logits: int  # the (B, T, vocab) logits the loop holds
@@ -195,24 +201,36 @@ class Activations:
         return sum(self.blocks) + self.root
 
     def peak(self, checkpointing: bool) -> int:
-        """The forward's ViT pass, or the backward's start (or one block's backward, recomputed first when
+        """The forward's ViT pass, or the backward's start, or one block's backward (recomputed first when
         checkpointed), whichever is larger."""
-        widest = max(self.blocks, default=0)
         if checkpointing:
-            return max(self.vit, sum(self.boundaries) + self.root + self.logits + max(self.head_backward, 2 * widest))
-        return max(self.vit, self.saved + self.logits + max(self.head_backward, widest))
+            recompute = max((s + w for s, w in zip(self.blocks, self.working)), default=0)
+            kept = sum(self.boundaries) + self.root + self.logits
+            return max(self.vit, kept + max(self.head_backward, recompute))
+        return max(self.vit, self.saved + self.logits + max([self.head_backward, *self.working]))
 
 
-def count_activations(model: nn.Module, train: TrainConfig, precision: Precision) -> Activations:
+def _attention(layout: Layout, lm: Any, keys: int, out_trains: bool) -> tuple[int, int]:
+    """(bytes per query token, bytes per key token) one masked attention saves. Fused: q, its output (the
+    o_proj input too), the mask converted to the compute dtype, the fp32 log-sum-exp; k and v. Math (masked
+    GQA on CUDA): q, and k and v repeated per head, in fp32, the fp32 probabilities, o_proj's input."""
+    a, c = layout.compute, lm.hidden_size
+    if layout.masked_gqa_math and lm.num_heads != lm.num_kv_heads:
+        return 4 * c + 4 * lm.num_heads * keys + (a * c if out_trains else 0), 8 * c
+    return 2 * a * c + a * keys + 4 * lm.num_heads, 2 * a * lm.num_kv_heads * lm.head_dim
+
+
+def count_activations(model: nn.Module, train: TrainConfig, layout: Layout) -> Activations:
     """The activations of one micro-batch for a (meta) model with its trainable set marked and ``train``
     resolved, counted tensor by tensor from what each module saves (see the module docstring)."""
     config: NVLMConfig = model.config
-    a = precision.compute
+    a = layout.compute
     lm, v = config.llm, config.vision
     c, f, d, h = lm.hidden_size, lm.intermediate_size, lm.head_dim, lm.num_heads
     kv = lm.num_kv_heads * d
     rows, t = train.micro_batch_size, train.seq_len
     tokens = rows * t
+    math = layout.masked_gqa_math and h != lm.num_kv_heads
     crops = train.max_tiles + (1 if config.use_thumbnail and train.max_tiles > 1 else 0)
     seq_crops, mem_crops = {"D": (crops, 0), "X": (0, crops), "H": (1, crops - 1)}[config.arch]
     per_crop = config.tokens_per_tile
@@ -222,28 +240,31 @@ def count_activations(model: nn.Module, train: TrainConfig, precision: Precision
     # gradients reach a block when it or anything before it trains; only then does it save anything
     flows = _trains(llm.model.embed_tokens) or (projector_trains and seq_crops > 0)
     before = dict(zip(config.xattn.layer_indices(), getattr(model, "xattn_layers", []))) if config.arch != "D" else {}
-    blocks, boundaries = [], []
+    blocks, working, boundaries = [], [], []
     root = rows * t * t  # the boolean causal/document mask, built once
     fx = config.xattn.intermediate_size
     memory_trains = projector_trains or any(_trains(b) for b in before.values())
     for i, layer in enumerate(llm.model.layers):
         if i in before:
-            # per text token: the norms' fp32 inputs (+ outputs and linear inputs when trained), q, the
-            # attention and FFN outputs the gates scale, SwiGLU, the converted memory mask, the log-sum-exp
+            # per text token: the norms' fp32 inputs (+ outputs and linear inputs when trained), the
+            # attention, the attention and FFN outputs the gates scale, SwiGLU; per memory token: k and v
             w = _trains(before[i])
             flows = flows or w or projector_trains
-            text = 8 * c + (8 * a * c + 4 * a * fx if w else 2 * a * c + 3 * a * fx) + a * mem + _F32 * h + 3 * a + 8
-            keys_values = 2 * a * kv * mem * rows  # computed outside the block: kept with or without checkpointing
-            blocks.append(text * tokens + keys_values)
-            boundaries.append(a * c * tokens + keys_values)
+            query, key = _attention(layout, lm, mem, w)
+            text = 8 * c + (4 * a * c + 2 * a * c + 4 * a * fx if w else 3 * a * fx) + query + 3 * a + 8
+            blocks.append(text * tokens + key * mem * rows)
+            working.append(blocks[-1] + (4 * h * mem * tokens if math else 0))  # the probabilities' gradients
+            boundaries.append(a * c * tokens + 2 * a * kv * mem * rows)  # x, and k and v computed outside
         w = _trains(layer)
         flows = flows or w
         if flows:
-            # per token: each norm's fp32 input (+ its output and the linear's input when trained), q, k, v
-            # and the attention output, RoPE's cos and sin, the mask converted for SDPA, the log-sum-exp, SwiGLU
-            per_token = 8 * c + (6 * a * c + 4 * a * f if w else 2 * a * c + 3 * a * f)
-            blocks.append((per_token + 2 * a * kv + 2 * a * d + a * t + _F32 * h + 8) * tokens)
-            boundaries.append((a * c + 2 * a * d) * tokens)
+            # per token: each norm's fp32 input (+ its output and the linear's input when trained), the
+            # attention, RoPE's cos and sin, SwiGLU
+            query, key = _attention(layout, lm, t, w)
+            per_token = 8 * c + (4 * a * c + 4 * a * f if w else 3 * a * f) + query + key + 2 * a * d + 8
+            blocks.append(per_token * tokens)
+            working.append(blocks[-1] + (4 * h * t * tokens if math else 0))
+            boundaries.append((a * c + 2 * a * d) * tokens)  # x, cos and sin
     if before:
         root += (a * c * mem * rows if memory_trains else 0) + rows * t * mem  # memory embeddings, its boolean mask
     if projector_trains:
@@ -254,7 +275,8 @@ def count_activations(model: nn.Module, train: TrainConfig, precision: Precision
     head = 4 * c + a * c * (_trains(llm.model.norm) + _trains(llm.lm_head)) + 8
     root += (head + _F32 * vocab) * tokens  # final norm, lm_head input, the fp32 log-softmax, targets
     vit = crops * rows * (v.num_patches + 1) * (a * (2 * v.intermediate_size + 4 * v.hidden_size) + _F32 * v.hidden_size)
-    return Activations(tuple(blocks), tuple(boundaries), root, a * vocab * tokens, 2 * _F32 * vocab * tokens, vit)
+    return Activations(tuple(blocks), tuple(working), tuple(boundaries), root, a * vocab * tokens,
+                       2 * _F32 * vocab * tokens, vit)  # fmt: skip
 
 
 def plan(
@@ -306,7 +328,7 @@ class _Counted:
 
     train: TrainConfig
     shapes: _Shapes
-    activations: dict[Precision, Activations]
+    activations: dict[Layout, Activations]
 
     @classmethod
     def of(cls, model: nn.Module, train: TrainConfig) -> "_Counted":
@@ -319,16 +341,16 @@ class _Counted:
                              f"{devices_per_node}, {device_gib}")  # fmt: skip
         train = self.train
         cpu = (train.device or "").startswith("cpu") if cpu is None else cpu
-        precision = CPU if cpu else GPU
+        layout = CPU if cpu else GPU
         group = 1 if not train.fsdp else (min(devices, devices_per_node) if hsdp else devices)
         units = _units(self.shapes, group)
         root, blocks = units[-1], units[:-1]
         trained = sum(u.trained_shard for u in units)
         frozen = sum(u.frozen_shard for u in units)
-        acts = self.activations[precision]
+        acts = self.activations[layout]
         transients = 0
         if not (cpu and devices == 1):  # one CPU process runs the model as it is, unsharded
-            c, r = precision.compute, precision.reduce
+            c, r = layout.compute, layout.reduce
             widest = max(blocks, key=lambda u: (u.total, u.trained), default=Unit("none", 0, 0, 0, 0))
             in_block = 2 * widest.total * c + 2 * r * widest.trained + c * root.trained
             transients = root.total * c + max(in_block, 2 * r * root.trained)
@@ -336,7 +358,7 @@ class _Counted:
             devices=devices, shard_group=group, device_gib=device_gib, cpu=cpu,
             activation_checkpointing=train.activation_checkpointing,
             params_total=sum(u.total for u in units), params_trained=sum(u.trained for u in units),
-            parameters=trained * precision.master + frozen * precision.frozen,
+            parameters=trained * layout.master + frozen * layout.frozen,
             gradients=trained * _F32, optimizer=2 * trained * _F32,
             activations_ac=acts.peak(True), activations_no_ac=acts.peak(False),
             transients=transients, headroom=(0.0 if cpu else 0.1) if headroom is None else headroom,
