@@ -172,3 +172,22 @@ def test_measured_cpu_peak_agrees_with_the_plan(tmp_path):
     measured = run(1, args, tmp_path / "run", {**os.environ, "OMP_NUM_THREADS": "2"})["train"] - baseline_mib()
     predicted = plan(cfg, TrainConfig.load(None, args), 1, 24).total / 2**20
     assert measured == pytest.approx(predicted, rel=0.25)
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("nvlm-*-72b-*.yaml")), ids=lambda p: p.stem)
+def test_shipped_recipes_state_what_the_plan_says_and_fit(recipe):
+    """Each large recipe's comment names its GPU count and memory; the plan agrees, the run fits on 80 GiB
+    GPUs, and micro_batch_size x grad_accum x GPUs is the paper's global batch."""
+    import re
+
+    from nvlm.train.plan import GIB, model_config
+    from nvlm.train.stages import PAPER
+
+    text = recipe.read_text()
+    gib, n = re.search(r"# ([\d.]+) GiB per 80 GiB GPU on the (\d+) GPUs this recipe is set for", text).groups()
+    arch = recipe.stem.split("-")[1].upper()
+    train = TrainConfig.load(recipe, ["--preset", f"nvlm-{arch.lower()}-72b"])
+    p = plan(model_config(train), train, int(n), 80)
+    assert p.fits and f"{p.total / GIB:.1f}" == gib
+    assert train.micro_batch_size * train.grad_accum * int(n) == PAPER[(arch, train.stage)]["global_batch"]
+    assert f"--nnodes {int(n) // 8} " in text
