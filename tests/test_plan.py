@@ -150,6 +150,8 @@ def test_cli_plans_from_a_config_json_alone(tmp_path, capsys):
     assert set(tmp_path.rglob("*")) == {init, init / "config.json"}  # nothing written either
     assert main(["train", "--config", str(RECIPES / "nvlm-d-72b-sft.yaml"), "--plan"]) == 2  # init not there, no preset
     assert "--preset" in capsys.readouterr().err
+    assert main([*args, "--devices", "0"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1  # one line
 
 
 def test_measured_cpu_peak_agrees_with_the_plan(tmp_path):

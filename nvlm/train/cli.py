@@ -26,7 +26,7 @@ def _plan(cfg, args: argparse.Namespace) -> int:
     from nvlm.train.plan import format_table, model_config, plan, smallest_fit
 
     config = model_config(cfg)
-    devices = args.devices or args.devices_per_node
+    devices = args.devices if args.devices is not None else args.devices_per_node
     kw = dict(devices_per_node=args.devices_per_node, hsdp=args.hsdp)
     p = plan(config, cfg, devices, args.device_memory, **kw)
     fit = smallest_fit(config, cfg, args.device_memory, **kw)

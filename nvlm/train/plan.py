@@ -336,9 +336,9 @@ class _Counted:
 
     def plan(self, devices: int, device_gib: float, devices_per_node: int, hsdp: bool, cpu: bool | None,
              headroom: float | None) -> MemoryPlan:  # fmt: skip
-        if devices < 1 or devices_per_node < 1 or device_gib <= 0:
-            raise ValueError(f"need devices >= 1, devices_per_node >= 1 and device memory > 0, not {devices}, "
-                             f"{devices_per_node}, {device_gib}")  # fmt: skip
+        if devices < 1 or devices_per_node < 1 or device_gib <= 0 or not 0 <= (headroom or 0) < 1:
+            raise ValueError(f"need devices >= 1, devices_per_node >= 1, device memory > 0 and 0 <= headroom < 1, "
+                             f"not {devices}, {devices_per_node}, {device_gib}, {headroom}")  # fmt: skip
         train = self.train
         cpu = (train.device or "").startswith("cpu") if cpu is None else cpu
         layout = CPU if cpu else GPU
@@ -367,14 +367,15 @@ class _Counted:
 
 def _resolved(config: NVLMConfig, train: TrainConfig) -> TrainConfig:
     """The recipe with the paper's defaults for its architecture and stage filled in (no data needed)."""
-    return replace(train, data=train.data or [{"path": "(none)"}], betas=train.betas).resolve(config.arch)
+    return replace(train, data=train.data or [{"path": "(none)"}]).resolve(config.arch)
 
 
 def format_table(p: MemoryPlan, fit: MemoryPlan | None, label: str) -> str:
     """The plan as a markdown table, with the smallest device count that fits."""
     gib = lambda b: f"{b / GIB:,.1f}"  # noqa: E731
     kind = "CPU processes" if p.cpu else "GPUs"
-    lines = [f"{label}: {p.params_total / 1e9:.2f}B parameters ({p.params_trained / 1e9:.2f}B trained)",
+    count = lambda n: f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"  # noqa: E731
+    lines = [f"{label}: {count(p.params_total)} parameters ({count(p.params_trained)} trained)",
              f"{p.devices} {kind} of {p.device_gib:g} GiB (shard group {p.shard_group}), per device:", "",
              "| | GiB |", "|---|---|"]  # fmt: skip
     ac = "with" if p.activation_checkpointing else "without"
