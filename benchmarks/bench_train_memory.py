@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -95,8 +96,11 @@ def write_model(path: Path, preset_name: str) -> None:
 
 def run(ranks: int, args: list[str], out: Path, env: dict[str, str]) -> dict[str, float]:
     """One torchrun; every rank's peak VmRSS (MiB) in the loading and the training phase."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-           str(29500 + ranks), "-m", "nvlm.cli", "train", *args, "--out_dir", str(out)]  # fmt: skip
+    with socket.socket() as s:  # a free port: other runs may hold torchrun's default
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(port),
+           "-m", "nvlm.cli", "train", *args, "--out_dir", str(out)]  # fmt: skip
     log = (out.parent / f"{out.name}.log").open("w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     metrics = out / "metrics.jsonl"
