@@ -2,17 +2,17 @@
 
     .venv/bin/python benchmarks/bench_train_memory.py [--ranks 1 2 4] [--preset 250m] [--steps 3]
 
-Writes a random stage-1 checkpoint of ``benchmarks/bench_train.py``'s config (``250m``: hidden 1024, 12
+Writes a random NVLM-D checkpoint of ``benchmarks/bench_train.py``'s config (``250m``: hidden 1024, 12
 layers, vocab 152064 behind the tiny ViT) with ``save_pretrained``, a synthetic image + text data set and the
 tiny tokenizer, then for each rank count runs ``torchrun --nproc_per_node N -m nvlm.cli train`` (stage 2,
 ``--device cpu``, FSDP2 for N > 1) and samples every rank's resident memory from outside (``/proc/PID/status``
 ``VmRSS`` of torchrun's children, every 20 ms). Loading is everything before the first step began (the first
 metrics record's time less its step time); training runs from there to the last step's record (the final
-save after it is left out). Peaks are reported above the baseline of a process that has imported the
-training code, as a share of the 1-rank figure and (loading) of the fp32 model's bytes, beside the plan's
-per-device figures (parameters for loading, the total for training). A checkpoint already in the training
-dtype stays memory-mapped until first touched, so one rank's loading peak is small and its weights appear
-in the training peak.
+save after it is left out). The largest rank's peaks are reported above the baseline of a process that has
+imported the training code, as a share of the 1-rank figure and (loading) of the fp32 model's bytes, beside
+the plan's per-device figures (parameters for loading, the total for training). A checkpoint already in the
+training dtype stays memory-mapped until first touched, so one rank's loading peak is small and its weights
+appear in the training peak.
 """
 
 from __future__ import annotations
