@@ -23,7 +23,7 @@ from nvlm.image import ImageProcessor
 from nvlm.processor import Processor
 from nvlm.tokenizer import build_tiny_tokenizer
 from nvlm.train.config import TrainConfig
-from nvlm.train.plan import CPU, GPU, _resolved, count_activations, meta_model, plan, smallest_fit
+from nvlm.train.plan import CPU, GPU, resolved, count_activations, meta_model, plan, smallest_fit
 from nvlm.train.stages import set_trainable
 
 ROOT = Path(__file__).parent.parent
@@ -51,6 +51,14 @@ def test_parameter_gradient_and_optimizer_bytes_equal_a_hand_count():
     assert gpu.params_trained == projector + llm
     assert gpu.parameters == 4 * (projector + llm) + 2 * vit  # fp32 masters, the frozen ViT in bf16
     assert gpu.gradients == 4 * (projector + llm) and gpu.optimizer == 8 * (projector + llm)
+    assert plan(cfg, TrainConfig(stage=2), devices=1, device_gib=80, cpu=True).transients == 0  # runs unsharded
+    # two gloo ranks: the root (ViT embeddings, mlp1, embeddings, norm, lm_head) unsharded, then the larger of
+    # a decoder layer twice with its gradient (+ the root's so far) and the root's whole gradient, 2 x 4 B each
+    root_frozen, layer = 40 + (3 * 14 * 14 * 40 + 40) + 17 * 40, (llm - 2 * 512 * 64 - 64) // 2
+    root_trained = projector + 2 * 512 * 64 + 64
+    two = plan(cfg, TrainConfig(stage=2), devices=2, device_gib=80, cpu=True)
+    in_block = 2 * layer * 4 + 8 * layer + 4 * root_trained
+    assert two.transients == 4 * (root_frozen + root_trained) + max(in_block, 8 * root_trained)
 
 
 def test_frozen_parameters_get_no_gradient_or_optimizer_state():
@@ -123,7 +131,7 @@ def test_activation_count_matches_what_autograd_saves(arch, stage, kind):
     with math, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         logits = model(**batch).logits
         F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-    train = _resolved(cfg, TrainConfig(stage=stage, seq_len=96, micro_batch_size=2, max_tiles=2))
+    train = resolved(cfg, TrainConfig(stage=stage, seq_len=96, micro_batch_size=2, max_tiles=2))
     counted = count_activations(meta_model(cfg, train), train, layout)
     assert counted.saved == pytest.approx(sum(saved.values()), rel=0.03)
 

@@ -293,7 +293,7 @@ def plan(
     checkpointing) for ``config`` on ``devices`` devices of ``device_gib`` GiB. ``hsdp`` shards within a node
     of ``devices_per_node`` and replicates across nodes; ``fsdp: false`` replicates everything. ``cpu``
     (default: the recipe's ``device: cpu``) counts gloo's fp32 layout; ``headroom`` defaults to 10% on GPU, 0 on CPU."""
-    train = _resolved(config, train)
+    train = resolved(config, train)
     counted = _Counted.of(meta_model(config, train), train)
     return counted.plan(devices, device_gib, devices_per_node, hsdp, cpu, headroom)
 
@@ -310,7 +310,7 @@ def smallest_fit(
 ) -> MemoryPlan | None:
     """The plan on the fewest devices that fit: 1 to ``devices_per_node``, then whole nodes; None if even
     ``max_devices`` do not (with HSDP, if one node's shard group does not)."""
-    train = _resolved(config, train)
+    train = resolved(config, train)
     counted = _Counted.of(meta_model(config, train), train)
     candidates = list(range(1, devices_per_node + 1))
     if not hsdp:
@@ -365,7 +365,7 @@ class _Counted:
         )  # fmt: skip
 
 
-def _resolved(config: NVLMConfig, train: TrainConfig) -> TrainConfig:
+def resolved(config: NVLMConfig, train: TrainConfig) -> TrainConfig:
     """The recipe with the paper's defaults for its architecture and stage filled in (no data needed)."""
     return replace(train, data=train.data or [{"path": "(none)"}]).resolve(config.arch)
 
