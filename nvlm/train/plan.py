@@ -13,6 +13,9 @@ FSDP2 pads it. Per device, with S the shard group and P_t / P_f the trained / fr
   its unsharded gradient in backward, or the root's unsharded gradient at the end of backward, whichever is
   larger (2 x 4 bytes per trained element: the fp32 copy and FSDP2's reduce-scatter input). None on one CPU
   process, which runs unsharded.
+- the optimizer step's temporaries, once activations and transients are gone: AdamW's foreach kernels on GPU
+  allocate one fp32 buffer the size of all ``exp_avg_sq`` shards; its per-tensor loop on CPU two fp32 copies
+  of the largest trained shard (the square root and its quotient).
 - activations: what autograd saves, counted tensor by tensor from the modules' code (tests check the count
   against ``saved_tensors_hooks``), at ``micro_batch_size`` rows of ``seq_len`` tokens and one image per row
   of ``max_tiles`` tiles (+ thumbnail); the frozen ViT runs without saving anything, so only its forward
@@ -93,6 +96,7 @@ class MemoryPlan:
     activations_ac: int
     activations_no_ac: int
     transients: int
+    optimizer_step: int  # the step's temporaries, when activations and transients are gone
     headroom: float
 
     @property
@@ -101,7 +105,8 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return self.parameters + self.gradients + self.optimizer + self.activations + self.transients
+        states = self.parameters + self.gradients + self.optimizer
+        return states + max(self.activations + self.transients, self.optimizer_step)
 
     @property
     def usable(self) -> int:
@@ -348,6 +353,8 @@ class _Counted:
         trained = sum(u.trained_shard for u in units)
         frozen = sum(u.frozen_shard for u in units)
         acts = self.activations[layout]
+        largest = max((math.ceil(rows / group) * (numel // max(rows, 1)) for _, params in self.shapes
+                       for rows, numel, trains in params if trains), default=0)  # fmt: skip
         transients = 0
         if not (cpu and devices == 1):  # one CPU process runs the model as it is, unsharded
             c, r = layout.compute, layout.reduce
@@ -361,7 +368,8 @@ class _Counted:
             parameters=trained * layout.master + frozen * layout.frozen,
             gradients=trained * _F32, optimizer=2 * trained * _F32,
             activations_ac=acts.peak(True), activations_no_ac=acts.peak(False),
-            transients=transients, headroom=(0.0 if cpu else 0.1) if headroom is None else headroom,
+            transients=transients, optimizer_step=_F32 * (trained if not cpu else 2 * largest),
+            headroom=(0.0 if cpu else 0.1) if headroom is None else headroom,
         )  # fmt: skip
 
 
@@ -381,7 +389,8 @@ def format_table(p: MemoryPlan, fit: MemoryPlan | None, label: str) -> str:
     ac = "with" if p.activation_checkpointing else "without"
     rows = [("parameters", p.parameters), ("gradients", p.gradients), ("optimizer (AdamW)", p.optimizer),
             ("activations, checkpointed", p.activations_ac), ("activations, not checkpointed", p.activations_no_ac),
-            ("transients (unsharded units)", p.transients), (f"**total** ({ac} activation checkpointing)", p.total)]  # fmt: skip
+            ("transients (unsharded units)", p.transients), ("optimizer step temporaries", p.optimizer_step),
+            (f"**total** ({ac} activation checkpointing)", p.total)]  # fmt: skip
     lines += [f"| {name} | {gib(b)} |" for name, b in rows]
     lines.append(f"| usable ({1 - p.headroom:.0%} of the device) | {gib(p.usable)} |")
     lines += ["", f"fits: {'yes' if p.fits else 'no'}"]
