@@ -121,7 +121,9 @@ def run(ranks: int, args: list[str], out: Path, env: dict[str, str]) -> dict[str
                 seen_lines, last_end = len(lines), now
         time.sleep(0.02)
     if proc.returncode:
-        raise SystemExit(f"torchrun with {ranks} ranks failed:\n{Path(log.name).read_text()[-3000:]}")
+        lines = Path(log.name).read_text().splitlines()
+        first = next((i for i, line in enumerate(lines) if "Error" in line or "terminate" in line), len(lines))
+        raise SystemExit(f"torchrun with {ranks} ranks failed:\n" + "\n".join(lines[max(0, first - 5) : first + 30]))
     if first_start is None:
         raise SystemExit("no step was recorded")
     load = [max((m for t, i, m in samples if i == r and t < first_start), default=0.0) for r in range(ranks)]
