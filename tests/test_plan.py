@@ -162,6 +162,8 @@ def test_cli_plans_from_a_config_json_alone(tmp_path, capsys):
     assert "--preset" in capsys.readouterr().err
     assert main([*args, "--devices", "0"]) == 2
     assert capsys.readouterr().err.count("\n") == 1  # one line
+    assert main([a for a in args if a != "--plan"] + ["--devices", "2"]) == 2  # a plan flag without --plan
+    assert "only with --plan" in capsys.readouterr().err
 
 
 def test_measured_cpu_peak_agrees_with_the_plan(tmp_path):

@@ -7,6 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nvlm.train.config import TrainConfig
+
+PLAN_FLAGS = ("devices", "device_memory", "devices_per_node", "hsdp", "json")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -15,6 +21,9 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig.load(args.config, args.overrides)
     if args.plan:
         return _plan(cfg, args)
+    given = [f"--{k.replace('_', '-')}" for k in PLAN_FLAGS if getattr(args, k) not in (None, False)]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only with --plan")
     from nvlm.train.loop import train
 
     path = train(cfg)
@@ -22,14 +31,15 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan(cfg, args: argparse.Namespace) -> int:
+def _plan(cfg: "TrainConfig", args: argparse.Namespace) -> int:
     from nvlm.train.plan import format_table, model_config, plan, smallest_fit
 
     config = model_config(cfg)
-    devices = args.devices if args.devices is not None else args.devices_per_node
-    kw = dict(devices_per_node=args.devices_per_node, hsdp=args.hsdp)
-    p = plan(config, cfg, devices, args.device_memory, **kw)
-    fit = smallest_fit(config, cfg, args.device_memory, **kw)
+    per_node = args.devices_per_node if args.devices_per_node is not None else 8
+    memory = args.device_memory if args.device_memory is not None else 80.0
+    devices = args.devices if args.devices is not None else per_node
+    p = plan(config, cfg, devices, memory, devices_per_node=per_node, hsdp=args.hsdp)
+    fit = smallest_fit(config, cfg, memory, devices_per_node=per_node, hsdp=args.hsdp)
     if args.json:
         print(json.dumps({"plan": p.to_dict(), "smallest_fit": fit and fit.to_dict()}, indent=2))
     else:
@@ -45,8 +55,8 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
     plan = p.add_argument_group("memory plan (no weights read, no step run)")
     plan.add_argument("--plan", action="store_true", help="print the per-device memory and the smallest device count that fits")
     plan.add_argument("--devices", type=int, default=None, help="devices to plan for (default: one node)")
-    plan.add_argument("--device-memory", type=float, default=80.0, help="GiB per device (default 80)")
-    plan.add_argument("--devices-per-node", type=int, default=8, help="devices per node (default 8)")
+    plan.add_argument("--device-memory", type=float, default=None, help="GiB per device (default 80)")
+    plan.add_argument("--devices-per-node", type=int, default=None, help="devices per node (default 8)")
     plan.add_argument("--hsdp", action="store_true", help="shard within a node, replicate across nodes")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_train, overrides=[])
