@@ -9,8 +9,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch.distributed as dist
-
 from nvlm.train import distributed, state
 from nvlm.train.config import TrainConfig
 from nvlm.train.loop import build, make_optimizer, train
@@ -28,9 +26,7 @@ def main() -> None:
         optimizer = make_optimizer(model, cfg)
         saved, ranks = state.load(state.latest(Path(sys.argv[3])), model, optimizer)
         state.save(Path(sys.argv[4]), saved["step"], model, optimizer, ranks[min(rank, len(ranks) - 1)], {}, 1)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    distributed.teardown()
 
 
 if __name__ == "__main__":

@@ -52,13 +52,13 @@ def test_parameter_gradient_and_optimizer_bytes_equal_a_hand_count():
     assert gpu.parameters == 4 * (projector + llm) + 2 * vit  # fp32 masters, the frozen ViT in bf16
     assert gpu.gradients == 4 * (projector + llm) and gpu.optimizer == 8 * (projector + llm)
     assert plan(cfg, TrainConfig(stage=2), devices=1, device_gib=80, cpu=True).transients == 0  # runs unsharded
-    # two gloo ranks: the root (ViT embeddings, mlp1, embeddings, norm, lm_head) unsharded, then the larger of
-    # a decoder layer twice with its gradient (+ the root's so far) and the root's whole gradient, 2 x 4 B each
-    root_frozen, layer = 40 + (3 * 14 * 14 * 40 + 40) + 17 * 40, (llm - 2 * 512 * 64 - 64) // 2
-    root_trained = projector + 2 * 512 * 64 + 64
+    # two gloo ranks: the root (the ViT's class token, patch conv and positions: frozen) unsharded, then the widest
+    # unit (a decoder layer, the projector, the embeddings, or the final norm with lm_head) gathered twice
+    # (computed + prefetched) with its whole gradient, 2 x 4 B per trained element
+    root_frozen = 40 + (3 * 14 * 14 * 40 + 40) + 17 * 40
+    widest = max((llm - 2 * 512 * 64 - 64) // 2, projector, 512 * 64, 64 + 64 * 512)
     two = plan(cfg, TrainConfig(stage=2), devices=2, device_gib=80, cpu=True)
-    in_block = 2 * layer * 4 + 8 * layer + 4 * root_trained
-    assert two.transients == 4 * (root_frozen + root_trained) + max(in_block, 8 * root_trained)
+    assert two.transients == 4 * root_frozen + 2 * widest * 4 + 8 * widest
 
 
 def test_frozen_parameters_get_no_gradient_or_optimizer_state():

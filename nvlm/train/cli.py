@@ -24,9 +24,11 @@ def _train(args: argparse.Namespace) -> int:
     given = [f"--{k.replace('_', '-')}" for k in PLAN_FLAGS if getattr(args, k) not in (None, False)]
     if given:
         raise ValueError(f"{', '.join(given)}: only with --plan")
+    from nvlm.train.distributed import teardown
     from nvlm.train.loop import train
 
     path = train(cfg)
+    teardown()
     print(f"model saved to {path}")
     return 0
 

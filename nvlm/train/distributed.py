@@ -34,6 +34,13 @@ def setup(device: str | None) -> tuple[int, int, torch.device]:
     return rank, world, dev
 
 
+def teardown() -> None:
+    """End the process group (every rank together): a gloo group left to the interpreter's exit can abort it."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def device_mesh(device: torch.device, shard_size: int | None):
     """The FSDP mesh: 1-D over all ranks, or 2-D (replicate, shard) for HSDP when ``shard_size`` is smaller."""
     from torch.distributed.device_mesh import init_device_mesh

@@ -1,14 +1,15 @@
 """``nvlm train --plan``: the per-device memory of a training run, from its config alone (no weights read).
 
-The layout counted is FSDP2's (``nvlm.train.distributed``): one ``fully_shard`` unit per ViT layer, decoder
-layer and cross-attention block, then the root (embeddings, ``lm_head``, ``mlp1``, ViT embeddings, norms).
+The layout counted is FSDP2's (``nvlm.train.distributed.units``): one ``fully_shard`` unit per ViT layer,
+decoder layer and cross-attention block, the projector, the token embeddings, the final norm with ``lm_head``,
+then the root (the ViT's patch and position embeddings).
 Each parameter is split along dim 0 over the shard group (all devices, or one node's with HSDP), padded as
 FSDP2 pads it. Per device, with S the shard group and P_t / P_f the trained / frozen parameters (a recipe's
 ``trainable``, else ``stages.TRAINABLE``):
 
 - parameters: 4 P_t / S (fp32 master copies) + b_f P_f / S (frozen: bf16 on GPU, b_f = 2; fp32 on CPU)
 - gradients: 4 P_t / S (fp32, trained parameters only); optimizer: 8 P_t / S (AdamW exp_avg, exp_avg_sq)
-- transients: the root unit unsharded through forward and backward (c bytes per element: bf16 on GPU under
+- transients: the root unit (small) unsharded through forward and backward (c bytes per element: bf16 on GPU under
   ``MixedPrecisionPolicy``, fp32 on CPU), the largest block unit unsharded twice (computed + prefetched) and
   its unsharded gradient in backward, or the root's unsharded gradient at the end of backward, whichever is
   larger (2 x 4 bytes per trained element: the fp32 copy and FSDP2's reduce-scatter input). None on one CPU
@@ -163,14 +164,18 @@ _Shapes = list[tuple[str, list[tuple[int, int, bool]]]]  # per unit: (dim-0 rows
 
 
 def _shapes(model: nn.Module) -> _Shapes:
-    from nvlm.train.distributed import blocks
+    from nvlm.train.distributed import units
 
     def rows(params: Any) -> list[tuple[int, int, bool]]:
         return [(p.shape[0] if p.dim() else 1, p.numel(), p.requires_grad) for p in params]
 
-    in_blocks = {id(p) for b in blocks(model) for p in b.parameters()}
-    root = [p for p in model.parameters() if id(p) not in in_blocks]
-    return [(type(b).__name__, rows(b.parameters())) for b in blocks(model)] + [("root", rows(root))]
+    def params(unit: list[nn.Module]) -> list[nn.Parameter]:
+        return list({id(p): p for m in unit for p in m.parameters()}.values())  # tied weights once
+
+    below = units(model)
+    in_units = {id(p) for unit in below for p in params(unit)}
+    root = [p for p in model.parameters() if id(p) not in in_units]
+    return [("+".join(type(m).__name__ for m in unit), rows(params(unit))) for unit in below] + [("root", rows(root))]
 
 
 def _units(shapes: _Shapes, shard_group: int) -> list[Unit]:
