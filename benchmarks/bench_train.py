@@ -27,16 +27,18 @@ from nvlm.train.stages import set_trainable
 def config(name: str, arch: str):
     base = preset("tiny-d")
     if name != "tiny":
-        h, layers, ffn = {"1b": (2048, 16, 5504), "250m": (1024, 12, 2816)}[name]
+        h, layers, ffn, vocab = {"1b": (2048, 16, 5504, 152064), "250m": (1024, 12, 2816, 152064),
+                                 "300m": (1024, 20, 2816, 32000),
+                                 "330m": (1024, 28, 2816, 4096)}[name]  # fmt: skip
         llm = replace(base.llm, hidden_size=h, intermediate_size=ffn, num_layers=layers, num_heads=16, num_kv_heads=4,
-                      vocab_size=152064)  # fmt: skip
+                      vocab_size=vocab)  # fmt: skip
         base = replace(base, llm=llm, projector=replace(base.projector, hidden_size=ffn, output_size=h))
     return base.with_arch(arch)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="1b", choices=["tiny", "250m", "1b"])
+    ap.add_argument("--preset", default="1b", choices=["tiny", "250m", "300m", "330m", "1b"])
     ap.add_argument("--arch", default="D", choices=["D", "X", "H"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seq-len", type=int, default=2048)
