@@ -4,6 +4,7 @@ resume, and resharding a 2-rank checkpoint onto 1 and onto 4 ranks (HSDP) with e
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -128,7 +129,11 @@ def test_kill_9_mid_step_and_mid_save_then_resume_and_reshard(tiny_model_dir, tm
             assert torch.equal(out[k], saved[k]), k
         assert len(list((again / "step_00000012").glob("rank_*.json"))) == n
 
-    # and training continues on 4 ranks from the 2-rank checkpoint
+    # and training continues from the 2-rank checkpoint on 1 process and on 4 ranks
+    shutil.copytree(tmp_path / "straight", tmp_path / "on-one")
+    one = {**cfg, "steps": 13, "out_dir": str(tmp_path / "on-one")}
+    _check(subprocess.run([PY, SCRIPT, "train", json.dumps([one])], env=ENV, capture_output=True, text=True, timeout=600))
+    assert len(_losses(tmp_path / "on-one")) == 13
     more = {**cfg, "steps": 14}
     _check(_torchrun(4, SCRIPT, "train", json.dumps([more])))
     losses = _losses(tmp_path / "straight")
