@@ -29,7 +29,8 @@ def config(name: str, arch: str):
     if name != "tiny":
         h, layers, ffn, vocab = {"1b": (2048, 16, 5504, 152064), "250m": (1024, 12, 2816, 152064),
                                  "300m": (1024, 20, 2816, 32000),
-                                 "330m": (1024, 28, 2816, 4096)}[name]  # fmt: skip
+                                 "330m": (1024, 28, 2816, 4096),
+                                 "400m": (1024, 36, 2816, 4096)}[name]  # fmt: skip
         llm = replace(base.llm, hidden_size=h, intermediate_size=ffn, num_layers=layers, num_heads=16, num_kv_heads=4,
                       vocab_size=vocab)  # fmt: skip
         base = replace(base, llm=llm, projector=replace(base.projector, hidden_size=ffn, output_size=h))
@@ -38,7 +39,7 @@ def config(name: str, arch: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="1b", choices=["tiny", "250m", "300m", "330m", "1b"])
+    ap.add_argument("--preset", default="1b", choices=["tiny", "250m", "300m", "330m", "400m", "1b"])
     ap.add_argument("--arch", default="D", choices=["D", "X", "H"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seq-len", type=int, default=2048)

@@ -134,7 +134,7 @@ def run(ranks: int, args: list[str], out: Path, env: dict[str, str]) -> dict[str
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument("--preset", default="250m", choices=["tiny", "250m", "300m", "330m", "1b"])
+    ap.add_argument("--preset", default="250m", choices=["tiny", "250m", "300m", "330m", "400m", "1b"])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--micro-batch-size", type=int, default=1)
