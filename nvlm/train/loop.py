@@ -79,6 +79,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) a training run; returns the directory of the final model."""
     rank, world, device = distributed.setup(cfg.device)
+    if device.type == "cpu":
+        distributed.return_freed_memory()
     model, tokenizer, export_dtype = build(cfg, device, world)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     c = model.config
