@@ -23,6 +23,17 @@ class ConfigError(ValueError):
     """A ``config.json`` that does not describe a model this package can build."""
 
 
+def read_json_object(file: Path, error: type[ConfigError] = ConfigError) -> dict[str, Any]:
+    """A JSON file that must hold an object; anything else is ``error`` naming the file."""
+    try:
+        data = json.loads(file.read_bytes())
+    except ValueError as e:  # bad JSON or not UTF-8
+        raise error(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{file}: a JSON object was expected, not a {type(data).__name__}")
+    return data
+
+
 @dataclass(frozen=True)
 class VisionConfig:
     """InternViT as NVLM uses it (InternViT-6B-448px-V1-5 by default)."""

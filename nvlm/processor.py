@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 from tokenizers import normalizers
 
-from nvlm.config import ConfigError, NVLMConfig
+from nvlm.config import ConfigError, NVLMConfig, read_json_object
 from nvlm.image import ImageProcessor, load_image
 from nvlm.template import IMAGE_PLACEHOLDER, PromptError, Rendered, check_text, render
 from nvlm.tokenizer import Tokenizer
@@ -84,12 +84,7 @@ class Processor:
         tiling = {"max_tiles": cfg.max_tiles, "min_tiles": cfg.min_tiles, "use_thumbnail": cfg.use_thumbnail}
         pre = path / "preprocessor_config.json"
         if pre.is_file():
-            try:
-                data = json.loads(pre.read_bytes())
-            except ValueError as e:  # bad JSON or not UTF-8
-                raise ConfigError(f"{pre}: not valid JSON ({e})") from None
-            if not isinstance(data, dict):
-                raise ConfigError(f"{pre}: a JSON object was expected")
+            data = read_json_object(pre)
             for key in ("image_size", "crop_size", "size"):
                 size = _side(data.get(key))
                 if size is not None and size != cfg.tile_size:

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as _HFTokenizer
 
-from nvlm.config import ConfigError
+from nvlm.config import ConfigError, read_json_object
 
 
 class TokenizerError(ConfigError):
@@ -52,7 +52,7 @@ class Tokenizer:
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
             f = path / name
             if f.is_file():
-                data = _read_json_object(f)
+                data = read_json_object(f, TokenizerError)
                 config.update(data)
                 source.update(dict.fromkeys(data, f))
         for key in ("bos_token", "eos_token", "pad_token"):  # the ones prompting and generation use
@@ -154,16 +154,6 @@ class Tokenizer:
                 smap[key] = {"content": tok, "lstrip": False, "normalized": False, "rstrip": False,
                              "single_word": False}  # fmt: skip
         (path / "special_tokens_map.json").write_text(json.dumps(smap, indent=2, ensure_ascii=False) + "\n")
-
-
-def _read_json_object(file: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(file.read_bytes())
-    except ValueError as e:  # bad JSON or not UTF-8
-        raise TokenizerError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{file}: a JSON object was expected, not a {type(data).__name__}")
-    return data
 
 
 class StreamDecoder:

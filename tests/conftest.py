@@ -39,6 +39,20 @@ def tiny_model_dir(nvlm_d_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     return path
 
 
+@pytest.fixture(scope="module")
+def tiny_d_config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory with the tiny-d preset's config.json and the tiny tokenizer, no weights: enough for a Processor."""
+    import json
+
+    from nvlm.config import preset
+    from nvlm.tokenizer import build_tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny-d")
+    (d / "config.json").write_text(json.dumps(preset("tiny-d").to_hf()))
+    build_tiny_tokenizer().save(d)
+    return d
+
+
 def open_gates(model) -> None:
     """Open an NVLM-X/H model's cross-attention gates (closed at 0 they leave the text LLM unchanged)."""
     with torch.no_grad():

@@ -90,10 +90,8 @@ def test_files_outside_the_directory_are_safe(tmp_path, mode):
                f"os.replace({str(victim)!r}, 'stolen.txt')", f"os.chmod({str(victim)!r}, 0)",
                f"os.truncate({str(victim)!r}, 0)", f"os.symlink({str(victim)!r}, 'link'); open('link', 'w')",
                f"os.open({str(victim)!r}, os.O_WRONLY | os.O_TRUNC)", f"shutil.move({str(victim)!r}, 'moved')"]
-    program = "import os, shutil\nsurvived = []\n"
-    for attack in attacks:
-        program += f"try:\n    {attack}\n    survived.append({attack!r})\nexcept Exception:\n    pass\n"
-    program += "assert not survived, survived\n"
+    program = "import os, shutil\n"
+    program += _each_must_raise(attacks)
     # inside its own directory the program may do what it likes
     program += "os.mkdir('d')\nopen('d/f', 'w').write('x')\nos.rename('d/f', 'd/g')\nshutil.rmtree('d')\n"
     outcome = run_untrusted(program)
@@ -108,10 +106,8 @@ def test_processes_cannot_be_started(mode):
                "os.execv('/bin/true', ['true'])", "os.posix_spawn('/bin/true', ['true'], {})",
                "import multiprocessing; multiprocessing.Process(target=print).start()",
                "import pty; pty.fork()", "os.kill(1, 9)", "import ctypes; ctypes.CDLL(None).fork()"]
-    program = "import os\nsurvived = []\n"
-    for attack in attacks:
-        program += f"try:\n    {attack}\n    survived.append({attack!r})\nexcept Exception:\n    pass\n"
-    program += "assert not survived, survived\n"
+    program = "import os\n"
+    program += _each_must_raise(attacks)
     outcome = run_untrusted(program)
     assert outcome.passed, outcome.detail
 
@@ -164,6 +160,14 @@ def test_human_eval_example():
         evaluate_humaneval([RETURN1, dict(RETURN1, task_id="test/1")], pairs)
 
 
+def _each_must_raise(attacks: list[str]) -> str:
+    """Program text that tries every statement and fails (listing them) if any of them did not raise."""
+    program = "survived = []\n"
+    for attack in attacks:
+        program += f"try:\n    {attack}\n    survived.append({attack!r})\nexcept Exception:\n    pass\n"
+    return program + "assert not survived, survived\n"
+
+
 def _nothing_changed(outside, before):
     assert sorted(p.name for p in outside.iterdir()) == before
 
@@ -202,10 +206,8 @@ def test_the_guard_cannot_be_switched_off(tmp_path, mode):
         "open(sys._getframe(1).f_locals['token_path'], 'rb')",
         f"open({str(victim)!r}, 'w')",
     ]
-    program = "import sys\nsurvived = []\n"
-    for attack in attacks:
-        program += f"try:\n    {attack}\n    survived.append({attack!r})\nexcept Exception:\n    pass\n"
-    program += "assert not survived, survived\n"
+    program = "import sys\n"
+    program += _each_must_raise(attacks)
     # a second hook is not added (sys.addaudithook swallows the refusal)
     program += "seen = []\nsys.addaudithook(lambda e, a: seen.append(e))\nopen('probe', 'w').close()\nassert not seen\n"
     outcome = run_untrusted(program)

@@ -11,18 +11,14 @@ from PIL import Image
 from nvlm.config import ConfigError, preset
 from nvlm.processor import Processor
 from nvlm.template import PromptError
-from nvlm.tokenizer import build_tiny_tokenizer
 
 PAD4 = "<|vision_pad|>" * 4  # tiny-d: 56-px tiles, 4 tokens each
 Q = "What is this?"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("tiny-d")
-    (d / "config.json").write_text(json.dumps(preset("tiny-d").to_hf()))
-    build_tiny_tokenizer().save(d)
-    return d
+def model_dir(tiny_d_config_dir: Path) -> Path:
+    return tiny_d_config_dir
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Prompt and image guards: user text never becomes image tokens; cheap bounds come before costly steps."""
 
 import io
-import json
 import time
 from pathlib import Path
 
@@ -9,20 +8,16 @@ import pytest
 from PIL import Image
 
 import nvlm.processor as processor_module
-from nvlm import Processor, preset
+from nvlm import Processor
 from nvlm.image import MAX_SIDE, ImageError, ImageProcessor, load_image
 from nvlm.template import PromptError
-from nvlm.tokenizer import build_tiny_tokenizer
 
 PAD = "<|vision_pad|>"
 
 
 @pytest.fixture(scope="module")
-def proc(tmp_path_factory: pytest.TempPathFactory) -> Processor:
-    d = tmp_path_factory.mktemp("tiny-d")
-    (d / "config.json").write_text(json.dumps(preset("tiny-d").to_hf()))
-    build_tiny_tokenizer().save(d)
-    return Processor.from_pretrained(d)
+def proc(tiny_d_config_dir: Path) -> Processor:
+    return Processor.from_pretrained(tiny_d_config_dir)
 
 
 CONVERSATIONS = [
