@@ -134,7 +134,8 @@ class NVLM(nn.Module):
             cross_attention_mask = torch.zeros(b, t, 1, dtype=torch.bool)
         if blank and self.config.arch == "D" and pixel_values is None:  # D: features weighted by zero
             seq_feats, mem_feats = None, None
-            embeds = self.embed(input_ids) + 0 * self.extract_features(self._blank_crop()).sum().to(self.device)
+            unread = self.extract_features(self._blank_crop())  # first, as with images: FSDP2 gathers in call order
+            embeds = self.embed(input_ids) + 0 * unread.sum().to(self.device)
         else:
             seq_feats, mem_feats = self.image_features(pixel_values, memory_pixel_values)
             embeds = self.embed(input_ids, feats=seq_feats)
