@@ -171,3 +171,23 @@ def test_build_fills_the_checkpoint_and_keeps_frozen_weights_in_their_dtype(tiny
     set_dtypes(meta, torch.bfloat16)
     assert {p.dtype for p in meta.mlp1.parameters()} == {torch.float32}
     assert {p.dtype for n, p in meta.named_parameters() if not n.startswith("mlp1.")} == {torch.bfloat16}
+
+
+def test_background_saves_hold_the_state_of_their_step(tiny_model_dir, tmp_path):
+    """``async_save``: training goes on while a thread writes; every checkpoint still equals, bit for bit, the
+    one a blocking save writes at that step, and only complete ones are ever visible. (NVLM-D, with steps where
+    one rank's row has an image and the other's none: the ViT must be gathered before the embeddings on both.)"""
+    data = write_colors(tmp_path / "data", wide=True)
+    runs = [_run(tiny_model_dir, data, tmp_path / name, steps=6, save_every=2, keep_last=3, async_save=name == "async")
+            for name in ("blocking", "async")]  # fmt: skip
+    _check(_torchrun(2, SCRIPT, "train", json.dumps(runs)))
+    assert _losses(tmp_path / "async") == _losses(tmp_path / "blocking")
+    for step in (2, 4, 6):
+        ours = _read_dcp(tmp_path / "async" / "checkpoints" / f"step_{step:08d}")
+        ref = _read_dcp(tmp_path / "blocking" / "checkpoints" / f"step_{step:08d}")
+        assert ours.keys() == ref.keys() and any(k.endswith(".exp_avg") for k in ours)
+        for k in ref:
+            assert torch.equal(ours[k], ref[k]), (step, k)
+        assert sorted(p.name for p in (tmp_path / "async" / "checkpoints" / f"step_{step:08d}").glob("*.json")) == [
+            "rank_00000.json", "rank_00001.json", "state.json"]  # fmt: skip
+    assert not list((tmp_path / "async" / "checkpoints").glob("*.tmp"))

@@ -51,6 +51,7 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 500
     keep_last: int = 2
+    async_save: bool = False  # write checkpoints from a thread while training goes on (DCP async_save)
     log_every: int = 10
     peak_tflops: float | None = None  # for MFU; default: looked up from the GPU's name
 

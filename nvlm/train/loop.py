@@ -109,6 +109,8 @@ def train(cfg: TrainConfig) -> Path:
         peak = cfg.peak_tflops or (next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
                                    if device.type == "cuda" else None)  # fmt: skip
         progress = _progress(cfg.steps, step, rank == 0)
+        background = state.background_group() if cfg.async_save else None
+        pending: state.Pending | None = None
         while step < cfg.steps:
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
@@ -144,8 +146,12 @@ def train(cfg: TrainConfig) -> Path:
             log(record, verbose=step % cfg.log_every == 0 or step == cfg.steps)
             progress(record)
             if step % cfg.save_every == 0 or step == cfg.steps:
-                state.save(ckpt_root, step, model, optimizer, {"data": loader.state_dict()},
-                           {"config": _jsonable(asdict(cfg))}, cfg.keep_last)  # fmt: skip
+                if pending is not None:
+                    pending.commit()  # the previous background save, before this one starts
+                pending = state.save(ckpt_root, step, model, optimizer, {"data": loader.state_dict()},
+                                     {"config": _jsonable(asdict(cfg))}, cfg.keep_last, background)  # fmt: skip
+        if pending is not None:
+            pending.commit()
     return _save_final(model, processor, out / "model", rank, export_dtype)
 
 

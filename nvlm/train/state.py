@@ -8,7 +8,9 @@ RNG states and data-stream position; ``state.json`` (rank 0: step, optimiser hyp
 the run's settings). Nothing is gathered. Every rank writes into ``step_….tmp/`` and syncs its files; after
 a barrier rank 0 writes ``state.json`` and renames the directory into place, so a checkpoint is visible only
 once every rank's part is complete: a run killed at any moment resumes from the last complete one. The
-oldest are removed beyond ``keep_last``.
+oldest are removed beyond ``keep_last``. With ``async_save`` the tensors are copied to CPU memory and
+written by a thread during the next steps (DCP's ``async_save``); the checkpoint is committed the same way
+before the next save and at the end.
 
 Resuming on another world size reshards: DCP reads each rank's rows of every tensor from whatever files hold
 them, so parameters and optimiser state come back bit for bit; the data positions follow
@@ -55,9 +57,49 @@ def _tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[
     return flat, osd
 
 
+class Pending:
+    """A checkpoint whose files are being written in the background (``save(..., background=True)``); it is
+    made visible by ``commit``, which every rank calls before the next save and at the end of the run. The
+    model, optimiser, RNG and data states are those of the step it was started at."""
+
+    def __init__(self, tmp: Path, final: Path, step: int, rank_json: dict[str, Any], state_json: dict[str, Any],
+                 keep_last: int, future: Any = None) -> None:  # fmt: skip
+        self.tmp, self.final, self.step, self.keep_last = tmp, final, step, keep_last
+        self.rank_json, self.state_json, self.future = rank_json, state_json, future
+        self.done = False
+
+    def commit(self) -> Path:
+        """Wait for this rank's files, then (after every rank's) make the checkpoint visible: collective; once
+        done, a further call returns at once."""
+        if self.done:
+            return self.final
+        if self.future is not None:
+            self.future.result()  # raises what the writer thread raised
+            self.future = None
+        rank, _ = _rank_world()
+        _write_synced(self.tmp / f"rank_{rank:05d}.json", self.rank_json)
+        _barrier()
+        if rank == 0:
+            _write_synced(self.tmp / "state.json", self.state_json)
+            _fsync_dir(self.tmp)
+            os.replace(self.tmp, self.final)
+            _fsync_dir(self.final.parent)
+            root = self.final.parent
+            for old in sorted(p for p in root.glob(f"{PREFIX}*") if p.is_dir() and not p.name.endswith(".tmp"))[:-self.keep_last]:
+                shutil.rmtree(old)
+        _barrier()
+        self.done = True
+        return self.final
+
+
 def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         rank_state: dict[str, Any], extra: dict[str, Any], keep_last: int) -> Path:  # fmt: skip
-    """Write checkpoint ``step``; collective: every rank calls it with its own ``rank_state`` (data position)."""
+         rank_state: dict[str, Any], extra: dict[str, Any], keep_last: int,
+         background: Any = None) -> Pending:  # fmt: skip
+    """Write checkpoint ``step``; collective: every rank calls it with its own ``rank_state`` (data position).
+
+    Without ``background`` the checkpoint is complete and visible on return (committed). With ``background`` (a process group of its own, from ``background_group``), DCP's ``async_save``
+    copies this rank's tensors to CPU memory, returns, and writes them from a thread while training goes on;
+    call ``commit()`` on the result before the next save. Until then the previous checkpoint is the newest."""
     rank, world = _rank_world()
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f"{final.name}.tmp"
@@ -66,21 +108,26 @@ def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.O
         tmp.mkdir(parents=True)
     _barrier()
     flat, osd = _tensors(model, optimizer)
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in osd["param_groups"]]
+    pending = Pending(tmp, final, step, {"rng": _rng_state(), **rank_state},
+                      {"step": step, "world_size": world, "param_groups": groups, **extra}, keep_last)  # fmt: skip
+    writer = HuggingFaceStorageWriter(str(tmp), save_distributed=True)
     with warnings.catch_warnings():  # one process: DCP says it assumes so
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
-        dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True), no_dist=world == 1)
-    _write_synced(tmp / f"rank_{rank:05d}.json", {"rng": _rng_state(), **rank_state})
-    _barrier()
-    if rank == 0:
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in osd["param_groups"]]
-        _write_synced(tmp / "state.json", {"step": step, "world_size": world, "param_groups": groups, **extra})
-        _fsync_dir(tmp)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        for old in sorted(p for p in root.glob(f"{PREFIX}*") if p.is_dir() and not p.name.endswith(".tmp"))[:-keep_last]:
-            shutil.rmtree(old)
-    _barrier()
-    return final
+        if background is None:
+            dcp.save(flat, storage_writer=writer, no_dist=world == 1)
+        else:
+            pending.future = dcp.async_save(flat, storage_writer=writer, no_dist=world == 1,
+                                            process_group=None if world == 1 else background)  # fmt: skip
+            return pending
+    pending.commit()
+    return pending
+
+
+def background_group() -> Any:
+    """The process group that background saves synchronise on (collective to create): the writer thread's
+    collectives must not interleave with training's on the default group. ``True`` in one process."""
+    return dist.new_group(backend="gloo") if dist.is_initialized() else True
 
 
 def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], list[dict[str, Any]]]:
