@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from nvlm.models.llm import KVCache, position_ids_from_mask
+from nvlm.models.cache import KVCache
+from nvlm.models.llm import position_ids_from_mask
 
 if TYPE_CHECKING:
     from nvlm.models.nvlm import NVLM

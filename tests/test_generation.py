@@ -5,7 +5,7 @@ import torch
 
 from conftest import IMAGE_TOKEN_ID
 from nvlm.generation import SamplingParams, sample, stream
-from nvlm.models.llm import KVCache
+from nvlm.models.cache import KVCache
 from nvlm.models.nvlm import NVLM
 
 

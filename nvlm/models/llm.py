@@ -7,94 +7,15 @@ HF checkpoints, RMSNorm, SwiGLU. Module names follow HF's ``Qwen2ForCausalLM`` s
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nvlm.config import LLMConfig
+from nvlm.models.cache import KVCache
 from nvlm.models.vision import RMSNorm
-
-if TYPE_CHECKING:
-    from nvlm.models.xattn import Memory
-
-
-class KVCache:
-    """Keys and values of every layer, preallocated to ``max_len`` on first use.
-
-    All rows of a batch share one write position: batches are left-padded, and padding is masked out.
-    """
-
-    def __init__(self, num_layers: int, max_len: int) -> None:
-        self.max_len = max_len
-        self.length = 0  # positions filled so far
-        self.k: list[torch.Tensor | None] = [None] * num_layers
-        self.v: list[torch.Tensor | None] = [None] * num_layers
-        self.memory: Memory | None = None  # NVLM-X/H: the cross-attention memory, its K/V computed at prefill
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write (B, H_kv, T, D) at the current position; return everything cached so far for this layer."""
-        b, h, t, d = k.shape
-        if self.length + t > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; {self.length} + {t} do not fit")
-        if self.k[layer] is None:
-            self.k[layer] = k.new_zeros(b, h, self.max_len, d)
-            self.v[layer] = v.new_zeros(b, h, self.max_len, d)
-        end = self.length + t
-        self.k[layer][:, :, self.length : end] = k
-        self.v[layer][:, :, self.length : end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-    def advance(self, t: int) -> None:
-        self.length += t
-
-    # ------------------------------------------------------------- row operations (continuous batching)
-
-    @property
-    def rows(self) -> int:
-        k = next((k for k in self.k if k is not None), None)
-        return 0 if k is None else k.shape[0]
-
-    def select(self, rows: torch.Tensor) -> "KVCache":
-        """A cache of only these batch rows, in this order (the cross-attention memory too)."""
-        out = KVCache(len(self.k), self.max_len)
-        out.length = self.length
-        out.k = [None if k is None else k[rows] for k in self.k]
-        out.v = [None if v is None else v[rows] for v in self.v]
-        out.memory = None if self.memory is None else self.memory.select(rows)
-        return out
-
-    def realign(self, length: int, max_len: int) -> "KVCache":
-        """The same rows right-aligned at ``length`` positions (left-padded with zeros, or their oldest
-        columns dropped), in a buffer of ``max_len``. Padding columns must be masked out by the caller."""
-        out = KVCache(len(self.k), max_len)
-        out.length, out.memory = length, self.memory
-        keep = min(length, self.length)
-        for i, (k, v) in enumerate(zip(self.k, self.v)):
-            if k is None:
-                continue
-            out.k[i] = k.new_zeros(k.shape[0], k.shape[1], max_len, k.shape[3])
-            out.v[i] = v.new_zeros(v.shape[0], v.shape[1], max_len, v.shape[3])
-            out.k[i][:, :, length - keep : length] = k[:, :, self.length - keep : self.length]
-            out.v[i][:, :, length - keep : length] = v[:, :, self.length - keep : self.length]
-        return out
-
-    @staticmethod
-    def concat(caches: "list[KVCache]", max_len: int) -> "KVCache":
-        """Stack the rows of several caches, right-aligned at the longest one's length."""
-        caches = [c for c in caches if c.rows]
-        length = max(c.length for c in caches)
-        aligned = [c.realign(length, max_len) for c in caches]
-        out = KVCache(len(caches[0].k), max_len)
-        out.length = length
-        out.k = [torch.cat([c.k[i] for c in aligned]) for i in range(len(out.k))]
-        out.v = [torch.cat([c.v[i] for c in aligned]) for i in range(len(out.v))]
-        if any(c.memory is not None for c in caches):
-            from nvlm.models.xattn import Memory
-
-            out.memory = Memory.concat([c.memory for c in caches], [c.rows for c in caches])
-        return out
 
 
 def rope_cos_sin(

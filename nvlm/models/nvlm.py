@@ -20,10 +20,11 @@ import torch
 from torch import nn
 
 from nvlm.config import NVLMConfig
-from nvlm.models.llm import KVCache, LanguageModel, attention_mask_4d, position_ids_from_mask
+from nvlm.models.cache import KVCache, Memory, assemble_memory
+from nvlm.models.llm import LanguageModel, attention_mask_4d, position_ids_from_mask
 from nvlm.models.projector import Projector, pixel_shuffle
 from nvlm.models.vision import InternViT
-from nvlm.models.xattn import GatedCrossAttentionBlock, Memory, assemble_memory
+from nvlm.models.xattn import GatedCrossAttentionBlock
 
 if TYPE_CHECKING:
     from nvlm.processor import Processor

@@ -21,7 +21,8 @@ from typing import Any, Callable
 import torch
 
 from nvlm.generation import SamplingParams, no_placeholder, sample
-from nvlm.models.llm import KVCache, position_ids_from_mask
+from nvlm.models.cache import KVCache
+from nvlm.models.llm import position_ids_from_mask
 from nvlm.processor import Encoded, Processor
 from nvlm.tokenizer import StreamDecoder
 
