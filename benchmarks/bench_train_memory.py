@@ -9,7 +9,7 @@ tiny tokenizer, then for each rank count runs ``torchrun --nproc_per_node N -m n
 ``VmRSS`` of torchrun's children, every 20 ms). Loading is everything before the first step began (the first
 metrics record's time less its step time); training runs from there to the last step's record (the final
 save after it is left out). The largest rank's peaks are reported above the baseline of a process that has
-imported the training code, as a share of the 1-rank figure and (loading) of the fp32 model's bytes, beside
+imported the training code and built a tiny model on the meta device, as a share of the 1-rank figure and (loading) of the fp32 model's bytes, beside
 the plan's per-device figures (parameters for loading, the total for training). A checkpoint already in the
 training dtype stays memory-mapped until first touched, so one rank's loading peak is small and its weights
 appear in the training peak.
@@ -56,8 +56,11 @@ def children(pid: int) -> list[int]:
 
 
 def baseline_mib() -> float:
-    """VmRSS of a fresh interpreter that has imported the training code."""
-    code = f"{IMPORTS}; print(open('/proc/self/status').read())"
+    """VmRSS of a fresh interpreter that has imported the training code and built a tiny model on meta (torch's
+    meta-device init functions import ``torch._dynamo``: ~30 MiB, whatever the model's size)."""
+    code = (f"{IMPORTS}; from nvlm import NVLM; from nvlm.config import preset\n"
+            "with torch.device('meta'): NVLM(preset('tiny-d'))\n"
+            "print(open('/proc/self/status').read())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return next(int(l.split()[1]) / 1024 for l in out.splitlines() if l.startswith("VmRSS:"))
 
