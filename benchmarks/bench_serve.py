@@ -27,7 +27,7 @@ from PIL import Image
 from nvlm import NVLM, Processor, preset
 from nvlm.image import ImageProcessor
 from nvlm.serve.app import create_app
-from nvlm.serve.engine import Engine
+from nvlm.serve.engine import EngineThread
 from nvlm.tokenizer import build_tiny_tokenizer
 
 
@@ -56,7 +56,7 @@ def main() -> None:
     args = ap.parse_args()
     m = model(args.preset)
     processor = NoStopProcessor(build_tiny_tokenizer(), ImageProcessor(tile_size=56), m.config)
-    engine = Engine(m, processor, max_batch=args.clients)
+    engine = EngineThread(m, processor, max_batch=args.clients)
     app = create_app(engine, "bench")
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

@@ -46,13 +46,13 @@ def serve(port: int, ready: Any) -> None:
     from nvlm import NVLM, Processor, preset
     from nvlm.image import ImageProcessor
     from nvlm.serve.app import Limits, create_app
-    from nvlm.serve.engine import Engine
+    from nvlm.serve.engine import EngineThread
     from nvlm.tokenizer import build_tiny_tokenizer
 
     torch.manual_seed(0)
     model = NVLM(preset("tiny-d")).eval()
     processor = Processor(build_tiny_tokenizer(), ImageProcessor(tile_size=56), model.config)
-    engine = Engine(model, processor, max_batch=32)
+    engine = EngineThread(model, processor, max_batch=32)
     limits = Limits(max_body_bytes=BODY_LIMIT, allow_remote_images=True, fetch_timeout_s=2.0)
     server = uvicorn.Server(uvicorn.Config(create_app(engine, "soak", limits), host="127.0.0.1", port=port,
                                            log_level="error"))  # fmt: skip

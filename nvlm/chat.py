@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from nvlm.generation import stream
-from nvlm.tokenizer import StreamDecoder
+from nvlm.engine import Engine, first_error
+from nvlm.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from nvlm.models.nvlm import NVLM
@@ -32,19 +32,15 @@ class Chat:
         system = [{"role": "system", "content": self.system}] if self.system is not None else []
         messages = system + self.messages + [{"role": "user", "content": content}]
         inputs = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        params = {"eos_token_id": self.processor.eos_token_ids, **self.sampling, **sampling}
-        decoder = StreamDecoder(self.processor.tokenizer, skip_special_tokens=True)
-        stops = set(params["eos_token_id"])
-        for token in stream(self.model, **inputs, **params):
-            if int(token[0]) in stops:
-                break
-            delta = decoder.feed(int(token[0]))
-            if delta:
-                yield delta
-        tail = decoder.flush()
-        if tail:
-            yield tail
-        self.messages += [{"role": "user", "content": content}, {"role": "assistant", "content": decoder.text}]
+        params = SamplingParams(**{"eos_token_id": self.processor.eos_token_ids, **self.sampling, **sampling})
+        engine = Engine(self.model, self.processor, max_batch=1)
+        (seq,) = engine.add_batch(inputs, params)
+        while engine.has_work:
+            for update in engine.step():
+                if update.text:
+                    yield update.text
+        first_error([seq])
+        self.messages += [{"role": "user", "content": content}, {"role": "assistant", "content": seq.text}]
 
     def ask(self, text: str, images: Sequence[Any] = (), **sampling: Any) -> str:
         """The whole answer at once."""

@@ -1,79 +1,23 @@
-"""Generation, kept apart from the model: prefill, then one token at a time from the KV cache.
+"""Generation on tensors, as ``model.generate``: a pre-collated batch in, new token ids out.
 
-``stream`` yields the next token of every row at each step (a finished row yields ``pad_token_id``);
-``generate`` collects them into (B, n) new-token ids. Greedy by default; with ``do_sample`` the logits
-go through temperature, top-k and top-p. ``top_p <= 0`` keeps only the most likely token (the released
-``llm_config`` says ``top_p: 0``, which must not break sampling), as ``top_k <= 0`` and ``top_p >= 1``
-disable those filters.
+A thin client of ``nvlm.engine``: the batch is prefilled as it is and decoded there. ``stream`` yields the
+next token of every row at each step (a finished row yields ``pad_token_id``); ``generate`` collects them
+into (B, n) new-token ids. The settings are ``nvlm.sampling.SamplingParams``' fields.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from nvlm.models.cache import KVCache
-from nvlm.models.llm import position_ids_from_mask
+from nvlm.engine import Engine, first_error
+from nvlm.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from nvlm.models.nvlm import NVLM
 
 
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    eos_token_id: int | list[int] | None = None  # stop tokens; None: the LLM config's eos
-    pad_token_id: int | None = None  # written after a row stops; None: its first stop token (or 0)
-    seed: int | None = None
-    stop_token_ids: list[int] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-
-
-def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, V) logits -> (B,) token ids."""
-    if not p.do_sample or p.temperature == 0 or p.top_k == 1:
-        return logits.argmax(-1)
-    logits = logits.float() / p.temperature
-    if p.top_k > 0:
-        kth = logits.topk(min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= max(p.top_p, 0.0)  # the tokens before it already hold top_p
-        drop[:, 0] = False  # always keep the most likely token
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def _stop_ids(model: "NVLM", p: SamplingParams) -> list[int]:
-    eos = p.eos_token_id if p.eos_token_id is not None else model.config.llm.eos_token_id
-    ids = [eos] if isinstance(eos, int) else list(eos or [])
-    return ids + [i for i in p.stop_token_ids if i not in ids]
-
-
-def no_placeholder(model: "NVLM", logits: torch.Tensor) -> torch.Tensor:
-    """Never choose the image placeholder: fed back without pixels it would break the next step (a weak
-    model, such as a tiny one early in training, does pick it)."""
-    i = model.config.image_token_id
-    if i is not None and 0 <= i < logits.shape[-1]:
-        logits[..., i] = float("-inf")
-    return logits
-
-
-@torch.inference_mode()
 def stream(
     model: "NVLM",
     input_ids: torch.Tensor,  # (B, T), left-padded
@@ -88,38 +32,21 @@ def stream(
     """
     from nvlm.models.nvlm import MEMORY_INPUTS
 
-    memory = {k: params.pop(k) for k in MEMORY_INPUTS if k in params}
-    p = SamplingParams(**params)
-    if input_ids.dim() == 1:
-        input_ids = input_ids[None]
-    b, t = input_ids.shape
-    device = model.device
-    input_ids = input_ids.to(device)
-    mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)).long()
-    stops = _stop_ids(model, p)
+    batch = {"input_ids": input_ids, "pixel_values": pixel_values, "attention_mask": attention_mask,
+             **{k: params.pop(k) for k in MEMORY_INPUTS if k in params}}  # fmt: skip
+    p = SamplingParams(**params)  # type: ignore[arg-type]
+    engine = Engine(model, max_batch=max(1, input_ids.shape[0] if input_ids.dim() == 2 else 1))
+    seqs = engine.add_batch(batch, p)
+    stops = p.stop_ids(model.config.llm.eos_token_id)
     pad = p.pad_token_id if p.pad_token_id is not None else (stops[0] if stops else 0)
-    generator = None
-    if p.seed is not None:
-        generator = torch.Generator(device=model.language_model.lm_head.weight.device).manual_seed(p.seed)
-    if p.max_new_tokens == 0:
-        return
-    cache = KVCache(model.config.llm.num_layers, t + p.max_new_tokens)
-    positions = position_ids_from_mask(mask)  # (B, T)
-    logits = model(input_ids, pixel_values, mask, positions, cache=cache, num_logits_to_keep=1, **memory).logits
-    logits = no_placeholder(model, logits)
-    stop_tensor = torch.tensor(stops, device=logits.device)
-    done = torch.zeros(b, dtype=torch.bool, device=logits.device)
-    last_pos = positions[:, -1:]
-    for step in range(p.max_new_tokens):
-        token = sample(logits[:, -1], p, generator)  # finished rows keep decoding, but yield padding
-        yield torch.where(done, torch.full_like(token, pad), token)
-        done |= torch.isin(token, stop_tensor)
-        if bool(done.all()) or step + 1 == p.max_new_tokens:
-            return
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        last_pos = last_pos + 1
-        logits = model(token[:, None], None, mask, last_pos, cache=cache, num_logits_to_keep=1).logits
-        logits = no_placeholder(model, logits)
+    step = 0
+    while engine.has_work:
+        engine.step()
+        first_error(seqs)
+        # the first step gives two tokens per row (prefill, then one decode step); rows then advance together
+        while all(len(s.tokens) > step or s.finished for s in seqs) and any(len(s.tokens) > step for s in seqs):
+            yield torch.tensor([s.tokens[step] if len(s.tokens) > step else pad for s in seqs])
+            step += 1
 
 
 def generate(

@@ -14,6 +14,7 @@ from typing import Any, Iterable
 
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers.decoders import DecodeStream
 
 from nvlm.config import ConfigError, read_json_object
 
@@ -157,38 +158,30 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Incremental detokenizer: ``feed`` one id, get the newly completed text.
+    """Incremental detokenizer: ``feed`` one id, get the newly completed text (``tokenizers``' ``DecodeStream``).
 
-    Byte-level BPE tokens can end inside a UTF-8 sequence (emoji, CJK); decoding then yields U+FFFD, so such
-    text is held back until the following tokens complete it. Decoding a short window of previous tokens
-    (rather than each token alone) keeps tokenizers whose pieces depend on their neighbours correct.
+    Byte-level BPE tokens can end inside a UTF-8 sequence (emoji, CJK): such text is held back until the
+    following tokens complete it; ``flush`` gives what is still held at the end. ``text`` is everything
+    emitted, equal to decoding all the ids at once.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
         self._tok = tokenizer
         self._skip = skip_special_tokens
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
         self._ids: list[int] = []
-        self._prefix = 0  # start of the decode window
-        self._read = 0  # ids before this have been emitted
         self.text = ""  # everything emitted so far
 
     def feed(self, token_id: int) -> str:
         self._ids.append(int(token_id))
-        before = self._tok.decode(self._ids[self._prefix : self._read], self._skip)
-        now = self._tok.decode(self._ids[self._prefix :], self._skip)
-        if now.endswith("\ufffd") or len(now) <= len(before):
-            return ""
-        delta = now[len(before) :]
-        self._prefix, self._read = self._read, len(self._ids)
+        delta = self._stream.step(self._tok._tk, int(token_id)) or ""
         self.text += delta
         return delta
 
     def flush(self) -> str:
         """Whatever is still held back (e.g. a truly invalid byte sequence at the end of generation)."""
-        before = self._tok.decode(self._ids[self._prefix : self._read], self._skip)
-        now = self._tok.decode(self._ids[self._prefix :], self._skip)
-        delta = now[len(before) :]
-        self._prefix = self._read = len(self._ids)
+        whole = self._tok.decode(self._ids, self._skip)
+        delta = whole[len(self.text) :] if whole.startswith(self.text) else ""
         self.text += delta
         return delta
 

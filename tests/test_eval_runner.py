@@ -191,7 +191,6 @@ def test_generate_batch_left_pads_and_stops(tiny_model_dir, data):
     prompts = [task.prompt(s, "official") for s in task.load(data)]  # 1, 2 and 1 images, different lengths
     batched = generate_batch(model, processor, prompts, 5)
     assert batched == [generate_batch(model, processor, [p], 5)[0] for p in prompts]
-    assert runner._cut("    return 1\ndef g():\n", TASKS["humaneval"].stop) == "    return 1"
     raw = generate_batch(model, processor, [Prompt(None, "def f():\n", chat=False)], 6)[0]
     stop = raw[1:3]  # a stop string the tiny model is known to produce
     cut = generate_batch(model, processor, [Prompt(None, "def f():\n", chat=False)], 6, stop=(stop,))[0]

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import IMAGE_TOKEN_ID
-from nvlm.generation import SamplingParams, sample, stream
+from nvlm.generation import stream
+from nvlm.sampling import SamplingParams, sample
 from nvlm.models.cache import KVCache
 from nvlm.models.nvlm import NVLM
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from nvlm import NVLM, Processor
 from nvlm.serve.app import Limits, create_app
-from nvlm.serve.engine import Engine
+from nvlm.serve.engine import EngineThread
 
 
 def _data_url(size=(120, 60), color=(200, 0, 0), fmt="PNG") -> str:
@@ -30,7 +30,7 @@ class Server:
         processor = Processor.from_pretrained(model_dir)
         if arch:
             processor = Processor(processor.tokenizer, processor.image_processor, model.config)
-        self.engine = Engine(model, processor, max_batch=32, max_waiting=limits.pop("max_waiting", 256))
+        self.engine = EngineThread(model, processor, max_batch=32, max_waiting=limits.pop("max_waiting", 256))
         app = create_app(self.engine, "tiny", Limits(**limits))
         s = socket.socket()
         s.bind(("127.0.0.1", 0))

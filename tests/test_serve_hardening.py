@@ -10,7 +10,8 @@ import httpx
 import pytest
 from test_serve import Server, _data_url, _image_msg
 
-from nvlm.serve.engine import Sequence
+from nvlm.sampling import SamplingParams
+from nvlm.serve.engine import Job
 
 
 def _status_kb(key: str) -> int:
@@ -104,7 +105,7 @@ def test_a_failing_prefill_fails_only_its_own_sequence(server):
                 if kind in ("done", "error"):
                     done[i].set()
 
-            seqs.append(Sequence(p, [], 6, emit, stop_ids=tuple(proc.eos_token_ids)))
+            seqs.append(Job(p, [], SamplingParams(max_new_tokens=6, eos_token_id=proc.eos_token_ids), emit))
         engine.submit(seqs)  # one call: admitted, and prefilled, together
         assert all(d.wait(60) for d in done)
         return out

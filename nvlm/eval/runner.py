@@ -213,8 +213,9 @@ def generate_batch(
     A prompt with several images gives each ``max(1, max_tiles // n)`` tiles, as Megatron's multi-image
     MMMU path does, so that seven images do not make a 12k-token prompt.
     """
-    from nvlm.generation import stream
+    from nvlm.engine import Engine, first_error
     from nvlm.image import load_image
+    from nvlm.sampling import SamplingParams
 
     rows, pixels = [], []
     for p in prompts:
@@ -223,25 +224,12 @@ def generate_batch(
         pix = [tiler(load_image(resolve_image(src))) for src in p.images]
         rows.append(processor.encode(text, [x.shape[0] for x in pix]))
         pixels.append(pix)
-    inputs = processor.collate(rows, pixels)
-    eos = set(processor.eos_token_ids)
-    tokens: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    steps = stream(model, **inputs, max_new_tokens=max_new_tokens, eos_token_id=processor.eos_token_ids)
-    for step in steps:
-        for i, t in enumerate(step.tolist()):
-            if done[i]:
-                continue
-            if t in eos:
-                done[i] = True
-                continue
-            tokens[i].append(t)
-            if stop:
-                text = processor.decode(tokens[i])
-                done[i] = _cut(text, stop) != text
-        if all(done):
-            break
-    return [_cut(processor.decode(t), stop) for t in tokens]
+    params = SamplingParams(max_new_tokens=max_new_tokens, stop=tuple(stop), eos_token_id=processor.eos_token_ids)
+    engine = Engine(model, processor, max_batch=len(prompts))
+    seqs = engine.add(rows, pixels, [params] * len(rows))
+    engine.run()
+    first_error(seqs)
+    return [s.text for s in seqs]
 
 
 def _messages(p: Prompt) -> list[dict[str, str]]:
@@ -257,11 +245,6 @@ def _tiler(processor: "Processor", n_images: int) -> Any:
 
     tiles = max(1, base.max_tiles // n_images)
     return ImageProcessor(base.tile_size, tiles, base.use_thumbnail, min(base.min_tiles, tiles))
-
-
-def _cut(text: str, stop: Sequence[str]) -> str:
-    ends = [i for i in (text.find(s) for s in stop) if i >= 0]
-    return text[: min(ends)] if ends else text
 
 
 def _chunks(xs: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:

@@ -25,12 +25,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nvlm.generation import SamplingParams
+from nvlm.sampling import SamplingParams
 from nvlm.image import ImageError, load_image
 from nvlm.processor import Processor
 from nvlm.serve import protocol as api
 from nvlm.serve.body import BodyLimit
-from nvlm.serve.engine import Engine, QueueFull, Sequence
+from nvlm.engine import Sequence
+from nvlm.serve.engine import EngineThread, Job, QueueFull
 from nvlm.serve.fetch import FETCH_FAILED, FetchError, fetch
 from nvlm.template import Rendered
 
@@ -49,7 +50,7 @@ class Limits:
     local_image_dir: str | None = None  # file:// and paths only under this directory
 
 
-def create_app(engine: Engine, model_name: str, limits: Limits | None = None) -> FastAPI:
+def create_app(engine: EngineThread, model_name: str, limits: Limits | None = None) -> FastAPI:
     limits = limits or Limits()
     app = FastAPI(title="nvlm", docs_url=None, redoc_url=None)
     too_large = api.APIError(413, f"request body over {limits.max_body_bytes} bytes", code="body_too_large")
@@ -110,24 +111,26 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None) ->
         if len(prompt.input_ids) > budget:
             raise _too_long(f"the prompt ({len(prompt.input_ids)} tokens)", max_tokens, context)
         events: asyncio.Queue[tuple[int, str, Any]] = asyncio.Queue()
-        seqs = []
+        requests = []
         for i in range(req.n):
             def emit(kind: str, value: Any, i: int = i) -> None:
                 loop.call_soon_threadsafe(events.put_nowait, (i, kind, value))
 
-            sampling = SamplingParams(do_sample=req.temperature > 0, temperature=req.temperature, top_p=req.top_p,
-                                      top_k=req.top_k, seed=req.choice_seed(i))  # fmt: skip
-            seqs.append(Sequence(prompt, pixels, max_tokens, emit, sampling, req.repetition_penalty,
-                                 tuple(processor.eos_token_ids)))  # fmt: skip
+            params = SamplingParams(max_new_tokens=max_tokens, do_sample=req.temperature > 0,
+                                    temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                                    repetition_penalty=req.repetition_penalty, seed=req.choice_seed(i),
+                                    stop=tuple(req.stops), eos_token_id=processor.eos_token_ids)  # fmt: skip
+            requests.append(Job(prompt, pixels, params, emit))
+        seqs: list[Sequence] = []
         if max_tokens == 0:
             for i in range(req.n):
                 events.put_nowait((i, "done", "length"))
         else:
             try:
-                engine.submit(seqs)
+                seqs = engine.submit(requests)
             except QueueFull as e:
                 raise api.APIError(429, f"server busy: {e}", "rate_limit_error", "queue_full") from None
-        stream = _Choices(seqs, events, req.stops, limits.timeout_s)
+        stream = _Choices(seqs, events, req.n, limits.timeout_s)
         id_ = api.completion_id()
         if not req.stream:
             if not await _drain_unless_disconnected(stream, request):
@@ -176,15 +179,14 @@ async def _disconnected(request: Request) -> None:
 
 
 class _Choices:
-    """Engine events of a request's n sequences -> text deltas, with stop strings and the timeout applied."""
+    """Engine events of a request's n sequences -> text deltas (stop strings already cut by the engine),
+    with the timeout applied."""
 
-    def __init__(self, seqs: list[Sequence], events: asyncio.Queue, stops: list[str], timeout: float) -> None:
-        self.seqs, self.events, self.stops = seqs, events, stops
+    def __init__(self, seqs: list[Sequence], events: asyncio.Queue, n: int, timeout: float) -> None:
+        self.seqs, self.events = seqs, events
         self.deadline = time.monotonic() + timeout
-        self.texts = [""] * len(seqs)
-        self.sent = [0] * len(seqs)  # characters of each text already handed out
-        self.reasons: list[str | None] = [None] * len(seqs)
-        self.hold = max((len(s) - 1 for s in stops), default=0)  # a stop string may still be forming
+        self.texts = [""] * n
+        self.reasons: list[str | None] = [None] * n
 
     @property
     def completion_tokens(self) -> int:
@@ -192,7 +194,7 @@ class _Choices:
 
     def cancel(self) -> None:
         for s in self.seqs:
-            s.cancelled = True
+            s.cancel()
 
     def __aiter__(self) -> AsyncIterator[tuple[int, str, str | None]]:
         return self._run()
@@ -212,16 +214,10 @@ class _Choices:
                 raise api.APIError(500, value, "server_error", "generation_failed")
             if kind == "delta":
                 self.texts[i] += value
-                cut = min((self.texts[i].find(s) for s in self.stops if s in self.texts[i]), default=-1)
-                if cut >= 0:
-                    self.texts[i], self.reasons[i] = self.texts[i][:cut], "stop"
-                    self.seqs[i].cancelled = True
+                yield i, value, None
             else:
                 self.reasons[i] = value
-            end = len(self.texts[i]) if self.reasons[i] else max(self.sent[i], len(self.texts[i]) - self.hold)
-            new, self.sent[i] = self.texts[i][self.sent[i] : end], end
-            if new or self.reasons[i]:
-                yield i, new, self.reasons[i]
+                yield i, "", value
 
 
 async def _sse(stream: _Choices, id_: str, model: str, prompt_tokens: int, n: int, include_usage: bool) -> AsyncIterator[str]:

@@ -15,11 +15,11 @@ def _serve(args: argparse.Namespace) -> int:
         raise ImportError("nvlm serve needs the server extra: pip install 'nvlm[server]'") from None
     from nvlm.models.nvlm import NVLM
     from nvlm.processor import Processor
-    from nvlm.serve.engine import Engine
+    from nvlm.serve.engine import EngineThread
 
     model = NVLM.from_pretrained(args.model, dtype=args.dtype, device=args.device)
     processor = Processor.from_pretrained(args.model, max_tiles=args.max_tiles)
-    engine = Engine(model, processor, max_batch=args.max_batch, max_waiting=args.max_queue)
+    engine = EngineThread(model, processor, max_batch=args.max_batch, max_waiting=args.max_queue)
     limits = Limits(max_body_bytes=args.max_body_mb * 2**20, max_images=args.max_images,
                     max_image_pixels=args.max_image_pixels, max_queue=args.max_queue, timeout_s=args.timeout,
                     allow_remote_images=args.allow_remote_images, fetch_timeout_s=args.fetch_timeout,
