@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from nvlm.engine import Engine, first_error
+from nvlm.models.cache import MEMORY_INPUTS
 from nvlm.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -30,8 +31,6 @@ def stream(
     ``params`` are ``SamplingParams`` fields, plus NVLM-X/H's memory inputs from the processor; the
     cross-attention keys and values are computed once at prefill and kept in the cache.
     """
-    from nvlm.models.nvlm import MEMORY_INPUTS
-
     batch = {"input_ids": input_ids, "pixel_values": pixel_values, "attention_mask": attention_mask,
              **{k: params.pop(k) for k in MEMORY_INPUTS if k in params}}  # fmt: skip
     p = SamplingParams(**params)  # type: ignore[arg-type]

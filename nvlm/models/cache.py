@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+# NVLM-X/H's model inputs that make the memory (the processor's names)
+MEMORY_INPUTS = ("memory_pixel_values", "memory_crops", "cross_attention_mask", "memory_tag_ids")
+
 
 @dataclass
 class Memory:

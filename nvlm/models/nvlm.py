@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from nvlm.config import NVLMConfig
+from nvlm.generation import generate
 from nvlm.models.cache import KVCache, Memory, assemble_memory
 from nvlm.models.llm import LanguageModel, attention_mask_4d, position_ids_from_mask
 from nvlm.models.projector import Projector, pixel_shuffle
@@ -40,7 +41,6 @@ class NVLMOutput:
 
 
 # The processor's outputs that feed the cross-attention memory (NVLM-X and NVLM-H).
-MEMORY_INPUTS = ("memory_pixel_values", "memory_crops", "cross_attention_mask", "memory_tag_ids")
 
 
 class NVLM(nn.Module):
@@ -212,8 +212,6 @@ class NVLM(nn.Module):
         **sampling: Any,
     ) -> torch.Tensor:
         """New token ids only, (B, n); finished rows are padded. See ``nvlm.generation.generate``."""
-        from nvlm.generation import generate
-
         return generate(self, input_ids, pixel_values, attention_mask, **sampling)
 
     # ----------------------------------------------------------------------------- checkpoints
