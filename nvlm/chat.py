@@ -27,7 +27,11 @@ class Chat:
         self.messages = []
 
     def stream(self, text: str, images: Sequence[Any] = (), **sampling: Any) -> Iterator[str]:
-        """Ask ``text`` about ``images`` (PIL images, paths or bytes); yield the answer as it is decoded."""
+        """Ask ``text`` about ``images`` (PIL images, paths or bytes); yield the answer as it is decoded.
+
+        The answer's surrounding whitespace is stripped, as the released ``chat()`` strips it: nothing is
+        yielded before its first non-space character, whitespace is held back until more text follows it,
+        so the pieces join to ``answer.strip()``, which is also what joins the history."""
         content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": text}]
         system = [{"role": "system", "content": self.system}] if self.system is not None else []
         messages = system + self.messages + [{"role": "user", "content": content}]
@@ -35,17 +39,25 @@ class Chat:
         params = {"eos_token_id": self.processor.eos_token_ids, **self.sampling, **sampling}
         decoder = StreamDecoder(self.processor.tokenizer, skip_special_tokens=True)
         stops = set(params["eos_token_id"])
+        held = ""  # whitespace not yet yielded: dropped at the start, yielded only if more text follows
+        started = False
+
+        def emit(delta: str) -> Iterator[str]:
+            nonlocal held, started
+            text = held + delta if started else delta.lstrip()
+            body = text.rstrip()
+            held, started = text[len(body):], started or bool(body)
+            if body:
+                yield body
+
         for token in stream(self.model, **inputs, **params):
             if int(token[0]) in stops:
                 break
-            delta = decoder.feed(int(token[0]))
-            if delta:
-                yield delta
-        tail = decoder.flush()
-        if tail:
-            yield tail
-        self.messages += [{"role": "user", "content": content}, {"role": "assistant", "content": decoder.text}]
+            yield from emit(decoder.feed(int(token[0])))
+        yield from emit(decoder.flush())
+        answer = decoder.text.strip()
+        self.messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
 
     def ask(self, text: str, images: Sequence[Any] = (), **sampling: Any) -> str:
-        """The whole answer at once."""
+        """The whole answer at once, stripped of surrounding whitespace."""
         return "".join(self.stream(text, images, **sampling))
