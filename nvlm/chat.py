@@ -27,7 +27,11 @@ class Chat:
         self.messages = []
 
     def stream(self, text: str, images: Sequence[Any] = (), **sampling: Any) -> Iterator[str]:
-        """Ask ``text`` about ``images`` (PIL images, paths or bytes); yield the answer as it is decoded."""
+        """Ask ``text`` about ``images`` (PIL images, paths or bytes); yield the answer as it is decoded.
+
+        The answer's surrounding whitespace is stripped, as the released ``chat()`` strips it: nothing is
+        yielded before its first non-space character, whitespace is held back until more text follows it,
+        so the pieces join to ``answer.strip()``, which is also what joins the history."""
         content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": text}]
         system = [{"role": "system", "content": self.system}] if self.system is not None else []
         messages = system + self.messages + [{"role": "user", "content": content}]
@@ -35,13 +39,17 @@ class Chat:
         params = SamplingParams(**{"eos_token_id": self.processor.eos_token_ids, **self.sampling, **sampling})
         engine = Engine(self.model, self.processor, max_batch=1)
         (seq,) = engine.add_batch(inputs, params)
+        held, started = "", False  # whitespace not yet yielded: dropped at the start, yielded if text follows
         while engine.has_work:
             for update in engine.step():
-                if update.text:
-                    yield update.text
+                piece = held + update.text if started else update.text.lstrip()
+                body = piece.rstrip()
+                held, started = piece[len(body) :], started or bool(body)
+                if body:
+                    yield body
         first_error([seq])
-        self.messages += [{"role": "user", "content": content}, {"role": "assistant", "content": seq.text}]
+        self.messages += [{"role": "user", "content": content}, {"role": "assistant", "content": seq.text.strip()}]
 
     def ask(self, text: str, images: Sequence[Any] = (), **sampling: Any) -> str:
-        """The whole answer at once."""
+        """The whole answer at once, stripped of surrounding whitespace."""
         return "".join(self.stream(text, images, **sampling))

@@ -44,16 +44,27 @@ class CheckpointError(ValueError):
 
 
 def unpad_vit_attention(name: str, tensor: torch.Tensor, width: int, head_dim: int) -> torch.Tensor:
-    """Drop dummy heads (appended after the real ones) from a padded ViT attention tensor, if padded."""
+    """Drop dummy heads (appended after the real ones) from a padded ViT attention tensor, if padded.
+
+    The dummy heads of qkv and proj must be all zero, as released: dropping non-zero ones would change the
+    model's output, so that is a ``CheckpointError`` naming the tensor. The q/k-norm weights of dummy heads
+    scale channels that are zero and are dropped whatever they hold."""
     kind = VIT_ATTENTION.match(name).group(1)
     if kind.startswith("qkv"):
         padded = tensor.shape[0] // 3
         if tensor.shape[0] % 3 or padded % head_dim or padded < width:
             raise CheckpointError(f"{name}: shape {tuple(tensor.shape)} fits no qkv layout of width {width}")
-        return torch.cat([part[:width] for part in tensor.split(padded, dim=0)], dim=0)
-    if kind == "proj.weight":
-        return tensor[:, :width]
-    return tensor[:width]  # q_norm / k_norm
+        parts = tensor.split(padded, dim=0)
+        dummy = [part[width:] for part in parts]
+        kept = torch.cat([part[:width] for part in parts], dim=0)
+    elif kind == "proj.weight":
+        dummy, kept = [tensor[:, width:]], tensor[:, :width]
+    else:
+        return tensor[:width]  # q_norm / k_norm
+    if any(d.numel() and bool(d.ne(0).any()) for d in dummy):
+        raise CheckpointError(f"{name}: its dummy heads (after the {width} real channels) are not all zero; "
+                              "this model has no place for them")
+    return kept
 
 
 def pad_vit_attention(name: str, tensor: torch.Tensor, head_dim: int) -> torch.Tensor:

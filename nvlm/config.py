@@ -75,9 +75,11 @@ class LLMConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 151643
     eos_token_id: int | None = 151645
-    # Kept for the round trip only: the released HF code (transformers 4.39 Qwen2) and Megatron's training
-    # apply no RoPE scaling, and neither do we.
+    # The released HF code (transformers 4.39 Qwen2) and Megatron's training apply no RoPE scaling, and by
+    # default neither do we: ``rope_scaling`` is kept for the round trip. ``dynamic_rope`` applies it as
+    # transformers >= 4.45 does (dynamic NTK past ``max_position_embeddings``; docs/DESIGN.md).
     rope_scaling: dict[str, Any] | None = None
+    dynamic_rope: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -177,6 +179,11 @@ class NVLMConfig:
             problems.append("LLM heads do not divide its width, or KV heads do not divide its heads")
         elif lm.head_dim % 2:
             problems.append(f"LLM head dim {lm.head_dim} is odd: RoPE rotates pairs of channels")
+        if lm.dynamic_rope:
+            rs = lm.rope_scaling if isinstance(lm.rope_scaling, dict) else {}
+            kind, factor = rs.get("rope_type", rs.get("type")), rs.get("factor")
+            if kind != "dynamic" or not (_is_number(factor) and factor >= 1):
+                problems.append(f"dynamic_rope needs rope_scaling {{'type': 'dynamic', 'factor' >= 1}}, not {lm.rope_scaling!r}")
         if not -v.num_layers <= self.select_layer <= v.num_layers:
             problems.append(f"select_layer {self.select_layer} is outside the ViT's {v.num_layers} layers")
         if self.ps_version != "v2":
@@ -198,10 +205,13 @@ class NVLMConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "NVLMConfig":
-        """Read a released-style ``config.json`` dict (NVLM_D, or our NVLM_X / NVLM_H)."""
+        """Read a released-style ``config.json`` dict (NVLM_D, or our NVLM_X / NVLM_H). ``architectures`` names
+        the model (``NVLM_D``, or ``NVLM_D_Model`` as the released remote code's ``save_pretrained`` writes it,
+        with ``model_type: NVLM_D``); without it, ``model_type`` does."""
         try:
             arch_name = (cfg.get("architectures") or [cfg.get("model_type", "")])[0]
-            arch = {"NVLM_D": "D", "NVLM_X": "X", "NVLM_H": "H"}.get(arch_name)
+            # "NVLM_D_Model": the class name that the released remote code's save_pretrained writes
+            arch = {"NVLM_D": "D", "NVLM_D_Model": "D", "NVLM_X": "X", "NVLM_H": "H"}.get(arch_name)
             if arch is None:
                 raise ConfigError(f"architectures {cfg.get('architectures')!r} is not NVLM_D, NVLM_X or NVLM_H")
             vc, lc = cfg["vision_config"], cfg["llm_config"]
@@ -246,6 +256,7 @@ class NVLMConfig:
                 bos_token_id=lc.get("bos_token_id"),
                 eos_token_id=lc.get("eos_token_id"),
                 rope_scaling=lc.get("rope_scaling"),
+                dynamic_rope=lc.get("dynamic_rope", False),
             )
             ratio = cfg.get("downsample_ratio", 0.5)
             if not (_is_number(ratio) and 0 < ratio <= 1):
@@ -321,6 +332,7 @@ class NVLMConfig:
                 "num_key_value_heads": lm.num_kv_heads,
                 "rms_norm_eps": lm.rms_norm_eps,
                 "rope_scaling": lm.rope_scaling,
+                **({"dynamic_rope": True} if lm.dynamic_rope else {}),
                 "rope_theta": lm.rope_theta,
                 "tie_word_embeddings": lm.tie_word_embeddings,
                 "torch_dtype": self.torch_dtype,

@@ -1,7 +1,9 @@
 """Checkpoint I/O in the released NVLM-D-72B layout."""
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,3 +159,74 @@ def test_dtype_argument_casts_floats(nvlm_d_dir):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     ids = torch.tensor([[1, 2, 3]])
     assert model(ids).logits.dtype == torch.bfloat16
+
+
+# --- the released files of nvidia/NVLM-D-72B (tests/fixtures/nvlm-d-72b, see its SOURCE.md) ----------------
+RELEASED = Path(__file__).parent / "fixtures" / "nvlm-d-72b"
+
+
+def test_from_hf_on_the_released_config_json():
+    cfg = NVLMConfig.from_json_file(RELEASED / "config.json")
+    assert cfg == preset("nvlm-d-72b")
+    assert cfg.llm.rope_scaling == {"factor": 3.0, "type": "dynamic"} and not cfg.llm.dynamic_rope
+
+
+def test_released_index_names_exactly_the_model_tensors():
+    """Every tensor name of the 46-shard index is a tensor of the 72B model built on meta, and back."""
+    index = json.loads((RELEASED / "model.safetensors.index.json").read_text())
+    with torch.device("meta"):
+        model = NVLM(NVLMConfig.from_json_file(RELEASED / "config.json"))
+    assert set(index["weight_map"]) == set(model.state_dict())
+    assert len(set(index["weight_map"].values())) == 46
+
+
+def test_checkpoint_chat_template_is_the_released_one(tmp_path):
+    """chat_template="checkpoint" renders the released tokenizer_config.json's Jinja template as transformers does."""
+    from nvlm.processor import Processor
+    from nvlm.tokenizer import build_tiny_tokenizer
+
+    (tmp_path / "config.json").write_text(json.dumps(preset("tiny-d").to_hf()))
+    build_tiny_tokenizer().save(tmp_path)
+    shutil.copy(RELEASED / "tokenizer_config.json", tmp_path / "tokenizer_config.json")
+    processor = Processor.from_pretrained(tmp_path, chat_template="checkpoint")
+    assert processor.tokenizer.chat_template == json.loads((RELEASED / "tokenizer_config.json").read_text())["chat_template"]
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "Why?"}]
+    hf = pytest.importorskip("transformers").AutoTokenizer.from_pretrained(tmp_path)  # the same files
+    want = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert processor.apply_chat_template(msgs, tokenize=False) == want
+    no_system = processor.apply_chat_template(msgs[1:2], tokenize=False)
+    assert no_system == hf.apply_chat_template(msgs[1:2], tokenize=False, add_generation_prompt=True)
+    assert no_system.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")  # the template's default
+
+
+def test_remote_code_save_pretrained_config_loads(nvlm_d_dir, tmp_path):
+    """The released remote code's save_pretrained writes "architectures": ["NVLM_D_Model"] (the class name),
+    model_type NVLM_D, llm_config as Qwen2Config.to_dict (model_type qwen2; transformers >= 4.45 adds rope_type)."""
+    dst = shutil.copytree(nvlm_d_dir, tmp_path / "saved")
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(architectures=["NVLM_D_Model"], model_type="NVLM_D", use_backbone_lora=0, use_llm_lora=0)
+    cfg["llm_config"].update(model_type="qwen2", rope_scaling={"factor": 3.0, "type": "dynamic", "rope_type": "dynamic"})
+    (dst / "config.json").write_text(json.dumps(cfg))
+    ids = torch.tensor([[1, 2] + [IMAGE_TOKEN_ID] * 4 + [3]])
+    pixels = torch.randn(1, 3, 56, 56)
+    saved = NVLM.from_pretrained(dst)
+    assert saved.config.arch == "D"
+    assert torch.equal(saved(ids, pixel_values=pixels).logits, NVLM.from_pretrained(nvlm_d_dir)(ids, pixel_values=pixels).logits)
+
+
+@pytest.mark.parametrize("name, where", [
+    ("vision_model.encoder.layers.0.attn.qkv.weight", lambda t: t[40:96]),  # q's dummy rows
+    ("vision_model.encoder.layers.1.attn.qkv.weight", lambda t: t[-8:]),  # v's last dummy head
+    ("vision_model.encoder.layers.0.attn.proj.weight", lambda t: t[:, 40:]),
+])
+def test_non_zero_dummy_heads_are_refused(nvlm_d_dir, tmp_path, name, where):
+    dst = shutil.copytree(nvlm_d_dir, tmp_path / "c")
+
+    def touch(sd):
+        if name in sd:
+            where(sd[name]).fill_(0.01)
+
+    _edit_shard(dst, touch)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(name)}: its dummy heads .* are not all zero"):
+        NVLM.from_pretrained(dst)

@@ -8,7 +8,6 @@ tests/fixtures/eval/*.json with a "source" field.
 import importlib.util
 import json
 import random
-import shutil
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from nvlm.eval.metrics import (
     normalize_vqa, ocrbench_match, ocrbench_totals, pass_at_k, relaxed_accuracy, strip_boxed, textvqa_accuracy,
     vqa_accuracy,
 )
+from nvlm.eval.metrics.caption import java_tokenizer_available, tokenize_captions
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 
@@ -319,6 +319,15 @@ def test_mathvista_extractor_plugin():
     assert mathvista_correct("42", extractor=lambda r: "0", **kwargs)  # the int shortcut comes first, as in MV
 
 
+def test_mathvista_extractor_returning_a_non_string_carries_on():
+    """A failed GPT call gives None: MathVista goes on with str(None), it does not stop the run."""
+    number = dict(question_type="free_form", answer_type="integer", answer="42", choices=None, precision=None)
+    assert mathvista_correct("forty-two", extractor=lambda r: None, **number) is False
+    assert mathvista_correct("forty-two", extractor=lambda r: 42, **number) is True  # str(42) == "42"
+    choice = dict(question_type="multi_choice", answer_type="text", choices=["Nine", "One"], precision=None)
+    assert mathvista_correct("no idea", extractor=lambda r: None, answer="Nine", **choice)  # "None" ~ "Nine"
+
+
 # --- 4.9 MATH is_equiv [official] hendrycks/math modeling/math_equivalence_test.py --------------------------
 @pytest.mark.parametrize("case", fixture("math_equivalence.json")["cases"], ids=lambda c: c["name"])
 def test_math_equivalence(case):
@@ -407,16 +416,40 @@ PREDICTIONS = ["a man riding a wave on a surfboard", "two dogs playing in the gr
 
 
 def test_cider_golden():
-    score, per_image = cider(PREDICTIONS, REFERENCES)
+    score, per_image = cider(PREDICTIONS, REFERENCES, tokenizer="python")
     assert score == pytest.approx(2.484434549, abs=1e-4)
     assert per_image == pytest.approx([3.6986, 1.7233, 2.4825, 2.0332], abs=1e-4)
 
 
 def test_bleu_golden():
-    assert bleu(PREDICTIONS, REFERENCES) == pytest.approx([0.830950, 0.755245, 0.607780, 0.439502], abs=1e-6)
+    assert bleu(PREDICTIONS, REFERENCES, tokenizer="python") == \
+        pytest.approx([0.830950, 0.755245, 0.607780, 0.439502], abs=1e-6)
+
+
+# [RUN] pycocoevalcap 1.2 with the Java PTBTokenizer; the tokenizer the scorer had before gave 4.6249 here
+DECADES = (["a 1950s car parked on a street", "a man on the 2nd floor"],
+           [["a car from the 1950s parked on the street"], ["a man standing on the 2nd floor"]])
+
+
+def test_cider_keeps_decades_and_ordinals_whole():
+    assert cider(*DECADES, tokenizer="python")[0] == pytest.approx(4.041804438, abs=1e-6)
+
+
+@pytest.mark.parametrize("text, tokens", [  # [RUN] the Java PTBTokenizer
+    ("the 2nd floor", ["the", "2nd", "floor"]), ("1950s cars", ["1950s", "cars"]), ("3/4 of it", ["3/4", "of", "it"]),
+    ("2 3/4 cups", ["2", "3/4", "cups"]), ("wow!!", ["wow", "!!"]), ("what?!", ["what", "?!"]),
+    ("a&b", ["a", "&", "b"]), ("AT&T", ["at&t"]), ("the dog 's bone", ["the", "dog", "'s", "bone"]),
+    ("DON'T Cannot", ["do", "n't", "can", "not"]), ("Dr. Smith and dr. Who", ["dr.", "smith", "and", "dr.", "who"]),
+    ("dogs' toys", ["dogs", "toys"]), ("o'clock O'Neil", ["o'clock", "o'neil"]), ("½ €5 £3", ["1/2", "$", "5", "#", "3"]),
+    ("“quoted” -- ok --- fine ----- x", ["quoted", "ok", "fine", "-----", "x"]), (":) smile", [":-rrb-", "smile"]),
+])
+def test_caption_tokenize_follows_ptbtokenizer_rules(text, tokens):
+    assert caption_tokenize(text) == tokens
 
 
 def test_caption_edges():
+    with pytest.raises(ValueError, match="tokenizer"):
+        cider(["a"], [["a"]], tokenizer="ptb")
     assert caption_tokenize("A dinner plate holds rice, meat and broccoli.") == \
         "a dinner plate holds rice meat and broccoli".split()
     assert caption_tokenize("It isn't the U.S. man's (big) car!") == \
@@ -424,9 +457,9 @@ def test_caption_edges():
     assert caption_tokenize("Costs $5.50 or 50%... a 1,000-piece set") == \
         ["costs", "$", "5.50", "or", "50", "%", "a", "1,000-piece", "set"]
     assert caption_tokenize("") == [] and caption_tokenize("Café ＡＢＣ") == ["café", "ａｂｃ"]
-    score, per_image = cider(["", "a red bus"], [["a red bus"], ["a red bus", "a bus"]])
+    score, per_image = cider(["", "a red bus"], [["a red bus"], ["a red bus", "a bus"]], tokenizer="python")
     assert per_image[0] == 0.0 and score == pytest.approx(per_image[1] / 2)
-    assert bleu([""], [["a red bus"]])[0] < 1e-6
+    assert bleu([""], [["a red bus"]], tokenizer="python")[0] < 1e-6
     with pytest.raises(ValueError):
         cider(["x"], [])
     with pytest.raises(ValueError):
@@ -457,11 +490,10 @@ def test_cider_bleu_agree_with_pycocoevalcap():
     assert bleu(preds, refs) == pytest.approx(their_bleu, abs=1e-9)
 
 
-@pytest.mark.skipif(not _pycocoevalcap_available() or shutil.which("java") is None,
-                    reason="pycocoevalcap's PTBTokenizer needs the package and Java")
+@pytest.mark.skipif(not java_tokenizer_available(), reason="pycocoevalcap's PTBTokenizer needs the package and Java")
 def test_caption_tokenize_agrees_with_ptbtokenizer():
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
+    """The port against the Java tokenizer: hand-picked captions, then 2,000 lines of random characters that
+    the lexer's rules care about (one file, so lookahead into the next line is compared too), in one JVM run."""
     captions = [c for rs in REFERENCES for c in rs] + PREDICTIONS + [
         "A man's hand holding a hot dog with mustard.", "It's 3 o'clock and the kids aren't home yet.",
         "The sandwich costs $4.99 at the deli.", "About 50% of the field is covered in snow.",
@@ -469,10 +501,19 @@ def test_caption_tokenize_agrees_with_ptbtokenizer():
         "A man wearing a hat (and sunglasses) on a boat.", "A teddy bear sitting in a chair -- looks cute.",
         "a surfer riding a wave... wow", "The women's tennis player hits the ball.", "A yellow fire hydrant .",
         "We're gonna cannot won't I'd they've you'll I'm.", "A red double-decker bus #1 & a cat @ home.",
+        "A 1950s car on the 2nd floor, 3/4 full!! Really?! a&b 's", "", "Jan. 5 no. 3 etc. A.B.C. e.g. www.x.com",
     ]
-    theirs = PTBTokenizer().tokenize({i: [{"caption": c}] for i, c in enumerate(captions)})
-    for i, caption in enumerate(captions):
-        assert caption_tokenize(caption) == theirs[i][0].split(), caption
+    rng = random.Random(0)
+    alphabet = "aAbBnNtTsSdDmMoO'\".,;:!?-/&$%#@()[]{}<>*_=+ 0123456789\t½€£¢“”‘’—…é東"
+    captions += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 25))) for _ in range(2000)]
+    assert tokenize_captions(captions, "python") == tokenize_captions(captions, "java")
+
+
+@pytest.mark.skipif(not java_tokenizer_available(), reason="pycocoevalcap's PTBTokenizer needs the package and Java")
+def test_scores_with_the_java_tokenizer():
+    """The default tokenizer is pycocoevalcap's own where it runs: the golden values hold through it."""
+    assert cider(*DECADES)[0] == pytest.approx(4.041804438, abs=1e-6)
+    assert bleu(PREDICTIONS, REFERENCES) == pytest.approx([0.830950, 0.755245, 0.607780, 0.439502], abs=1e-6)
 
 
 @pytest.mark.parametrize("call", [

@@ -194,17 +194,31 @@ def test_start_from_a_vit_and_an_llm_checkpoint(reference, tmp_path):
 
 
 def test_activation_checkpointing_keeps_loss_and_gradients(tiny_model_dir):
+    """NVLM-X with images in its cross-attention memory (gates open, so the blocks shape the output): the same
+    loss and gradients with activation checkpointing, the cross-attention blocks' own gradients included."""
+    from conftest import open_gates
     from nvlm.train.distributed import apply_activation_checkpointing
 
+    torch.manual_seed(0)
     ids = torch.randint(0, 400, (2, 16))
-    grads = []
+    memory = {"memory_pixel_values": torch.randn(3, 3, 56, 56), "memory_crops": torch.tensor([1, 2]),
+              "cross_attention_mask": torch.ones(2, 16, 2, dtype=torch.bool)}
+    memory["cross_attention_mask"][0, :, 1] = False  # row 0 has one crop
+    grads, losses = [], []
     for recompute in (False, True):
+        torch.manual_seed(1)  # the fresh cross-attention blocks of the conversion: the same in both runs
         model = NVLM.from_pretrained(tiny_model_dir, arch="X").train()
+        open_gates(model)
         set_trainable(model, 2)
         if recompute:
             apply_activation_checkpointing(model)
-        model(ids).logits.square().mean().backward()
+        loss = model(ids, **memory).logits.square().mean()
+        loss.backward()
+        losses.append(loss.detach())
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and grads[0]
+    xattn = [n for n in grads[0] if n.startswith("xattn_layers.") and grads[0][n].abs().sum() > 0]
+    assert any(".attn." in n or "q_proj" in n for n in xattn), "no cross-attention block saw the images"
+    torch.testing.assert_close(losses[0], losses[1])
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n])

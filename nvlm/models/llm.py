@@ -28,6 +28,21 @@ def rope_cos_sin(
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def rope_base(cfg: LLMConfig, position_ids: torch.Tensor) -> float:
+    """The RoPE base for a forward over ``position_ids``: ``rope_theta``, or with ``cfg.dynamic_rope`` and a
+    sequence past ``max_position_embeddings`` (its largest position + 1 = ``L``), the dynamic-NTK base of
+    transformers' ``dynamic`` rope type, ``theta * (factor * L / max - (factor - 1)) ** (d / (d - 2))``.
+    It follows the current call's positions: transformers keeps the largest base it has reached until a
+    sequence shorter than ``max_position_embeddings`` comes; both agree on a generation that only grows."""
+    if not cfg.dynamic_rope or not position_ids.numel():
+        return cfg.rope_theta
+    length, limit = int(position_ids.max()) + 1, cfg.max_position_embeddings
+    if length <= limit:
+        return cfg.rope_theta
+    factor, d = float(cfg.rope_scaling["factor"]), cfg.head_dim  # type: ignore[index]
+    return cfg.rope_theta * (factor * length / limit - (factor - 1)) ** (d / (d - 2))
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, H, T, D); rotate the two halves of the head dimension."""
     half = x.shape[-1] // 2
@@ -125,12 +140,13 @@ class LanguageModel(nn.Module):
     ) -> torch.Tensor:  # (B, T or num_logits_to_keep, vocab)
         cfg = self.config
         x = embeds
+        base = rope_base(cfg, position_ids)
         for i, layer in enumerate(self.model.layers):
             if before_layer is not None:
                 x = before_layer(i, x)
             device = layer.input_layernorm.weight.device  # layers may sit on several devices
             x, position_ids = x.to(device), position_ids.to(device)
-            cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
+            cos, sin = rope_cos_sin(position_ids, cfg.head_dim, base, x.dtype)
             x = layer(x, cos, sin, None if mask is None else mask.to(device), cache)
         if cache is not None:
             cache.advance(embeds.shape[1])

@@ -1,74 +1,59 @@
 """Caption metrics: CIDEr-D and BLEU-1..4 as pycocoevalcap 1.2 computes them (salaniz/pycocoevalcap, the
-``tylin/coco-caption`` code: ``cider/cider_scorer.py``, ``bleu/bleu_scorer.py``), with a pure-Python stand-in
-for its Java tokenizer (``tokenizer/ptbtokenizer.py``: Stanford PTBTokenizer ``-preserveLines -lowerCase``,
-then the punctuation tokens dropped).
+``tylin/coco-caption`` code: ``cider/cider_scorer.py``, ``bleu/bleu_scorer.py``), after its tokenizer
+(``tokenizer/ptbtokenizer.py``: Stanford PTBTokenizer ``-preserveLines -lowerCase`` over all captions as one
+file, then the punctuation tokens dropped): pycocoevalcap's own when it and Java are installed, else the
+pure-Python port of the same lexer rules in ``ptb.py``.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
-import re
+import shutil
 from collections import Counter
+from typing import Literal
 
-# Tokens pycocoevalcap drops after tokenising. The bracket names are upper case in its list while the
-# tokenizer lower-cases them, so "-lrb-" and friends survive; we keep that.
+from .ptb import ptb_lines
+
+Tokenizer = Literal["auto", "java", "python"]
+# pycocoevalcap's PUNCTUATIONS, removed after tokenising. The bracket names are upper case in its list while
+# the tokenizer lower-cases them, so "-lrb-" and friends survive; we keep that.
 _DROPPED = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
-_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
-_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "jr", "sr", "vs", "etc", "inc", "ltd", "co", "corp", "prof",
-                  "mt", "ft", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct",
-                  "nov", "dec", "e.g", "i.e"}
-_SPLIT_WORDS = {"cannot": ("can", "not"), "gonna": ("gon", "na"), "gotta": ("got", "ta"),
-                "wanna": ("wan", "na"), "lemme": ("lem", "me"), "gimme": ("gim", "me")}
-_CLITIC = re.compile(r"(?i)(.+?)(n't|'s|'re|'ve|'ll|'d|'m)$")
-_TOKEN = re.compile(
-    r"""\.\.\.|--|``|''|[()\[\]{}"]        # ellipsis, dashes, quotes, brackets
-    | \d+(?:[.,:]\d+)*(?:-\w[\w-]*)?       # numbers: 3.5, 1,000, 2:30, 1.2.3, 1,000-piece
-    | \.\d+                               # .5
-    | (?:\w\.){2,}                        # acronyms: u.s., p.m., e.g.
-    | (?:[\w@][\w@'&/.+-]*[\w@]|\w)\.?   # words, hyphenated, e-mail, paths, o'neil, "mr."
-    | \S""",
-    re.VERBOSE,
-)
 
 
-def _word(token: str) -> list[str]:
-    """Split clitics and a trailing period off one word-like token."""
-    lower = token.lower()
-    if lower in _SPLIT_WORDS:
-        return list(_SPLIT_WORDS[lower])
-    out: list[str] = []
-    if token.endswith(".") and not re.fullmatch(r"(?:\w\.)+", token):
-        stem = token[:-1]
-        if stem.lower() in _ABBREVIATIONS:
-            return [token]
-        token, out = stem, ["."]
-    if token.endswith("'") and len(token) > 1:  # plural possessive: "dogs'"
-        token, out = token[:-1], ["'"] + out
-    clitic = _CLITIC.fullmatch(token)  # "can't" -> "ca" "n't", as PTB does
-    if clitic:
-        return list(clitic.groups()) + out
-    return [token] + out
+@functools.cache
+def java_tokenizer_available() -> bool:
+    """Whether pycocoevalcap's PTBTokenizer can run here (the package and a ``java`` on the PATH)."""
+    return importlib.util.find_spec("pycocoevalcap") is not None and shutil.which("java") is not None
+
+
+def tokenize_captions(captions: list[str], tokenizer: Tokenizer = "auto") -> list[list[str]]:
+    """Each caption's words as pycocoevalcap scores them: PTBTokenizer over the captions written one per line
+    (a rule's lookahead may read into the next line, as it does there), lower-cased, the punctuation tokens
+    dropped, then split on whitespace as its scorers split (a space kept inside a token, as in ``2 3/4``,
+    splits it). ``tokenizer``: ``"java"`` runs pycocoevalcap's PTBTokenizer, ``"python"`` the port,
+    ``"auto"`` the first when it can run."""
+    if tokenizer not in ("auto", "java", "python"):
+        raise ValueError(f"tokenizer must be 'auto', 'java' or 'python', not {tokenizer!r}")
+    if not captions:
+        return []
+    if tokenizer == "java" or (tokenizer == "auto" and java_tokenizer_available()):
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        out = PTBTokenizer().tokenize({i: [{"caption": c}] for i, c in enumerate(captions)})
+        return [out[i][0].split() if i in out else [] for i in range(len(captions))]
+    lines = ptb_lines(captions)
+    return [" ".join(t.lower() for t in line if t.lower() not in _DROPPED).split() for line in lines]
 
 
 def caption_tokenize(text: str) -> list[str]:
-    """Tokenise a caption as pycocoevalcap does (PTBTokenizer, lower-cased), without Java.
-
-    Punctuation is split off (but kept inside numbers "1,000", "3.5", "2:30", acronyms "u.s.", hyphenated
-    words, e-mail addresses and paths); clitics are split ("isn't" -> "is n't", "can't" -> "ca n't",
-    "dog's" -> "dog 's"); brackets become "-lrb-" and friends (which pycocoevalcap keeps); currency, "%", "#"
-    and "&" are tokens of their own. Then the tokens pycocoevalcap removes (quotes, ".", ",", "?", "!", ":",
-    ";", "-", "--", "...") are dropped. It is a stand-in for the Java tokenizer: it agrees on ordinary
-    captions, and rare constructions (abbreviations at the end of a sentence, emoticons, URLs) may differ.
-    """
-    tokens: list[str] = []
-    for raw in _TOKEN.findall(text.replace("\n", " ")):
-        if raw in _BRACKETS:
-            tokens.append(_BRACKETS[raw])
-        elif raw[0].isalnum() or raw[0] in "_@":
-            tokens.extend(_word(raw))
-        else:
-            tokens.append(raw)
-    return [t.lower() for t in tokens if t not in _DROPPED and t != '"']
+    """One caption's words as pycocoevalcap scores them, by the pure-Python PTBTokenizer (``ptb.py``): the
+    caption alone in the file. Numbers, ordinals and decades stay whole ("2nd", "1950s", "3/4", "1,000",
+    "3.5"); clitics split ("is n't", "ca n't", "dog 's"); "a&b" is "a & b" but "AT&T" one token; runs of
+    "!"/"?" ("!!", "?!") are tokens that pycocoevalcap keeps; brackets become "-lrb-" and friends (kept too);
+    single quotes, ".", ",", "?", "!", ":", ";", "-", "--", "..." are dropped."""
+    return tokenize_captions([text], tokenizer="python")[0]
 
 
 def _ngrams(words: list[str], n: int) -> Counter:
@@ -82,7 +67,21 @@ def _check(predictions: list[str], references: list[list[str]]) -> None:
         raise ValueError("every image needs a prediction and at least one reference")
 
 
-def cider(predictions: list[str], references: list[list[str]]) -> tuple[float, list[float]]:
+def _tokenized(predictions: list[str], references: list[list[str]],
+               tokenizer: Tokenizer) -> tuple[list[list[str]], list[list[list[str]]]]:
+    """Predictions and references tokenised as ``COCOEvalCap`` does: the references of all images as one
+    file, the predictions as another."""
+    _check(predictions, references)
+    flat = tokenize_captions([r for rs in references for r in rs], tokenizer)
+    refs, start = [], 0
+    for rs in references:
+        refs.append(flat[start: start + len(rs)])
+        start += len(rs)
+    return tokenize_captions(predictions, tokenizer), refs
+
+
+def cider(predictions: list[str], references: list[list[str]],
+          tokenizer: Tokenizer = "auto") -> tuple[float, list[float]]:
     """CIDEr-D of pycocoevalcap 1.2 (``Cider().compute_score`` after its tokenizer): (corpus score, per image).
 
     For n = 1..4: TF-IDF vectors of the n-grams, with document frequencies counted over the reference sets of
@@ -91,11 +90,12 @@ def cider(predictions: list[str], references: list[list[str]]) -> tuple[float, l
     divides by both norms and multiplies by a Gaussian length penalty (sigma 6) on the difference of the two
     captions' bigram counts (pycocoevalcap's ``length``). Averaged over n and over references, times 10; the
     corpus score is the mean over images. Scale as pycocoevalcap's (the COCO demo's 0.600; papers print x100).
+    ``tokenizer`` as in ``tokenize_captions``.
     """
-    _check(predictions, references)
     n, sigma = 4, 6.0
-    refs = [[_ngrams(caption_tokenize(r), n) for r in rs] for rs in references]
-    tests = [_ngrams(caption_tokenize(p), n) for p in predictions]
+    pred_words, ref_words = _tokenized(predictions, references, tokenizer)
+    refs = [[_ngrams(r, n) for r in rs] for rs in ref_words]
+    tests = [_ngrams(p, n) for p in pred_words]
     df: Counter = Counter(g for rs in refs for g in set().union(*rs))
     log_images = math.log(len(references))
 
@@ -122,20 +122,19 @@ def cider(predictions: list[str], references: list[list[str]]) -> tuple[float, l
     return sum(scores) / len(scores), scores
 
 
-def bleu(predictions: list[str], references: list[list[str]]) -> list[float]:
+def bleu(predictions: list[str], references: list[list[str]], tokenizer: Tokenizer = "auto") -> list[float]:
     """Corpus BLEU-1..4 of pycocoevalcap 1.2 (``Bleu(4).compute_score``, ``option="closest"``).
 
     Clipped n-gram counts summed over the corpus, the reference length of each image being the one closest
     to the prediction's (the shorter on ties), a brevity penalty on the corpus lengths, and pycocoevalcap's
-    smoothing constants (1e-15 on matches, 1e-9 on guesses). On the 0-1 scale.
+    smoothing constants (1e-15 on matches, 1e-9 on guesses). On the 0-1 scale. ``tokenizer`` as in
+    ``tokenize_captions``.
     """
-    _check(predictions, references)
     n, tiny, small = 4, 1e-15, 1e-9
     correct, guess = [0] * n, [0] * n
     test_len = ref_len = 0
-    for pred, rs in zip(predictions, references):
-        words = caption_tokenize(pred)
-        ref_words = [caption_tokenize(r) for r in rs]
+    pred_words, all_ref_words = _tokenized(predictions, references, tokenizer)
+    for words, ref_words in zip(pred_words, all_ref_words):
         counts = _ngrams(words, n)
         best: dict = {}
         for rw in ref_words:

@@ -50,7 +50,7 @@ def _rule_extract(response: str, question_type: str, answer_type: str) -> str:
 
 
 def _extract(response: str, question_type: str, answer_type: str, choices: list[str] | None,
-             extractor: Callable[[str], str] | None) -> str:
+             extractor: Callable[[str], object] | None) -> str:
     """``extract_answer``'s shortcuts, then the extractor (the official GPT call) or the rule-based stand-in."""
     if response == "":
         return ""
@@ -66,8 +66,9 @@ def _extract(response: str, question_type: str, answer_type: str, choices: list[
             return str(float(response))
         except ValueError:
             pass
-    if extractor is not None:
-        return extractor(response)
+    if extractor is not None:  # the GPT call; a failed one may give None, which MathVista turns into str(x)
+        extracted = extractor(response)
+        return extracted if isinstance(extracted, str) else str(extracted)
     return _rule_extract(response, question_type, answer_type)
 
 
@@ -136,13 +137,14 @@ def _megatron(prediction: str, question_type: str, answer: str, choices: list[st
 
 def mathvista_correct(prediction: str, *, question_type: str, answer_type: str, answer: str,
                       choices: list[str] | None, precision: int | None,
-                      extractor: Callable[[str], str] | None = None, rng: random.Random | None = None,
+                      extractor: Callable[[str], object] | None = None, rng: random.Random | None = None,
                       profile: str = "official") -> bool:
     """Is a MathVista response correct? ``answer`` is the dataset's answer (the choice text for multi_choice).
 
     ``official``: extraction as ``extract_answer.py`` does it, its shortcuts first (an empty response stays
     empty; a multiple-choice response equal to a choice is taken as is; an integer/float answer type takes a
-    response that parses as one), then ``extractor(response)`` where MathVista calls GPT, or, with no extractor,
+    response that parses as one), then ``extractor(response)`` where MathVista calls GPT (a result that is not a
+    string, such as ``None`` from a failed call, becomes ``str(result)`` as there), or, with no extractor,
     a rule-based stand-in (the quick-extract regex ``The answer is "X".``, the text after "answer is", the last
     number for number types). Then ``normalize_extracted_answer`` (letter -> choice, else the nearest choice by
     Levenshtein; ``str(int(float(x)))``; ``str(round(float(x), precision))``, unrounded when ``precision`` is
