@@ -24,6 +24,7 @@ Formats and their kernels (torchao 0.18, torch 2.13):
 
 from __future__ import annotations
 
+import argparse
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -59,6 +60,13 @@ class QuantConfig:
 def as_config(quantize: "str | QuantConfig | None") -> QuantConfig | None:
     """``None``, a format name, or a ``QuantConfig`` -> the ``QuantConfig`` (or ``None``)."""
     return QuantConfig(quantize) if isinstance(quantize, str) else quantize
+
+
+def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
+    """``--quantize {int8,int4,fp8}`` (the command-line form of ``from_pretrained(quantize=...)``)."""
+    parser.add_argument("--quantize", choices=FORMATS, default=None,
+                        help="quantize the decoder's linears while loading (torchao; int8/int4 also on CPU, fp8 on "
+                             "CUDA 8.9+); see docs/QUANTIZATION.md")  # fmt: skip
 
 
 def _torchao() -> Any:
