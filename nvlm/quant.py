@@ -32,6 +32,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from nvlm.train.distributed import return_freed_memory
+
 FORMATS = ("int8", "int4", "fp8")
 DEFAULT_MODULES = ("language_model.model.layers", "xattn_layers")
 INT4_GROUP_SIZES = (128, 64, 32)
@@ -99,7 +101,8 @@ def check_device(fmt: str, device: torch.device) -> None:
                                 f"{device} has {have[0]}.{have[1]}")  # fmt: skip
 
 
-def _int4_group(in_features: int) -> int | None:
+def int4_group_size(in_features: int) -> int | None:
+    """The int4 group: the largest of ``INT4_GROUP_SIZES`` dividing the input width (``None``: none does)."""
     return next((g for g in INT4_GROUP_SIZES if in_features % g == 0), None)
 
 
@@ -110,7 +113,7 @@ def torchao_config(fmt: str, linear: nn.Linear) -> Any:
         return tq.Int8WeightOnlyConfig(set_inductor_config=False)
     if fmt == "fp8":
         return tq.Float8DynamicActivationFloat8WeightConfig(granularity=tq.PerRow(), set_inductor_config=False)
-    group = _int4_group(linear.in_features)
+    group = int4_group_size(linear.in_features)
     if group is None:
         return None
     if linear.weight.device.type == "cpu":
@@ -146,6 +149,11 @@ class Quantizer:
     any tensor is read. ``placed(name)`` after each parameter is put in place quantizes its linear once the
     weight is real; ``finish()`` quantizes what was initialised fresh rather than loaded (a converted
     architecture's new blocks) and marks the model with ``model.quantization``.
+
+    Memory: a kept (not quantized) CPU tensor is copied out of the shard, as a tensor read in its own dtype
+    may still point into the shard's memory map and would keep the whole shard resident; and glibc is told to
+    return freed blocks (``return_freed_memory``), or the bf16 weight and torchao's temporaries of every layer
+    stay in its heap. Then the peak is the quantized model plus about one shard (docs/BENCHMARKS.md).
     """
 
     def __init__(self, model: nn.Module, config: QuantConfig, device_of: Callable[[str], torch.device],
@@ -159,12 +167,18 @@ class Quantizer:
                         and config.selects(n) and not (tied and n == "language_model.lm_head")}  # fmt: skip
         for device in {device_of(w) for w in self.targets}:
             check_device(config.format, device)
+        return_freed_memory()
 
     def placed(self, name: str) -> None:
         """``name`` (a parameter) was just put in place: quantize its linear if it is a target."""
         module_name = self.targets.pop(name, None)
         if module_name is not None:
             self._quantize(self.model.get_submodule(module_name))
+            return
+        owner, _, attr = name.rpartition(".")
+        param = self.model.get_submodule(owner)._parameters[attr]
+        if param.device.type == "cpu":
+            param.data = param.data.clone()  # out of the shard's memory map
 
     def _quantize(self, linear: nn.Linear) -> None:
         cfg = torchao_config(self.config.format, linear)

@@ -19,7 +19,8 @@ from conftest import open_gates  # noqa: E402
 
 from nvlm import NVLM, Processor, preset  # noqa: E402
 from nvlm.checkpoint import CheckpointError  # noqa: E402
-from nvlm.quant import QuantConfig, QuantizationError, Quantizer, quantized_linears, storage_bytes  # noqa: E402
+from nvlm.quant import (QuantConfig, QuantizationError, Quantizer, int4_group_size, is_quantized,  # noqa: E402
+                        quantized_linears, storage_bytes)
 from nvlm.tokenizer import build_tiny_tokenizer  # noqa: E402
 
 AGREEMENT = {"int8": 0.99, "int4": 0.95}  # the share of held-out answers equal to bf16's, at least
@@ -86,42 +87,41 @@ def test_held_out_answers_equal_bf16s(fmt, trained_dir, bf16):
 
 def test_what_is_quantized_and_its_bytes(trained_dir):
     """Default: every decoder linear; the ViT, projector, embeddings and lm_head stay bf16 parameters.
-    int8 weights within 1.1x of half their bf16 bytes; int4 within 1.1x of a quarter plus the scales."""
-    bf16_bytes = {}
-    for fmt, share in (("int8", 0.5), ("int4", 0.25)):
+    int8 weights within 1.1x of half their bf16 bytes; int4 within 1.1x of a quarter plus the scales (a bf16
+    scale and zero, 4 bytes, per group of input channels)."""
+    for fmt in ("int8", "int4"):
         model = NVLM.from_pretrained(trained_dir, quantize=fmt)
         linears = quantized_linears(model)
-        decoder = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("language_model.model.layers.")}
+        decoder = {n for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and n.startswith("language_model.model.layers.")}  # fmt: skip
         assert set(linears) == decoder and len(decoder) == 7 * model.config.llm.num_layers
         for name, p in model.named_parameters():
-            if not name.startswith("language_model.model.layers.") or not name.endswith("proj.weight"):
+            if not any(name == f"{n}.weight" for n in decoder):
                 assert type(p) is torch.nn.Parameter and p.dtype == torch.bfloat16, name
         bf16_bytes = sum(m.weight.numel() * 2 for m in linears.values())
         got = sum(storage_bytes(m.weight) for m in linears.values())
-        groups = sum(m.weight.numel() // min(128, m.in_features) for m in linears.values())
-        scales = 4 * groups if fmt == "int4" else 4 * sum(m.out_features for m in linears.values())
-        print(f"\n{fmt}: {got} bytes for {bf16_bytes} bf16 bytes ({got / bf16_bytes:.3f}x)")
-        assert got <= 1.1 * (share * bf16_bytes + (scales if fmt == "int4" else 0))
-        assert got >= share * bf16_bytes
+        if fmt == "int8":
+            bound = 0.5 * bf16_bytes
+        else:
+            bound = 0.25 * bf16_bytes + 4 * sum(m.weight.numel() // int4_group_size(m.in_features) for m in linears.values())
+        print(f"\n{fmt}: {got} bytes for {bf16_bytes} bf16 bytes ({got / bf16_bytes:.3f}x; bound {1.1 * bound:.0f})")
+        assert bf16_bytes * (0.5 if fmt == "int8" else 0.25) < got <= 1.1 * bound
 
 
 def test_the_bf16_model_never_exists_whole(trained_dir, monkeypatch):
-    """While loading, at most the one linear being quantized holds a bf16 weight."""
-    most = []
+    """While loading, at most the one linear being quantized holds a bf16 weight (the others: meta or quantized)."""
+    plain_counts = []
     original = Quantizer._quantize
 
     def watch(self, linear):
-        plain = [n for n, m in quantized_candidates(self.model) if m.weight.device.type != "meta"
-                 and not hasattr(m.weight, "tensor_data_names")]  # fmt: skip
-        most.append(len(plain))
+        plain_counts.append(sum(isinstance(m, torch.nn.Linear) and n.startswith("language_model.model.layers.")
+                                and m.weight.device.type != "meta" and not is_quantized(m.weight)
+                                for n, m in self.model.named_modules()))  # fmt: skip
         original(self, linear)
-
-    def quantized_candidates(model):
-        return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("language_model.model.layers.")]
 
     monkeypatch.setattr(Quantizer, "_quantize", watch)
     NVLM.from_pretrained(trained_dir, quantize="int8")
-    assert most and max(most) == 1
+    assert len(plain_counts) == 7 * 2 and max(plain_counts) == 1
 
 
 def test_a_setting_quantizes_the_vision_encoder_and_lm_head_too(trained_dir):
