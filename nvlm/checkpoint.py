@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nvlm.config import ConfigError, NVLMConfig
+from nvlm.quant import QuantConfig, Quantizer, as_config
 from nvlm.tokenizer import TokenizerError
 
 NUM_DUMMY_HEADS = 7
@@ -100,6 +101,8 @@ def save_pretrained(
     """
     import torch.distributed as dist
 
+    if getattr(model, "quantization", None) is not None:
+        raise CheckpointError("a quantized model is not saved: save the bfloat16 model and quantize it when loading")
     writer = not dist.is_initialized() or dist.get_rank() == 0
     path = Path(path)
     cfg: NVLMConfig = model.config
@@ -320,8 +323,13 @@ def load_pretrained(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | dict[str, Any] | None = None,
     arch: str | None = None,
+    quantize: "str | QuantConfig | None" = None,
 ) -> torch.nn.Module:
     """Build the model on the meta device, then stream each tensor into place (cast and moved once).
+
+    ``quantize`` ("int8", "int4", "fp8" or a ``nvlm.quant.QuantConfig``) quantizes each selected linear as
+    its weight arrives (default dtype then bfloat16): peak memory stays near the quantized model plus one
+    shard. Whether the format runs on the target devices is checked before any tensor is read.
 
     ``arch`` ("D", "X" or "H") different from the checkpoint's builds that architecture from it: the ViT and
     the LLM (and the two-layer projector between D and H) are copied, the modules the checkpoint lacks are
@@ -334,8 +342,10 @@ def load_pretrained(
         new = cfg.with_arch(arch)  # type: ignore[arg-type]
         fresh = ("xattn_layers.",) + (("mlp1.",) if new.projector != cfg.projector else ())
         cfg = new
-    torch_dtype = _resolve_dtype(dtype, cfg)
+    qconfig = as_config(quantize)
+    torch_dtype = _resolve_dtype(torch.bfloat16 if dtype is None and qconfig else dtype, cfg)
     model, device_map, params = _empty(cfg, device)
+    quantizer = Quantizer(model, qconfig, device_map, torch_dtype) if qconfig else None
     loaded: set[str] = set()
     for file, name, tensor in _tensors(path):
         if name.startswith(fresh) or (fresh and name not in params):
@@ -344,7 +354,11 @@ def load_pretrained(
             raise CheckpointError(f"{path}: unexpected tensor {name!r} {tuple(tensor.shape)} for an NVLM-{cfg.arch} model")
         _place(model, params[name], name, tensor, device_map(name), torch_dtype, file)
         loaded.add(name)
+        if quantizer:
+            quantizer.placed(name)
     _finish(model, params, loaded, fresh, device_map, torch_dtype, path)
+    if quantizer:
+        quantizer.finish()
     model.name_or_path = str(path)
     return model.eval()
 

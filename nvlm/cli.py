@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Sequence
 
+from nvlm.quant import add_quantize_argument
+
 HELP_INTERACTIVE = "Type a question. /image PATH attaches an image to the next question; /reset; /exit."
 
 
@@ -14,7 +16,7 @@ def _chat(args: argparse.Namespace) -> int:
     from nvlm.models.nvlm import NVLM
     from nvlm.processor import Processor
 
-    model = NVLM.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    model = NVLM.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     processor = Processor.from_pretrained(args.model, max_tiles=args.max_tiles)
     sampling = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0,
                 "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed}  # fmt: skip
@@ -65,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-tiles", type=int, default=None, help="fewer tiles per image (saves memory)")
     chat.add_argument("--dtype", default=None, help="e.g. bfloat16, float32 (default: the checkpoint's)")
     chat.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto (split across GPUs)")
+    add_quantize_argument(chat)
     chat.add_argument("question", nargs="*", help="ask this and exit; interactive when absent")
     chat.set_defaults(func=_chat)
     from nvlm.train.cli import add_subcommand as add_train

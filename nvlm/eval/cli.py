@@ -9,6 +9,8 @@ import argparse
 import logging
 import sys
 
+from nvlm.quant import add_quantize_argument
+
 
 def _eval(args: argparse.Namespace) -> int:
     from nvlm.eval.runner import EvalConfig, evaluate, markdown, rank_world
@@ -28,7 +30,7 @@ def _eval(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="nvlm eval: %(message)s", stream=sys.stderr)
     cfg = EvalConfig(model=args.model, tasks=names, data=args.data, out=args.out, limit=args.limit,
                      profile=args.profile, max_tiles=args.max_tiles, dtype=args.dtype, device=args.device,
-                     batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                     quantize=args.quantize, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                      merge_timeout=args.merge_timeout)  # fmt: skip
     results = evaluate(cfg)
     if rank_world()[0] != 0:
@@ -54,6 +56,7 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tiles", type=int, default=None, help="tiles per image (default: the checkpoint's, 6)")
     p.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the checkpoint's)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto (default: cuda:LOCAL_RANK if any)")
+    add_quantize_argument(p)
     p.add_argument("--merge-timeout", type=float, default=24 * 3600.0,
                    help="seconds rank 0 waits for the other ranks' predictions")  # fmt: skip
     p.add_argument("--list-tasks", action="store_true", help="list the tasks and their data folders")

@@ -49,6 +49,7 @@ class EvalConfig:
     max_tiles: int | None = None  # default: the checkpoint's (6 + thumbnail for NVLM-D-72B)
     dtype: str | None = None
     device: str | None = None
+    quantize: str | None = None  # "int8", "int4" or "fp8": nvlm.quant, while loading
     batch_size: int = 8
     max_new_tokens: int | None = None  # overrides every task's own budget
     merge_timeout: float = 24 * 3600.0  # how long rank 0 waits for the other ranks' predictions
@@ -335,7 +336,7 @@ class Runner:
         ip = self.processor.image_processor
         settings = {"model": self.model_fp, "task": task.name, "version": task.version, "profile": profile,
                     "max_new_tokens": max_new, "tiles": [ip.max_tiles, ip.min_tiles, ip.use_thumbnail],
-                    "dtype": str(self.model.dtype), "template": self.template or self.processor.chat_template}  # fmt: skip
+                    "dtype": _dtype_name(self.model), "template": self.template or self.processor.chat_template}  # fmt: skip
         fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
         cache = PredictionCache(self.pred_dir, task.key, fingerprint)
         return _Prepared(task, samples, n_total, hashes, cache, max_new)
@@ -433,14 +434,15 @@ class Runner:
     def _load_results(self) -> dict[str, Any]:
         head = {"model": str(Path(self.cfg.model).resolve()), "model_name": Path(self.cfg.model).resolve().name,
                 "model_fingerprint": self.model_fp, "arch": self.model.config.arch, "profile": self.cfg.profile,
-                "max_tiles": self.processor.image_processor.max_tiles, "dtype": str(self.model.dtype).removeprefix("torch."),
+                "max_tiles": self.processor.image_processor.max_tiles, "dtype": _dtype_name(self.model).removeprefix("torch."),
                 "world_size": self.world}  # fmt: skip
         old_path = self.out / "results.json"
         tasks: dict[str, Any] = {}
-        if old_path.is_file():  # keep the other tasks of earlier runs of this same model and profile
+        if old_path.is_file():  # keep the other tasks of earlier runs of this same model, profile and dtype
             try:
                 old = json.loads(old_path.read_text())
-                if old.get("model_fingerprint") == self.model_fp and old.get("profile") == self.cfg.profile:
+                same = (old.get("model_fingerprint"), old.get("profile"), old.get("dtype"))
+                if same == (self.model_fp, self.cfg.profile, head["dtype"]):
                     tasks = old.get("tasks", {})
             except (json.JSONDecodeError, OSError):
                 pass
@@ -509,6 +511,12 @@ def _md(text: str) -> str:
 # -------------------------------------------------------------------------------------------- API
 
 
+def _dtype_name(model: "NVLM") -> str:
+    """The model's dtype, with its quantization ("torch.bfloat16+int8"): predictions are kept apart by it."""
+    q = getattr(model, "quantization", None)
+    return str(model.dtype) + (f"+{q.format}" if q is not None else "")
+
+
 def load(cfg: EvalConfig) -> tuple["NVLM", "Processor"]:
     import torch
 
@@ -518,7 +526,7 @@ def load(cfg: EvalConfig) -> tuple["NVLM", "Processor"]:
     device = cfg.device
     if device is None and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    model = NVLM.from_pretrained(cfg.model, dtype=cfg.dtype, device=device)
+    model = NVLM.from_pretrained(cfg.model, dtype=cfg.dtype, device=device, quantize=cfg.quantize)
     model.eval()
     return model, Processor.from_pretrained(cfg.model, max_tiles=cfg.max_tiles)
 

@@ -26,6 +26,7 @@ from nvlm.models.llm import LanguageModel, attention_mask_4d, position_ids_from_
 from nvlm.models.projector import Projector, pixel_shuffle
 from nvlm.models.vision import InternViT
 from nvlm.models.xattn import GatedCrossAttentionBlock
+from nvlm.quant import QuantConfig
 
 if TYPE_CHECKING:
     from nvlm.processor import Processor
@@ -55,6 +56,7 @@ class NVLM(nn.Module):
             self.xattn_layers = nn.ModuleList(GatedCrossAttentionBlock(config.llm, config.xattn) for _ in blocks)
             self._block_before = {layer: i for i, layer in enumerate(blocks)}  # decoder layer -> block
         self.name_or_path: str | None = None  # the directory it was loaded from, if any
+        self.quantization: QuantConfig | None = None  # set when loaded with ``quantize=`` (nvlm.quant)
         # Training under FSDP2: every rank must run every sharded module in every step, or the ranks' gathers
         # fall out of step. Then a batch without images runs the vision path on one blank crop whose result
         # nothing reads (NVLM-D: weighted by zero; X/H: a memory no token attends), and NVLM-H's thumbnails
@@ -223,14 +225,17 @@ class NVLM(nn.Module):
         dtype: torch.dtype | str | None = None,
         device: str | torch.device | dict[str, Any] | None = None,
         arch: str | None = None,
+        quantize: "str | QuantConfig | None" = None,
     ) -> "NVLM":
         """Load a directory in the NVLM-D-72B layout (config.json + sharded safetensors; ours for X and H).
 
         ``arch="X"`` or ``"H"`` on an NVLM-D checkpoint builds that architecture from it, new modules fresh.
+        ``quantize="int8"``, ``"int4"`` or ``"fp8"`` (torchao, the ``quant`` extra) quantizes the decoder's and
+        cross-attention blocks' linears as they load; see ``nvlm.quant`` for what and where.
         """
         from nvlm.checkpoint import load_pretrained
 
-        return load_pretrained(path, dtype=dtype, device=device, arch=arch)
+        return load_pretrained(path, dtype=dtype, device=device, arch=arch, quantize=quantize)
 
     def save_pretrained(self, path: str | Path, processor: "Processor | None" = None, **kwargs: Any) -> None:
         """Write the NVLM-D-72B layout (``architectures: ["NVLM_X"]``/``["NVLM_H"]`` for X and H), with the

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from nvlm.quant import add_quantize_argument
+
 
 def _serve(args: argparse.Namespace) -> int:
     try:
@@ -17,7 +19,7 @@ def _serve(args: argparse.Namespace) -> int:
     from nvlm.processor import Processor
     from nvlm.serve.engine import EngineThread
 
-    model = NVLM.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    model = NVLM.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     processor = Processor.from_pretrained(args.model, max_tiles=args.max_tiles)
     engine = EngineThread(model, processor, max_batch=args.max_batch, max_waiting=args.max_queue)
     limits = Limits(max_body_bytes=args.max_body_mb * 2**20, max_images=args.max_images,
@@ -38,6 +40,7 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the directory name)")
     p.add_argument("--dtype", default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto")
+    add_quantize_argument(p)
     p.add_argument("--max-tiles", type=int, default=None)
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together")
     p.add_argument("--max-queue", type=int, default=256, help="waiting sequences before 429")

@@ -12,7 +12,6 @@ within each. Without FSDP the ranks hold whole copies and average their gradient
 
 from __future__ import annotations
 
-import ctypes
 import os
 import resource
 
@@ -113,19 +112,6 @@ def all_sum(x: float, device: torch.device) -> float:
     t = torch.tensor([x], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t)
-
-
-def return_freed_memory() -> None:
-    """On CPU, have glibc give freed tensor memory back to the OS. After freeing a large block glibc raises
-    its mmap threshold (up to 32 MiB), so later blocks of that size come from the heap and stay resident
-    when freed: the gathered FSDP2 units, gradients and activations of every step pile up there (measured:
-    about 1 GiB per rank for a 0.4B model). A fixed threshold (glibc's default 128 KiB) stops the climb."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return
-    m_mmap_threshold = -3  # <malloc.h>
-    libc.mallopt(m_mmap_threshold, 128 * 1024)
 
 
 def peak_memory_gib(device: torch.device) -> list[float]:

@@ -27,6 +27,7 @@ from nvlm.data.blend import Source
 from nvlm.data.labels import IGNORE
 from nvlm.data.loader import Loader, reshard
 from nvlm.data.packing import padding_fraction
+from nvlm.devices import return_freed_memory
 from nvlm.image import ImageProcessor
 from nvlm.models.nvlm import NVLM
 from nvlm.processor import Processor
@@ -80,7 +81,7 @@ def train(cfg: TrainConfig) -> Path:
     """Run (or resume) a training run; returns the directory of the final model."""
     rank, world, device = distributed.setup(cfg.device)
     if device.type == "cpu":
-        distributed.return_freed_memory()
+        return_freed_memory()
     model, tokenizer, export_dtype = build(cfg, device, world)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     c = model.config
