@@ -56,14 +56,20 @@ class Rule:
         return tuple(n // tp if d == dim else n for d, n in enumerate(self.shape))
 
 
-def merge(rule: Rule, pieces: list[Tensor]) -> Tensor:
-    """The TP-independent tensor from the ranks' pieces (a new tensor)."""
+def merge_into(rule: Rule, out: Tensor, piece_: Tensor, tp: int, rank: int) -> None:
+    """Copy TP rank ``rank``'s piece into its place in the merged tensor ``out`` (``rep``: the whole of it)."""
     if rule.split == "rep":
-        return pieces[0].clone()
-    if rule.split == "glu":
-        halves = [p.chunk(2, dim=0) for p in pieces]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
-    return torch.cat(pieces, dim=0 if rule.split == "col" else 1)
+        out.copy_(piece_)
+    elif rule.split == "glu":
+        n, half = piece_.shape[0] // 2, out.shape[0] // 2
+        out[rank * n : (rank + 1) * n].copy_(piece_[:n])
+        out[half + rank * n : half + (rank + 1) * n].copy_(piece_[n:])
+    elif rule.split == "col":
+        n = piece_.shape[0]
+        out[rank * n : (rank + 1) * n].copy_(piece_)
+    else:
+        n = piece_.shape[1]
+        out[:, rank * n : (rank + 1) * n].copy_(piece_)
 
 
 def piece(rule: Rule, merged: Tensor, tp: int, rank: int) -> Tensor:

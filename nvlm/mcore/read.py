@@ -23,7 +23,7 @@ from nvlm.checkpoint import CheckpointError, VIT_ATTENTION, pad_vit_attention
 from nvlm.config import NVLMConfig, PRESETS, preset
 from nvlm.mcore.args import config_from_args
 from nvlm.mcore.layout import scan
-from nvlm.mcore.names import Geometry, Rule, merge, rules
+from nvlm.mcore.names import Geometry, Rule, merge_into, rules
 from nvlm.mcore.pickle import RankFile, TensorRef
 from nvlm.mcore.shards import write_sharded
 
@@ -80,6 +80,7 @@ class McoreCheckpoint:
     def _index(self) -> dict[str, list[tuple[Path, TensorRef, str]]]:
         """Global name -> per TP rank (file, tensor, name in the file); LM layers renumbered across stages."""
         index: dict[str, list[tuple[Path, TensorRef, str]]] = {}
+        self._stage_layers: list[range] = []  # the global LM layers of each pipeline stage
         offset = 0
         for p in range(self.layout.pp):
             ref = self.files[(0, p)]
@@ -107,8 +108,18 @@ class McoreCheckpoint:
                         raise CheckpointError(f"{f.path}: {k!r} is a {type(value).__name__}, not a tensor")
                     pieces.append((f.path, value, k))
                 index[name] = pieces
+            self._stage_layers.append(range(offset, offset + len(layers)))
             offset += len(layers)
         return index
+
+    def _home(self, rule: Rule) -> tuple[Path, str]:
+        """The stage's rank-0 file that should hold ``rule``'s tensor, and its name there."""
+        if rule.layer is None:
+            p = self.layout.pp - 1 if rule.last else 0
+            return self.files[(0, p)].path, rule.mcore
+        p = next((p for p, r in enumerate(self._stage_layers) if rule.layer in r), self.layout.pp - 1)
+        local = rule.layer - self._stage_layers[p].start
+        return self.files[(0, p)].path, rule.mcore.replace(f"{NUM_LM_PREFIX}{rule.layer}.", f"{NUM_LM_PREFIX}{local}.")
 
     def _vit_heads(self) -> int:
         v = self.config.vision
@@ -131,7 +142,8 @@ class McoreCheckpoint:
         for rule in self.rules:
             pieces = self.index.get(rule.mcore)
             if pieces is None:
-                raise CheckpointError(f"{self.layout.root}: missing tensor {rule.mcore!r} (global name) in the rank files")
+                file, local = self._home(rule)
+                raise CheckpointError(f"{file}: missing tensor {local!r} (in this stage's TP rank files)")
             want = rule.piece_shape(tp)
             for file, ref, key in pieces:
                 if ref.shape != want:
@@ -143,18 +155,19 @@ class McoreCheckpoint:
     # ---- tensors
 
     def merged(self, rule: Rule) -> torch.Tensor:
-        """One Megatron tensor merged over the TP ranks (a new tensor); the ranks' pages are given back."""
+        """One Megatron tensor merged over the TP ranks (a new tensor): each rank's piece is copied into place
+        and its pages given back before the next is read. Replicated pieces must all be equal."""
         pieces = self.index[rule.mcore]
-        views = [ref.load() for _, ref, _ in (pieces[:1] if rule.split == "rep" else pieces)]
-        out = merge(rule, views)
-        if rule.split == "rep":
-            for file, ref, key in pieces[1:]:
-                same = torch.equal(ref.load(), out)
-                ref.release()
-                if not same:
-                    raise CheckpointError(f"{file}: replicated tensor {key!r} differs from {pieces[0][0]}'s")
-        del views
-        for _, ref, _ in pieces:
+        out = torch.empty(rule.shape, dtype=pieces[0][1].dtype)
+        for rank, (file, ref, key) in enumerate(pieces):
+            view = ref.load()
+            if rule.split != "rep":
+                merge_into(rule, out, view, self.layout.tp, rank)
+            elif rank == 0:
+                out.copy_(view)
+            elif not torch.equal(view, out):
+                raise CheckpointError(f"{file}: replicated tensor {key!r} differs from {pieces[0][0]}'s")
+            del view
             ref.release()
         return out
 
