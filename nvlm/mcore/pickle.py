@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import io
 import mmap
 import pickle
 import struct
@@ -105,7 +106,11 @@ class RankFile:
         self._file = open(path, "rb")
         self._size = path.stat().st_size
         self._map: mmap.mmap | None = None
-        self.state = _Unpickler(data, self).load_state()
+        try:
+            self.state = _Unpickler(data, self).load_state()
+        except BaseException:
+            self._file.close()
+            raise
 
     # ---- records
 
@@ -189,8 +194,6 @@ class _Unpickler(pickle.Unpickler):
     """Resolves only the allowed globals; anything else is refused before the pickle can call it."""
 
     def __init__(self, data: bytes, rank: RankFile) -> None:
-        import io
-
         super().__init__(io.BytesIO(data))
         self._rank = rank
 

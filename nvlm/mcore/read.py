@@ -46,15 +46,24 @@ class McoreCheckpoint:
     """The rank files of one checkpoint, checked as a set; ``config`` is the model they hold."""
 
     def __init__(self, path: str | Path, config: str | Path | NVLMConfig | None = None) -> None:
-        self.layout = layout = scan(path)
-        self.files = {rank: RankFile(f) for rank, f in sorted(layout.files.items())}
-        first = self.files[(0, 0)]
-        for rank, f in self.files.items():
+        self.layout = scan(path)
+        self.files: dict[tuple[int, int], RankFile] = {}
+        try:
+            for rank, f in sorted(self.layout.files.items()):
+                self.files[rank] = RankFile(f)
+            self._check(config)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check(self, config: str | Path | NVLMConfig | None) -> None:
+        layout, first = self.layout, self.files[(0, 0)]
+        for f in self.files.values():
             self._check_state(f)
+            tp_arg = getattr(f.state.get("args"), "tensor_model_parallel_size", layout.tp)
+            if tp_arg != layout.tp:
+                raise CheckpointError(f"{f.path}: args say TP {tp_arg}, the directory holds {layout.tp} TP ranks")
         args = first.state.get("args")
-        tp_arg = getattr(args, "tensor_model_parallel_size", layout.tp)
-        if tp_arg != layout.tp:
-            raise CheckpointError(f"{first.path}: args say TP {tp_arg}, the directory holds {layout.tp} TP ranks")
         self.index = self._index()
         embed = self.index.get("language_model.embedding.word_embeddings.weight")
         if embed is None:
