@@ -143,10 +143,13 @@ class McoreCheckpoint:
 
     def _check_names(self) -> None:
         known = {r.mcore for r in self.rules}
+        if self.config.llm.tie_word_embeddings:  # a tied model's last stage may keep a copy of the embedding
+            known.add("language_model.output_layer.weight")
+        lm, v = self.config.llm, self.config.vision
         for name, pieces in self.index.items():
-            if name not in known and not (name == "language_model.output_layer.weight" and self.config.llm.tie_word_embeddings):
+            if name not in known:
                 raise CheckpointError(f"{pieces[0][0]}: unknown tensor {pieces[0][2]!r} for an NVLM-D of "
-                                      f"{self.config.llm.num_layers} LM and {self.config.vision.num_layers} ViT layers")  # fmt: skip
+                                      f"{lm.num_layers} LM and {v.num_layers} ViT layers")  # fmt: skip
         tp = self.layout.tp
         for rule in self.rules:
             pieces = self.index.get(rule.mcore)
@@ -205,8 +208,14 @@ def prepare_tokenizer(path: str | Path, cfg: NVLMConfig) -> tuple[Any, NVLMConfi
 # ----------------------------------------------------------------------------------------- outputs
 
 
-def load_mcore(path: str | Path, tokenizer: str | Path | None = None, config: str | Path | NVLMConfig | None = None,
-               dtype: torch.dtype | str | None = None, device: Any = None, arch: str | None = None) -> torch.nn.Module:  # fmt: skip
+def load_mcore(
+    path: str | Path,
+    tokenizer: str | Path | None = None,
+    config: str | Path | NVLMConfig | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: Any = None,
+    arch: str | None = None,
+) -> torch.nn.Module:
     """An ``NVLM`` built from a Megatron-Core checkpoint in memory (tensor by tensor into a meta-device model).
     ``tokenizer`` (a directory) sets the image token's id as ``convert_to_hf`` would write it."""
     from nvlm.checkpoint import _empty, _finish, _place, _resolve_dtype
