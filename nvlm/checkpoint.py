@@ -324,6 +324,8 @@ def load_pretrained(
     device: str | torch.device | dict[str, Any] | None = None,
     arch: str | None = None,
     quantize: "str | QuantConfig | None" = None,
+    tokenizer: str | Path | None = None,
+    config: Any = None,
 ) -> torch.nn.Module:
     """Build the model on the meta device, then stream each tensor into place (cast and moved once).
 
@@ -335,7 +337,20 @@ def load_pretrained(
     the LLM (and the two-layer projector between D and H) are copied, the modules the checkpoint lacks are
     freshly initialised (cross-attention gates at 0), and what the new architecture has no use for is left
     out. That is how an NVLM-X or NVLM-H starts stage 1 from an NVLM-D.
+    A Megatron-Core checkpoint (``nvidia/NVLM-D-72B-mcore``) is read by ``nvlm.mcore.load_mcore``, with the
+    ``tokenizer`` directory and the ``config`` (preset or config.json) that give what its files lack.
     """
+    from nvlm.mcore.layout import is_mcore
+
+    if is_mcore(path):
+        from nvlm.mcore import load_mcore
+
+        if quantize is not None:
+            raise ValueError(f"{path}: a Megatron-Core checkpoint loads unquantized; convert it (nvlm convert) and "
+                             "load the result with quantize=")  # fmt: skip
+        return load_mcore(path, tokenizer, config, dtype, device, arch)
+    if tokenizer is not None or config is not None:
+        raise ValueError(f"{path}: tokenizer= and config= are for a Megatron-Core checkpoint, which this is not")
     path, cfg = read_config(path)
     fresh: tuple[str, ...] = ()
     if arch is not None and arch != cfg.arch:

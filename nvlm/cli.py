@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     from nvlm.demo import add_subcommand as add_demo
 
     add_demo(sub)
+    from nvlm.mcore.cli import add_subcommand as add_convert
+
+    add_convert(sub)
     return parser
 
 

@@ -226,16 +226,21 @@ class NVLM(nn.Module):
         device: str | torch.device | dict[str, Any] | None = None,
         arch: str | None = None,
         quantize: "str | QuantConfig | None" = None,
+        tokenizer: str | Path | None = None,
+        config: Any = None,
     ) -> "NVLM":
         """Load a directory in the NVLM-D-72B layout (config.json + sharded safetensors; ours for X and H).
 
         ``arch="X"`` or ``"H"`` on an NVLM-D checkpoint builds that architecture from it, new modules fresh.
         ``quantize="int8"``, ``"int4"`` or ``"fp8"`` (torchao, the ``quant`` extra) quantizes the decoder's and
         cross-attention blocks' linears as they load; see ``nvlm.quant`` for what and where.
+        A Megatron-Core checkpoint directory loads too, with ``tokenizer`` (a directory) and ``config`` (its
+        ViT: a preset name or config.json, default ``nvlm-d-72b``): see ``nvlm.mcore``.
         """
         from nvlm.checkpoint import load_pretrained
 
-        return load_pretrained(path, dtype=dtype, device=device, arch=arch, quantize=quantize)
+        return load_pretrained(path, dtype=dtype, device=device, arch=arch, quantize=quantize, tokenizer=tokenizer,
+                               config=config)  # fmt: skip
 
     def save_pretrained(self, path: str | Path, processor: "Processor | None" = None, **kwargs: Any) -> None:
         """Write the NVLM-D-72B layout (``architectures: ["NVLM_X"]``/``["NVLM_H"]`` for X and H), with the
