@@ -34,6 +34,9 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
+PROMPT_FORMAT_KEY = "nvlm_prompt_format"  # preprocessor_config.json: the prompt format a directory's model expects
+
+
 class BatchInputs(dict):
     """The model's keyword arguments; a dict, so ``model(**inputs)`` works, plus ``to(device)``."""
 
@@ -70,12 +73,14 @@ class Processor:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, chat_template: str = "nvlm", max_tiles: int | None = None
+        cls, path: str | Path, chat_template: str | None = None, max_tiles: int | None = None
     ) -> "Processor":
         """Read config.json, the tokenizer files and (optionally) preprocessor_config.json.
 
         config.json fixes the tile size; ``max_dynamic_patch`` / ``min_dynamic_patch`` / ``use_thumbnail`` in
         preprocessor_config.json, then ``max_tiles`` here, override its tiling (e.g. fewer tiles for memory).
+        ``chat_template`` None: the directory's own prompt format (``nvlm_prompt_format`` in
+        preprocessor_config.json, "checkpoint" for a model converted from Megatron-Core), else "nvlm".
         """
         from nvlm.checkpoint import model_dir
 
@@ -83,8 +88,10 @@ class Processor:
         cfg = NVLMConfig.from_json_file(path / "config.json")
         tiling = {"max_tiles": cfg.max_tiles, "min_tiles": cfg.min_tiles, "use_thumbnail": cfg.use_thumbnail}
         pre = path / "preprocessor_config.json"
-        if pre.is_file():
-            data = read_json_object(pre)
+        data: dict[str, Any] = read_json_object(pre) if pre.is_file() else {}
+        if chat_template is None:
+            chat_template = str(data.get(PROMPT_FORMAT_KEY, "nvlm"))
+        if data:
             for key in ("image_size", "crop_size", "size"):
                 size = _side(data.get(key))
                 if size is not None and size != cfg.tile_size:
@@ -119,6 +126,8 @@ class Processor:
             "min_dynamic_patch": getattr(ip, "min_tiles", cfg.min_tiles),
             "use_thumbnail": getattr(ip, "use_thumbnail", cfg.use_thumbnail),
         }  # fmt: skip
+        if self.chat_template == "checkpoint":  # the tokenizer's template is this model's prompt format
+            pre[PROMPT_FORMAT_KEY] = "checkpoint"
         (path / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
 
     # ------------------------------------------------------------------------------------ prompt text

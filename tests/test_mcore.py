@@ -100,7 +100,10 @@ def test_convert_writes_a_standalone_hf_directory(tmp_path: Path, tok_dir: Path,
     original = build_tiny_tokenizer()
     assert tok.encode("<Image><tile_1>") == original.encode("<Image>") + original.encode("<tile_1>")
     assert original.encode("<Image><tile_1>") != tok.encode("<Image><tile_1>")
-    processor = Processor.from_pretrained(dst)
+    processor = Processor.from_pretrained(dst)  # nvlm chat / serve / eval: Megatron's prompt format by default
+    question = [{"role": "user", "content": "What is this?"}]
+    assert processor.render(question).text == processor.render(question, chat_template=MEGATRON_TEMPLATE).text
+    assert processor.render(question).text != Processor.from_pretrained(dst, chat_template="nvlm").render(question).text
     inputs = processor("<image>\nWhat is this?", [Image.new("RGB", (56, 56), "red")])
     assert (inputs["input_ids"] == model.config.image_token_id).sum() == 4 and model(**inputs).logits.shape[-1] == 512
 

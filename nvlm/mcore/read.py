@@ -261,7 +261,7 @@ def convert_to_hf(src: str | Path, dst: str | Path, tokenizer: str | Path, confi
             (dst / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
             images = ImageProcessor(tile_size=cfg.tile_size, max_tiles=cfg.max_tiles, min_tiles=cfg.min_tiles,
                                     use_thumbnail=cfg.use_thumbnail)  # fmt: skip
-            Processor(tok, images, cfg).save_pretrained(dst)
+            Processor(tok, images, cfg, chat_template="checkpoint").save_pretrained(dst)  # Megatron's format
         except BaseException:
             shutil.rmtree(dst, ignore_errors=True)
             raise
