@@ -49,6 +49,10 @@ def test_the_report_pictures_are_drawn(run):
     grid = Image.open(run / "answers.png")
     rows = -(-2 * len(HELDOUT) // 4)
     assert grid.size == (4 * 280, rows * 150)
+    from nvlm.demo import _predictions
+
+    for skill in HELDOUT:  # the grid's answers are the model's, read back from nvlm eval's files
+        assert len(_predictions(run / "eval", skill)) == 4
 
 
 def test_a_rerun_reuses_every_stage(run, capsys):
