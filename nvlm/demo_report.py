@@ -2,7 +2,7 @@
 
 ``loss_curves`` plots the per-step training loss of each stage (``metrics.jsonl``), one panel per stage on
 a shared loss axis, the raw loss faint and its running mean bold. ``answer_grid`` lays out held-out images,
-each fitted into a fixed cell, under it the question, the model's answer and the truth (green when they
+each fitted into a fixed cell (enlarged at most 2x), under it the question, the model's answer and the truth (green when they
 agree, red when not). Both write a PNG and return its path.
 """
 
@@ -64,7 +64,8 @@ def loss_curves(stages: dict[str, Sequence[float]], path: Path, size: tuple[int,
 
 def answer_grid(items: Sequence[dict], root: Path, path: Path, cols: int = 4, cell: tuple[int, int] = (280, 150)) -> Path:
     """``items``: dicts with ``image`` (a path under ``root``), ``question``, ``answer`` (the model's) and
-    ``truth``; ``cols`` to a row, each image fitted into the top of its cell, three lines of text under it."""
+    ``truth``; ``cols`` to a row, each image fitted into the top of its cell (enlarged at most 2x), three
+    lines of text under it."""
     w, h = cell
     text_h = 3 * 16 + 4
     rows = max(1, -(-len(items) // cols))
@@ -73,7 +74,8 @@ def answer_grid(items: Sequence[dict], root: Path, path: Path, cols: int = 4, ce
     for k, it in enumerate(items):
         x, y = (k % cols) * w, (k // cols) * h
         pic = Image.open(root / it["image"]).convert("RGB")
-        pic.thumbnail((w - 8, h - text_h - 8))
+        scale = min((w - 8) / pic.width, (h - text_h - 8) / pic.height, 2.0)  # small images shown up to 2x
+        pic = pic.resize((max(1, round(pic.width * scale)), max(1, round(pic.height * scale))), Image.LANCZOS)
         img.paste(pic, (x + (w - pic.width) // 2, y + 4))
         draw.rectangle((x + (w - pic.width) // 2 - 1, y + 3, x + (w + pic.width) // 2, y + 4 + pic.height), outline=_GRID)
         ty = y + h - text_h
