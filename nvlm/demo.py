@@ -32,7 +32,7 @@ from typing import Any, Sequence
 from nvlm.data.synth import HELDOUT
 
 CHANCE = {"read_number": 1 / 90, "read_small": 1 / 90, "read_word": 1 / 20, "chart": 1 / 9, "shapes": 1 / 6}
-# Steps of the 4-minute run on two CPU cores (``--scale`` multiplies them).
+# Steps of the demo, aimed at 4 minutes on two quiet CPU cores (``--scale`` multiplies them).
 STAGE1_STEPS, STAGE2_STEPS = 600, 1000
 
 
@@ -62,8 +62,8 @@ def _stages(out: Path, data: Path, preset: str, scale: float, extra: Sequence[st
 
     A step is 2048 tokens as 4 packed rows of 512, not 2 of 1024: half the (masked, block-diagonal) attention
     work, the largest single cost of a step of this model, for 11% padding instead of 7% (8 rows of 256 would
-    pad 24-34%). One data worker process, not two: on a 2-core machine the second only takes a core from the
-    step's two threads.
+    pad 24-34%). One data worker process, not two: beside it, ``nvlm train`` runs one compute thread on a
+    2-core machine (``nvlm.train.loop.cpu_threads``) instead of two threads fighting two workers for the cores.
     """
     common = ["--tokenizer", str(data / "tokenizer"), "--seq_len", "512", "--micro_batch_size", "4",
               "--num_workers", "1", "--max_tiles", "6", "--warmup_steps", "30", "--betas", "[0.9, 0.98]",
