@@ -32,8 +32,8 @@ from typing import Any, Sequence
 from nvlm.data.synth import HELDOUT
 
 CHANCE = {"read_number": 1 / 90, "read_small": 1 / 90, "read_word": 1 / 20, "chart": 1 / 9, "shapes": 1 / 6}
-# Steps of the 10-minute run on two CPU cores (``--scale`` multiplies them).
-STAGE1_STEPS, STAGE2_STEPS = 700, 1300
+# Steps of the demo, aimed at 4 minutes on two quiet CPU cores (``--scale`` multiplies them).
+STAGE1_STEPS, STAGE2_STEPS = 600, 1000
 
 
 def _run(argv: Sequence[str]) -> None:
@@ -55,21 +55,33 @@ def _train(out: Path, name: str, args: list[str]) -> Path:
     return model
 
 
-def _stages(out: Path, data: Path, preset: str, scale: float, extra: Sequence[str] = ()) -> Path:
-    """Stage 1 then stage 2 into ``out``; returns the final model directory."""
-    common = ["--tokenizer", str(data / "tokenizer"), "--seq_len", "1024", "--micro_batch_size", "2",
-              "--max_tiles", "6", "--warmup_steps", "30", "--betas", "[0.9, 0.98]", "--weight_decay", "0.0",
-              "--grad_clip", "1.0", "--save_every", "250", *extra]  # fmt: skip
+def _stages(out: Path, data: Path, preset: str, scale: float, extra: Sequence[str] = (),
+            times: dict[str, float] | None = None) -> Path:  # fmt: skip
+    """Stage 1 then stage 2 into ``out``; returns the final model directory. ``times`` gets each stage's
+    seconds (those it trained, not reused).
+
+    A step is 2048 tokens as 4 packed rows of 512, not 2 of 1024: half the (masked, block-diagonal) attention
+    work, the largest single cost of a step of this model, for 11% padding instead of 7% (8 rows of 256 would
+    pad 24-34%). One data worker process, not two: beside it, ``nvlm train`` runs one compute thread on a
+    2-core machine (``nvlm.train.loop.cpu_threads``) instead of two threads fighting two workers for the cores.
+    """
+    common = ["--tokenizer", str(data / "tokenizer"), "--seq_len", "512", "--micro_batch_size", "4",
+              "--num_workers", "1", "--max_tiles", "6", "--warmup_steps", "30", "--betas", "[0.9, 0.98]",
+              "--weight_decay", "0.0", "--grad_clip", "1.0", "--save_every", "250", *extra]  # fmt: skip
+    times = {} if times is None else times
+    start = time.perf_counter()
     stage1 = _train(out, "stage1", ["--preset", preset, "--stage", "1", *common,
                                     "--trainable", "[vision_model., mlp1., language_model., xattn_layers.]",
                                     "--data", json.dumps([{"path": str(data / "pretrain.jsonl")}]),
                                     "--steps", str(max(1, round(STAGE1_STEPS * scale))),
                                     "--lr", "1e-3", "--min_lr", "5e-4"])  # fmt: skip
+    times["stage1"], start = time.perf_counter() - start, time.perf_counter()
     stage2 = _train(out, "stage2", ["--init", str(stage1), "--stage", "2", *common,
                                     "--data", json.dumps([{"path": str(data / "sft.jsonl"), "weight": 0.9},
                                                           {"path": str(data / "text.jsonl"), "weight": 0.1}]),
                                     "--steps", str(max(1, round(STAGE2_STEPS * scale))),
                                     "--lr", "1e-3", "--min_lr", "1e-4"])  # fmt: skip
+    times["stage2"] = time.perf_counter() - start
     return stage2
 
 
@@ -124,20 +136,58 @@ def _table(rows: dict[str, dict], with_blind: bool = True) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _predictions(eval_dir: Path, skill: str) -> dict[str, str]:
+    """Held-out id -> the model's answer, from ``nvlm eval``'s prediction files of this skill."""
+    out: dict[str, str] = {}
+    for f in sorted((eval_dir / "predictions").glob(f"jsonl_{skill}.rank*.jsonl")):
+        for line in f.read_text().splitlines()[1:]:  # after the header
+            if line.strip():
+                r = json.loads(line)
+                out[str(r["sample_id"])] = str(r["prediction"])
+    return out
+
+
+def _pictures(out: Path, data: Path, per_skill: int = 2) -> list[Path]:
+    """``loss.png`` (both stages' loss curves) and ``answers.png`` (``per_skill`` held-out images of every
+    skill with the question, the model's answer and the truth), in ``out``."""
+    from nvlm.demo_report import answer_grid, loss_curves, read_losses
+
+    curves = {f"stage {k}: {what}": read_losses(out / f"stage{k}" / "metrics.jsonl")
+              for k, what in ((1, "captions, loss by step"), (2, "questions, loss by step"))}  # fmt: skip
+    items = []
+    for skill in HELDOUT:
+        answers = _predictions(out / "eval", skill)
+        records = [json.loads(line) for line in (data / "heldout" / f"{skill}.jsonl").read_text().splitlines()]
+        items += [{**r, "truth": r["answer"], "answer": answers.get(r["id"], "?")} for r in records[:per_skill]]
+    return [loss_curves(curves, out / "loss.png"), answer_grid(items, data / "heldout", out / "answers.png")]
+
+
 def demo(out: Path, arch: str = "D", scale: float = 1.0, train: int = 6000, test: int = 200) -> Path:
+    """The whole demo into ``out`` (see the module docstring); returns ``out``. ``report.md`` holds the
+    results table, the two pictures and the seconds of each step run (reused steps count as 0)."""
     start = time.perf_counter()
     data = out / "data"
     _run(["data", "synth", "--out", str(data), "--train", str(train), "--test", str(test)])
-    model = _stages(out, data, f"demo-{arch.lower()}", scale)
+    times = {"data": time.perf_counter() - start}
+    model = _stages(out, data, f"demo-{arch.lower()}", scale, times=times)
     final = out / "model"
     if not (final / "config.json").is_file():
         shutil.copytree(model, final, dirs_exist_ok=True)
+    t = time.perf_counter()
     rows = _evaluate(final, data, out / "eval", list(HELDOUT))
     answer = _chat(final, data)
+    times["eval and chat"] = time.perf_counter() - t
+    _pictures(out, data)
     minutes = (time.perf_counter() - start) / 60
+    steps = ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
+    (out / "times.json").write_text(json.dumps({**times, "total": 60 * minutes}, indent=2) + "\n")
     report = (f"# nvlm demo: a tiny NVLM-{arch} trained on synthetic data\n\n"
               f"Held-out exact match (`{out}/eval/results.json`), greedy, the same model with and without the image:\n\n"
-              f"{_table(rows)}\n{answer}\n\nThis run: {minutes:.1f} minutes. The model: `nvlm chat --model {final}`.\n")  # fmt: skip
+              f"{_table(rows)}\n{answer}\n\n"
+              f"Training loss of both stages (the running mean over 25 steps bold):\n\n![loss curves](loss.png)\n\n"
+              f"Held-out images, two a skill, with the question, the model's answer (green: right) and the truth:\n\n"
+              f"![held-out answers](answers.png)\n\n"
+              f"This run: {minutes:.1f} minutes ({steps}). The model: `nvlm chat --model {final}`.\n")  # fmt: skip
     (out / "report.md").write_text(report)
     print("\n" + report, flush=True)
     return out
@@ -165,6 +215,7 @@ def ablation(out: Path, scale: float = 1.0, train: int = 6000, test: int = 200) 
         lines.append(f"| {name} | {r['read_number']['exact_match']:.1f} | {r['read_small']['exact_match']:.1f} | "
                      f"{p[0]} | {p[1]} | {p[2]} |")  # fmt: skip
     table = "\n".join(lines) + "\n"
+    (out / "ablation.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / "ablation.md").write_text(table)
     print("\n" + table, flush=True)
     return out

@@ -24,7 +24,7 @@ def test_every_stage_produced_its_files(run):
     for f in ("manifest.json", "pretrain.jsonl", "sft.jsonl", "text.jsonl", "tokenizer/tokenizer.json"):
         assert (data / f).is_file(), f
     assert {p.stem for p in (data / "heldout").glob("*.jsonl")} >= set(HELDOUT)
-    for stage, steps in (("stage1", 7), ("stage2", 13)):
+    for stage, steps in (("stage1", 6), ("stage2", 10)):
         metrics = [json.loads(line) for line in (run / stage / "metrics.jsonl").read_text().splitlines()]
         assert [m["step"] for m in metrics] == list(range(1, steps + 1))
         assert (run / stage / "model" / "model.safetensors.index.json").is_file()
@@ -35,6 +35,24 @@ def test_every_stage_produced_its_files(run):
         assert f"jsonl:{skill}_blind" in results
     report = (run / "report.md").read_text()
     assert all(f"| {skill} | 4 |" in report for skill in HELDOUT)
+    assert "](loss.png)" in report and "](answers.png)" in report
+    times = json.loads((run / "times.json").read_text())
+    assert set(times) == {"data", "stage1", "stage2", "eval and chat", "total"}
+
+
+def test_the_report_pictures_are_drawn(run):
+    """Both stages' curves side by side; a grid of 2 held-out answers per skill (4 to a row)."""
+    from PIL import Image
+
+    loss = Image.open(run / "loss.png")
+    assert loss.size == (2 * 360, 240) and len(loss.getcolors(1 << 16)) > 2
+    grid = Image.open(run / "answers.png")
+    rows = -(-2 * len(HELDOUT) // 4)
+    assert grid.size == (4 * 280, rows * 150)
+    from nvlm.demo import _predictions
+
+    for skill in HELDOUT:  # the grid's answers are the model's, read back from nvlm eval's files
+        assert len(_predictions(run / "eval", skill)) == 4
 
 
 def test_a_rerun_reuses_every_stage(run, capsys):
@@ -69,6 +87,9 @@ def test_the_ablation_writes_its_table(tmp_path):
     table = (out / "ablation.md").read_text()
     for row in ("Low-res", "DHR, no tag", "DHR + 1-D tag"):
         assert f"| {row} |" in table
+    scores = json.loads((out / "ablation.json").read_text())
+    assert set(scores) == {"Low-res", "DHR, no tag", "DHR + 1-D tag"}
+    assert all(set(r) == {"read_number", "read_small"} for r in scores.values())
     low = json.loads((out / "low-res" / "stage2" / "model" / "preprocessor_config.json").read_text())
     assert low["max_dynamic_patch"] == 1
     untagged = json.loads((out / "untagged" / "stage2" / "model" / "config.json").read_text())

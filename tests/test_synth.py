@@ -88,3 +88,25 @@ def test_the_trained_tokenizer_has_the_presets_special_ids_and_reads_digits_one_
     assert tok.decode(ids) == "The number 47 written in red."
     assert [tok.decode([i]) for i in tok.encode("4072")] == ["4", "0", "7", "2"]
     assert len(tok.encode("The number")) <= 3  # learned from the data: whole words
+
+
+def test_a_number_lies_in_one_random_tile():
+    """Every digit's ink inside a single tile, and that tile varies: the model must find it."""
+    import random
+
+    from nvlm.data.synth import number_item
+
+    t, cfg = CFG.tile_size, CFG
+    rng = random.Random(0)
+    for small in (False, True):
+        where = set()
+        for _ in range(40):
+            item = number_item(rng, cfg, small=small)
+            img = item.image.convert("L")
+            w, h = img.size
+            bg = max(img.getcolors(256))[1]  # the most common grey: the background
+            ink = {(x // t, y // t) for x in range(w) for y in range(h) if abs(img.getpixel((x, y)) - bg) > 40}
+            assert len(ink) == 1, (small, ink)
+            where |= ink
+            assert (max(w, h) // t in (4, 5, 6)) if small else (w, h) == (2 * t, t)
+        assert len(where) > 1

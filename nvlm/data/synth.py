@@ -4,9 +4,9 @@
 
 Three kinds of images, each drawn with Pillow from a seeded ``random.Random``:
 
-- **text**: a number (digits of several sizes on the half-tile grid, in several rows and colours) or a word
-  (any size and place) on canvases of varied aspect ratio; ``read_small`` items put a number on a canvas four
-  to six tiles long, legible only through the high-resolution tiles (the thumbnail squeezes it 4-6 times);
+- **text**: a number (digits of several sizes on the half-tile grid, in a random tile, row and colour) or a
+  word (any size and place) on canvases of varied aspect ratio; ``read_small`` items put a number on a canvas
+  four to six tiles long, legible only through the high-resolution tiles (the thumbnail squeezes it 4-6 times);
 - **chart**: a bar chart of two to four labelled bars with values to read;
 - **shapes**: circles, squares and triangles with colours and counts.
 
@@ -97,27 +97,25 @@ def _draw_number(rng: random.Random, img: Image.Image, text: str, cell: int, col
 
 
 def number_item(rng: random.Random, cfg: SynthConfig, small: bool = False) -> Item:
-    """A number, one digit per half-tile square, in a random row of a two-tile canvas; ``small``: on a canvas
-    four to six tiles long (wide or tall), where the thumbnail squeezes it below legibility but a tile does not.
+    """A number, one digit per half-tile square, at the left edge of a random tile (top or bottom half) of a
+    two-tile canvas; ``small``: of a canvas four to six tiles long (wide or tall), where the thumbnail
+    squeezes it 4-6 times, below legibility, but its tile does not.
 
     Digits sit on the half-tile grid (each covers 2 x 2 of the demo model's tokens) at their own size and in
     the item's colour: a tiny ViT that starts from random weights learns to read them within the demo's
-    minutes, which it does not for text at any sub-token offset.
+    minutes, which it does not for text at any sub-token offset. The number is in a random tile for both
+    kinds, so the model learns to find the tile that holds it, the skill ``small`` numbers need.
     """
     t, cell = cfg.tile_size, cfg.tile_size // 2
     n = rng.randint(*cfg.digits)
     text = str(rng.randrange(10 ** (n - 1), 10**n))
     color_name = rng.choice(list(COLORS))
     color = COLORS[color_name]
-    if small:
-        tiles = rng.choice((4, 5, 6))
-        wide = rng.random() < 0.7
-        img = Image.new("RGB", (tiles * t, t) if wide else (t, tiles * t), _background(rng))
-        tile = rng.randrange(tiles)  # the number starts at a tile's left edge
-        col, row = (2 * tile, rng.randrange(2)) if wide else (0, 2 * tile + rng.randrange(2))
-    else:
-        img = Image.new("RGB", (2 * t, t), _background(rng))
-        col, row = 0, rng.randrange(2)
+    tiles = rng.choice((4, 5, 6)) if small else 2
+    wide = not small or rng.random() < 0.7
+    img = Image.new("RGB", (tiles * t, t) if wide else (t, tiles * t), _background(rng))
+    tile = rng.randrange(tiles)
+    col, row = (2 * tile, rng.randrange(2)) if wide else (0, 2 * tile + rng.randrange(2))
     _draw_number(rng, img, text, cell, col, row, color)
     return Item(img, f"The number {text} written in {color_name}.", READ_NUMBER, text,
                 "read_small" if small else "read_number")  # fmt: skip
@@ -202,10 +200,10 @@ def arithmetic(rng: random.Random) -> tuple[str, str]:
 
 # The training mix: what fraction of images each maker draws.
 MIX: tuple[tuple[float, Callable[[random.Random, SynthConfig], Item]], ...] = (
-    (0.45, number_item),
-    (0.10, word_item),
-    (0.15, lambda rng, cfg: number_item(rng, cfg, small=True)),
-    (0.20, chart_item),
+    (0.35, number_item),
+    (0.05, word_item),
+    (0.30, lambda rng, cfg: number_item(rng, cfg, small=True)),
+    (0.15, chart_item),
     (0.15, shapes_item),
 )
 # Held-out skills: one maker each.

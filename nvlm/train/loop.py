@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -61,6 +62,16 @@ def build(cfg: TrainConfig, device: torch.device, world: int) -> tuple[NVLM, Tok
     return model.train(), point.tokenizer, frozen
 
 
+def cpu_threads(num_workers: int, ranks_here: int = 1) -> int:
+    """Intra-op threads for training on CPU: torch's default, but at most this process's share of the CPUs
+    it may run on once every local rank's data workers have theirs (at least 1). Threads beyond the free
+    cores wait at each op for a descheduled sibling: on 2 cores shared with other jobs, a demo step with 2
+    threads took 7x longer than with 1 (and burnt 8x the CPU time)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    free = cpus // max(1, ranks_here) - num_workers
+    return max(1, min(torch.get_num_threads(), free))
+
+
 def make_optimizer(model: NVLM, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the trained parameters only (no weight decay on vectors: norms, biases, gates)."""
     trained = [p for p in model.parameters() if p.requires_grad]
@@ -82,6 +93,7 @@ def train(cfg: TrainConfig) -> Path:
     rank, world, device = distributed.setup(cfg.device)
     if device.type == "cpu":
         return_freed_memory()
+        torch.set_num_threads(cpu_threads(cfg.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     model, tokenizer, export_dtype = build(cfg, device, world)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     c = model.config
