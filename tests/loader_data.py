@@ -91,8 +91,8 @@ def main() -> None:
     data_loader = loader(sources, num_workers=2)
     data_loader()
     (out / "pids.json").write_text(json.dumps(descendants(os.getpid())))
-    if mode == "interrupt":
-        os.kill(os.getpid(), signal.SIGINT)
+    if mode == "interrupt":  # in this thread: os.kill may hand the signal to one of torch's threads, and a
+        signal.raise_signal(signal.SIGINT)  # main thread asleep for 600 s would never see it
     time.sleep(600)
 
 
