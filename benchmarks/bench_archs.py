@@ -31,7 +31,11 @@ def small(arch: str):
     llm = replace(base.llm, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8, num_kv_heads=2)
     projector = replace(base.projector, input_size=256, hidden_size=1408, output_size=512)
     cfg = replace(base, vision=vision, llm=llm, projector=projector).with_arch(arch)
-    return replace(cfg, xattn=CrossAttentionConfig(num_layers=2, interval=4, intermediate_size=1408)) if arch != "D" else cfg
+    return (
+        replace(cfg, xattn=CrossAttentionConfig(num_layers=2, interval=4, intermediate_size=1408))
+        if arch != "D"
+        else cfg
+    )
 
 
 def step_times(arch: str, args: argparse.Namespace) -> tuple[int, list[float]]:

@@ -62,8 +62,15 @@ def main() -> None:
     h = args.hidden
     cfg = replace(
         base,
-        llm=replace(base.llm, hidden_size=h, intermediate_size=4 * h, num_layers=args.layers, num_heads=16,
-                    num_kv_heads=4, vocab_size=32000),  # fmt: skip
+        llm=replace(
+            base.llm,
+            hidden_size=h,
+            intermediate_size=4 * h,
+            num_layers=args.layers,
+            num_heads=16,
+            num_kv_heads=4,
+            vocab_size=32000,
+        ),  # fmt: skip
         projector=replace(base.projector, hidden_size=4 * h, output_size=h),
         torch_dtype=args.dtype,
     )

@@ -64,7 +64,9 @@ def main() -> None:
                     loader()
                     waited += time.perf_counter() - t
                 total = time.perf_counter() - t1
-            print(f"{workers:7d}  {first_s:12.2f}  {batches * per_batch / total:10.1f}  {1000 * waited / batches:10.0f}")
+            print(
+                f"{workers:7d}  {first_s:12.2f}  {batches * per_batch / total:10.1f}  {1000 * waited / batches:10.0f}"
+            )
 
 
 if __name__ == "__main__":

@@ -68,7 +68,9 @@ def child(path: str, fmt: str, args: argparse.Namespace) -> None:
     sys.stdin.readline()  # the parent has read VmRSS before loading
     model = NVLM.from_pretrained(path, quantize=None if fmt == "bf16" else fmt)
     with torch.no_grad():  # plain tensors may stay mapped from the file until read: read every page
-        touched = sum(float(p.reshape(-1)[::512].float().sum()) for p in model.parameters() if type(p) is torch.nn.Parameter)
+        touched = sum(
+            float(p.reshape(-1)[::512].float().sum()) for p in model.parameters() if type(p) is torch.nn.Parameter
+        )
     print("loaded", flush=True)
     sys.stdin.readline()  # the parent has read the peak
     linears = quantized_linears(model)
@@ -143,14 +145,18 @@ def arithmetic() -> None:
         model = NVLM(cfg)
     total = sum(p.numel() for p in model.parameters()) * 2
     llm = cfg.llm
-    seq = 7 * cfg.tokens_per_tile + 7 * 8 + 200  # tiles' tokens, their tags (~8 tokens each), ~200 of question and answer
+    seq = (
+        7 * cfg.tokens_per_tile + 7 * 8 + 200
+    )  # tiles' tokens, their tags (~8 tokens each), ~200 of question and answer
     kv_per_token = 2 * llm.num_layers * llm.num_kv_heads * llm.head_dim * 2
     kv_seq = kv_per_token * seq
     print(f"NVLM-D-72B: {sum(p.numel() for p in model.parameters()) / 1e9:.1f}B parameters, bf16 {total / GIB:.1f} GiB")
     print(f"KV cache (bf16): {kv_per_token / 2**10:.0f} KiB per token; one 6+1-tile image sequence of {seq} tokens: "
           f"{kv_seq / GIB:.2f} GiB")  # fmt: skip
-    parts = {k: sum(p.numel() for n, p in model.named_parameters() if n.startswith(k)) * 2 / GIB
-             for k in ("vision_model.", "mlp1.", "language_model.model.embed_tokens.", "language_model.lm_head.")}
+    parts = {
+        k: sum(p.numel() for n, p in model.named_parameters() if n.startswith(k)) * 2 / GIB
+        for k in ("vision_model.", "mlp1.", "language_model.model.embed_tokens.", "language_model.lm_head.")
+    }
     print("kept in bf16: " + ", ".join(f"{k.rstrip('.')} {v:.2f} GiB" for k, v in parts.items()))
     print("| format | weights | left on 80 GB | batch on 80 GB | left on 141 GB | batch on 141 GB |")
     print("|---|---|---|---|---|---|")
@@ -184,7 +190,16 @@ def main() -> None:
 
     from nvlm.models.nvlm import NVLM
 
-    argv = ["--threads", str(args.threads), "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens), "--questions", str(args.questions)]
+    argv = [
+        "--threads",
+        str(args.threads),
+        "--prompt",
+        str(args.prompt),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--questions",
+        str(args.questions),
+    ]
     with tempfile.TemporaryDirectory() as d:
         torch.manual_seed(0)
         model = NVLM(config(args.preset, "D")).to(torch.bfloat16)
@@ -205,7 +220,9 @@ def main() -> None:
         if "error" in r:
             print(f"| {r['format']} | {r['error']} |")
             continue
-        speed = f"{r['decode_tokens_per_s']:.1f}" + (f" ({r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x)" if base else "")
+        speed = f"{r['decode_tokens_per_s']:.1f}" + (
+            f" ({r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x)" if base else ""
+        )
         print(f"| {r['format']} | {r['peak_mb'] - r['rss_before_mb']:.0f} MiB | {r['loaded_mb'] - r['rss_before_mb']:.0f} MiB "
               f"| {r['measured_bytes'] / 2**20:.1f} / {r['predicted_bytes'] / 2**20:.1f} / {r['bf16_bytes'] / 2**20:.1f} MiB "
               f"| {speed} | {r.get('same_answers', 1.0):.0%} | {r.get('same_next_token', 1.0):.0%} "

@@ -140,7 +140,11 @@ def soak(url: str, base: str, goods: Goods, solo: list[str], bads: Bads, clients
                     if rng.random() < bad:
                         name, send = rng.choice(bads)
                         r = send(c, url)
-                        key = "hostile refused (4xx)" if 400 <= r.status_code < 500 else f"hostile NOT refused: {name} -> {r.status_code}"
+                        key = (
+                            "hostile refused (4xx)"
+                            if 400 <= r.status_code < 500
+                            else f"hostile NOT refused: {name} -> {r.status_code}"
+                        )
                     else:
                         i = rng.randrange(len(goods))
                         r = c.post(url, json=goods[i])
@@ -149,7 +153,11 @@ def soak(url: str, base: str, goods: Goods, solo: list[str], bads: Bads, clients
                         elif r.status_code != 200:
                             key = f"good request answered {r.status_code}"
                         else:
-                            key = "good, right" if r.json()["choices"][0]["message"]["content"] == solo[i] else "good, WRONG"
+                            key = (
+                                "good, right"
+                                if r.json()["choices"][0]["message"]["content"] == solo[i]
+                                else "good, WRONG"
+                            )
                 except httpx.HTTPError as e:
                     key = f"client error {type(e).__name__}"
                 with lock:
@@ -222,9 +230,13 @@ def main() -> int:
     for k, v in sorted(counts.items()):
         print(f"  {k}: {v}")
     print(f"wrong answers: {wrong}   5xx: {five}   hostile not refused: {unrefused}   loopback connections: {trapped}")
-    print(f"server RSS: {rss_cold:.0f} MB after the solo answers, {rss_before:.0f} MB after a {args.warmup:.0f} s warm-up "
-          f"soak (before), {rss_after:.0f} MB after ({(rss_after / rss_before - 1):+.1%})")
-    print(f"/health: {len(health)} polls, p50 {q[49] * 1e3:.1f} ms, p99 {q[98] * 1e3:.1f} ms, max {max(health) * 1e3:.1f} ms")
+    print(
+        f"server RSS: {rss_cold:.0f} MB after the solo answers, {rss_before:.0f} MB after a {args.warmup:.0f} s warm-up "
+        f"soak (before), {rss_after:.0f} MB after ({(rss_after / rss_before - 1):+.1%})"
+    )
+    print(
+        f"/health: {len(health)} polls, p50 {q[49] * 1e3:.1f} ms, p99 {q[98] * 1e3:.1f} ms, max {max(health) * 1e3:.1f} ms"
+    )
     return int(bool(wrong or five or unrefused or trapped))
 
 

@@ -58,7 +58,9 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     vocab = model.config.llm.vocab_size
     ids = torch.randint(0, vocab - 100, (args.rows, args.seq_len), device=device)
-    mask = torch.arange(args.seq_len, device=device).div(512, rounding_mode="floor").add(1).expand(args.rows, -1)  # 512-token docs
+    mask = (
+        torch.arange(args.seq_len, device=device).div(512, rounding_mode="floor").add(1).expand(args.rows, -1)
+    )  # 512-token docs
     times = []
     for step in range(args.steps + 2):
         t0 = time.perf_counter()

@@ -58,9 +58,11 @@ def children(pid: int) -> list[int]:
 def baseline_mib() -> float:
     """VmRSS of a fresh interpreter that has imported the training code and built a tiny model on meta (torch's
     meta-device init functions import ``torch._dynamo``: ~30 MiB, whatever the model's size)."""
-    code = (f"{IMPORTS}; from nvlm import NVLM; from nvlm.config import preset\n"
-            "with torch.device('meta'): NVLM(preset('tiny-d'))\n"
-            "print(open('/proc/self/status').read())")
+    code = (
+        f"{IMPORTS}; from nvlm import NVLM; from nvlm.config import preset\n"
+        "with torch.device('meta'): NVLM(preset('tiny-d'))\n"
+        "print(open('/proc/self/status').read())"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return next(int(l.split()[1]) / 1024 for l in out.splitlines() if l.startswith("VmRSS:"))
 
@@ -130,7 +132,9 @@ def run(ranks: int, args: list[str], out: Path, env: dict[str, str]) -> dict[str
     if first_start is None:
         raise SystemExit("no step was recorded")
     load = [max((m for t, i, m in samples if i == r and t < first_start), default=0.0) for r in range(ranks)]
-    step = [max((m for t, i, m in samples if i == r and first_start <= t <= last_end), default=0.0) for r in range(ranks)]
+    step = [
+        max((m for t, i, m in samples if i == r and first_start <= t <= last_end), default=0.0) for r in range(ranks)
+    ]
     return {"load": max(load), "train": max(step)}
 
 
@@ -174,8 +178,10 @@ def main() -> None:
     print("| ranks | load peak (MiB) | x 1 rank | x model | plan: parameters | train peak (MiB) | x 1 rank | plan: total "
           "| measured / plan |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     for n, load, step, p in rows:
-        print(f"| {n} | {load:,.0f} | {load / one_load:.2f} | {load / model_mib:.2f} | {p.parameters / MIB:,.0f} | "
-              f"{step:,.0f} | {step / one_train:.2f} | {p.total / MIB:,.0f} | {step / (p.total / MIB):.2f} |")
+        print(
+            f"| {n} | {load:,.0f} | {load / one_load:.2f} | {load / model_mib:.2f} | {p.parameters / MIB:,.0f} | "
+            f"{step:,.0f} | {step / one_train:.2f} | {p.total / MIB:,.0f} | {step / (p.total / MIB):.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,9 @@ SIDE_FILES = (
     "merges.txt", "preprocessor_config.json", "processor_config.json", "generation_config.json",
     "chat_template.jinja", "chat_template.json",
 )  # fmt: skip
-VIT_ATTENTION = re.compile(r"^vision_model\.encoder\.layers\.\d+\.attn\.(qkv\.weight|qkv\.bias|q_norm\.weight|k_norm\.weight|proj\.weight)$")
+VIT_ATTENTION = re.compile(
+    r"^vision_model\.encoder\.layers\.\d+\.attn\.(qkv\.weight|qkv\.bias|q_norm\.weight|k_norm\.weight|proj\.weight)$"
+)
 
 
 class CheckpointError(ValueError):
@@ -63,8 +65,10 @@ def unpad_vit_attention(name: str, tensor: torch.Tensor, width: int, head_dim: i
     else:
         return tensor[:width]  # q_norm / k_norm
     if any(d.numel() and bool(d.ne(0).any()) for d in dummy):
-        raise CheckpointError(f"{name}: its dummy heads (after the {width} real channels) are not all zero; "
-                              "this model has no place for them")
+        raise CheckpointError(
+            f"{name}: its dummy heads (after the {width} real channels) are not all zero; "
+            "this model has no place for them"
+        )
     return kept
 
 
@@ -366,7 +370,9 @@ def load_pretrained(
         if name.startswith(fresh) or (fresh and name not in params):
             continue  # converting architectures: replaced, or not used by the new one
         if name not in params:
-            raise CheckpointError(f"{path}: unexpected tensor {name!r} {tuple(tensor.shape)} for an NVLM-{cfg.arch} model")
+            raise CheckpointError(
+                f"{path}: unexpected tensor {name!r} {tuple(tensor.shape)} for an NVLM-{cfg.arch} model"
+            )
         _place(model, params[name], name, tensor, device_map(name), torch_dtype, file)
         loaded.add(name)
         if quantizer:
@@ -467,5 +473,15 @@ def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
     module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=module._parameters[attr].requires_grad)
 
 
-__all__ = ["CheckpointError", "ConfigError", "init_modules", "iter_checkpoint", "read_config", "tensor_index", "load_parts", "load_pretrained", "model_dir",
-           "save_pretrained"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "init_modules",
+    "iter_checkpoint",
+    "read_config",
+    "tensor_index",
+    "load_parts",
+    "load_pretrained",
+    "model_dir",
+    "save_pretrained",
+]

@@ -183,7 +183,9 @@ class NVLMConfig:
             rs = lm.rope_scaling if isinstance(lm.rope_scaling, dict) else {}
             kind, factor = rs.get("rope_type", rs.get("type")), rs.get("factor")
             if kind != "dynamic" or not (_is_number(factor) and factor >= 1):
-                problems.append(f"dynamic_rope needs rope_scaling {{'type': 'dynamic', 'factor' >= 1}}, not {lm.rope_scaling!r}")
+                problems.append(
+                    f"dynamic_rope needs rope_scaling {{'type': 'dynamic', 'factor' >= 1}}, not {lm.rope_scaling!r}"
+                )
         if not -v.num_layers <= self.select_layer <= v.num_layers:
             problems.append(f"select_layer {self.select_layer} is outside the ViT's {v.num_layers} layers")
         if self.ps_version != "v2":
@@ -262,7 +264,9 @@ class NVLMConfig:
             if not (_is_number(ratio) and 0 < ratio <= 1):
                 raise ConfigError(f"downsample_ratio must be in (0, 1], not {ratio!r}")
             projector = replace(_default_projector(vision, llm, ratio, arch), **cfg.get("projector_config", {}))
-            xattn = replace(default_xattn(llm), **cfg.get("xattn_config", {})) if arch != "D" else CrossAttentionConfig()
+            xattn = (
+                replace(default_xattn(llm), **cfg.get("xattn_config", {})) if arch != "D" else CrossAttentionConfig()
+            )
             extra = {f.name: cfg[f.name] for f in fields(cls) if f.name in _TOP_LEVEL_OURS and f.name in cfg}
             return cls(
                 arch=arch,
@@ -447,11 +451,15 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _default_projector(vision: VisionConfig, llm: LLMConfig, downsample_ratio: float, arch: Arch = "D") -> ProjectorConfig:
+def _default_projector(
+    vision: VisionConfig, llm: LLMConfig, downsample_ratio: float, arch: Arch = "D"
+) -> ProjectorConfig:
     """The released rule: ViT width x (1/ratio)^2 -> the LLM's FFN size -> the LLM's width (one layer for X)."""
     scale = round(1 / downsample_ratio)
     layers = 1 if arch == "X" else 2
-    return ProjectorConfig(vision.hidden_size * scale * scale, llm.intermediate_size, llm.hidden_size, num_layers=layers)
+    return ProjectorConfig(
+        vision.hidden_size * scale * scale, llm.intermediate_size, llm.hidden_size, num_layers=layers
+    )
 
 
 def default_xattn(llm: LLMConfig) -> CrossAttentionConfig:
@@ -502,10 +510,7 @@ def _demo(arch: Arch) -> NVLMConfig:
 
 
 def _nvlm_d_72b() -> NVLMConfig:
-    return NVLMConfig(
-        arch="D",
-        llm=LLMConfig(rope_scaling={"factor": 3.0, "type": "dynamic"}),
-    )
+    return NVLMConfig(arch="D", llm=LLMConfig(rope_scaling={"factor": 3.0, "type": "dynamic"}))
 
 
 def _nvlm_d_34b() -> NVLMConfig:
@@ -524,10 +529,7 @@ def _nvlm_d_34b() -> NVLMConfig:
         eos_token_id=7,
     )
     return NVLMConfig(
-        arch="D",
-        llm=llm,
-        projector=ProjectorConfig(hidden_size=20480, output_size=7168),
-        thumbnail_tag="<tile_global>",
+        arch="D", llm=llm, projector=ProjectorConfig(hidden_size=20480, output_size=7168), thumbnail_tag="<tile_global>"
     )
 
 

@@ -126,7 +126,11 @@ def _chat(model: Path, data: Path) -> str:
 
 
 def _table(rows: dict[str, dict], with_blind: bool = True) -> str:
-    head = "| skill | n | chance | exact match | without the image |" if with_blind else "| skill | n | chance | exact match |"
+    head = (
+        "| skill | n | chance | exact match | without the image |"
+        if with_blind
+        else "| skill | n | chance | exact match |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for skill, r in rows.items():
         cells = [skill, str(r["n"]), f"{100 * CHANCE[skill]:.1f}%", f"{r['exact_match']:.1f}%"]
@@ -202,14 +206,20 @@ def ablation(out: Path, scale: float = 1.0, train: int = 6000, test: int = 200) 
     data = out / "data"
     _run(["data", "synth", "--out", str(data), "--train", str(train), "--test", str(test)])
     skills = ["read_number", "read_small"]
-    variants = {"Low-res": ("low-res", "demo-d", ["--max_tiles", "1"]),
-                "DHR, no tag": ("untagged", "demo-d-untagged", []), "DHR + 1-D tag": ("tagged", "demo-d", [])}
+    variants = {
+        "Low-res": ("low-res", "demo-d", ["--max_tiles", "1"]),
+        "DHR, no tag": ("untagged", "demo-d-untagged", []),
+        "DHR + 1-D tag": ("tagged", "demo-d", []),
+    }
     rows: dict[str, dict[str, Any]] = {}
     for name, (folder, preset, extra) in variants.items():
         run = out / folder
         model = _stages(run, data, preset, scale, extra)
         rows[name] = _evaluate(model, data, run / "eval", skills, blind=False)
-    lines = ["| setting | read_number | read_small | paper ChartQA | paper DocVQA | paper OCRBench |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| setting | read_number | read_small | paper ChartQA | paper DocVQA | paper OCRBench |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in rows.items():
         p = PAPER_TABLE1[name]
         lines.append(f"| {name} | {r['read_number']['exact_match']:.1f} | {r['read_small']['exact_match']:.1f} | "

@@ -62,7 +62,9 @@ def loss_curves(stages: dict[str, Sequence[float]], path: Path, size: tuple[int,
     return path
 
 
-def answer_grid(items: Sequence[dict], root: Path, path: Path, cols: int = 4, cell: tuple[int, int] = (280, 150)) -> Path:
+def answer_grid(
+    items: Sequence[dict], root: Path, path: Path, cols: int = 4, cell: tuple[int, int] = (280, 150)
+) -> Path:
     """``items``: dicts with ``image`` (a path under ``root``), ``question``, ``answer`` (the model's) and
     ``truth``; ``cols`` to a row, each image fitted into the top of its cell (enlarged at most 2x), three
     lines of text under it."""
@@ -77,7 +79,9 @@ def answer_grid(items: Sequence[dict], root: Path, path: Path, cols: int = 4, ce
         scale = min((w - 8) / pic.width, (h - text_h - 8) / pic.height, 2.0)  # small images shown up to 2x
         pic = pic.resize((max(1, round(pic.width * scale)), max(1, round(pic.height * scale))), Image.LANCZOS)
         img.paste(pic, (x + (w - pic.width) // 2, y + 4))
-        draw.rectangle((x + (w - pic.width) // 2 - 1, y + 3, x + (w + pic.width) // 2, y + 4 + pic.height), outline=_GRID)
+        draw.rectangle(
+            (x + (w - pic.width) // 2 - 1, y + 3, x + (w + pic.width) // 2, y + 4 + pic.height), outline=_GRID
+        )
         ty = y + h - text_h
         right = str(it["answer"]).strip() == str(it["truth"]).strip()
         draw.text((x + 4, ty), str(it["question"]), fill=_INK, font=_FONT)

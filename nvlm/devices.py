@@ -41,7 +41,9 @@ def _as_device(d: Any) -> torch.device:
     return torch.device("cuda", d) if isinstance(d, int) else torch.device(d)
 
 
-def resolve_device_map(model: torch.nn.Module, device: str | torch.device | DeviceMap | None) -> Callable[[str], torch.device]:
+def resolve_device_map(
+    model: torch.nn.Module, device: str | torch.device | DeviceMap | None
+) -> Callable[[str], torch.device]:
     """A function from parameter name to its device.
 
     ``None``/"cpu": everything on the CPU. A device: everything there. "auto": split across all visible

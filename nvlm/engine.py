@@ -145,7 +145,9 @@ class Engine:
         while self.has_work:
             self.step()
 
-    def _new(self, prompts: list[list[int]], params: list[SamplingParams], tags: list[Any] | None = None) -> list[Sequence]:
+    def _new(
+        self, prompts: list[list[int]], params: list[SamplingParams], tags: list[Any] | None = None
+    ) -> list[Sequence]:
         seqs = []
         device = self.model.language_model.lm_head.weight.device
         for ids, p, tag in zip(prompts, params, tags or [None] * len(prompts)):

@@ -58,11 +58,7 @@ class Processor:
     """Tokenizer + image tiling + the NVLM prompt format, in one object."""
 
     def __init__(
-        self,
-        tokenizer: Tokenizer,
-        image_processor: ImageProcessor,
-        config: NVLMConfig,
-        chat_template: str = "nvlm",
+        self, tokenizer: Tokenizer, image_processor: ImageProcessor, config: NVLMConfig, chat_template: str = "nvlm"
     ) -> None:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -231,9 +227,7 @@ class Processor:
 
     # ------------------------------------------------------------------------------------- batching
 
-    def __call__(
-        self, text: str | Sequence[str], images: Any = None, return_tensors: str = "pt"
-    ) -> BatchInputs:
+    def __call__(self, text: str | Sequence[str], images: Any = None, return_tensors: str = "pt") -> BatchInputs:
         """Left-padded ``input_ids`` / ``attention_mask``, and ``pixel_values`` of all crops when there are images.
 
         ``images`` is a flat list (taken in order across prompts) or one list per prompt.
@@ -346,9 +340,7 @@ class Processor:
 
     # --------------------------------------------------------------------------------- chat messages
 
-    def render(
-        self, messages: Any, add_generation_prompt: bool = True, chat_template: str | None = None
-    ) -> Rendered:
+    def render(self, messages: Any, add_generation_prompt: bool = True, chat_template: str | None = None) -> Rendered:
         """One conversation through template.py, in this processor's (or the given) prompt format."""
         name = chat_template or self.chat_template
         tok = self.tokenizer
@@ -371,8 +363,10 @@ class Processor:
         chat_template: str | None = None,
     ) -> BatchInputs | str | list[str]:
         """A conversation or a list of them -> model inputs (or, with ``tokenize=False``, the prompt text)."""
-        batch = isinstance(messages_or_batch, (list, tuple)) and bool(messages_or_batch) and all(
-            isinstance(c, (list, tuple)) for c in messages_or_batch
+        batch = (
+            isinstance(messages_or_batch, (list, tuple))
+            and bool(messages_or_batch)
+            and all(isinstance(c, (list, tuple)) for c in messages_or_batch)
         )
         convs = list(messages_or_batch) if batch else [messages_or_batch]
         rendered = [self.render(c, add_generation_prompt, chat_template) for c in convs]

@@ -137,7 +137,9 @@ def chartqa(root: Path, original: bool) -> None:
                     recs.append({"imgname": f"{i}.png", "query": q, "label": a})
             write_json(d / "test" / f"test_{kind}.json", recs)
     else:
-        rows = [{"type": f"{k}_test", "question": q, "answer": a, "image": cell(i)} for i, (k, q, a) in enumerate(CHARTQA)]
+        rows = [
+            {"type": f"{k}_test", "question": q, "answer": a, "image": cell(i)} for i, (k, q, a) in enumerate(CHARTQA)
+        ]
         write_parquet(d / "data" / "test-00000-of-00001.parquet", rows)
 
 
@@ -159,7 +161,9 @@ def docvqa(root: Path, original: bool) -> None:
             for i, (qid, q, a) in enumerate(qs)]  # fmt: skip
     write_parquet(d / "DocVQA" / "validation-00000-of-00001.parquet", rows)
     write_parquet(d / "DocVQA" / "test-00000-of-00001.parquet", [dict(r, answers=None) for r in rows])
-    decoy = [{"questionId": "999", "question": "infographic?", "answers": ["no"], "image": cell(0), "data_split": "val"}]
+    decoy = [
+        {"questionId": "999", "question": "infographic?", "answers": ["no"], "image": cell(0), "data_split": "val"}
+    ]
     write_parquet(d / "InfographicVQA" / "validation-00000-of-00001.parquet", decoy)
 
 
@@ -192,14 +196,18 @@ def vqav2(root: Path, original: bool) -> None:
     qs = [(10, 1, "How many dogs?", VQA_ANSWERS[0], "number"), (20, 2, "What color is the bus?", VQA_ANSWERS[1], "other"),
           (30, 3, "Is it sunny?", VQA_ANSWERS[2], "yes/no")]  # fmt: skip
     if original:
-        write_json(d / "v2_OpenEnded_mscoco_val2014_questions.json",
-                   {"questions": [{"image_id": im, "question": q, "question_id": qid} for qid, im, q, _, _ in qs]})
+        write_json(
+            d / "v2_OpenEnded_mscoco_val2014_questions.json",
+            {"questions": [{"image_id": im, "question": q, "question_id": qid} for qid, im, q, _, _ in qs]},
+        )
         write_json(d / "v2_mscoco_val2014_annotations.json", {"annotations": [
             {"question_id": qid, "image_id": im, "answer_type": t, "multiple_choice_answer": a[0],
              "answers": [{"answer": x, "answer_confidence": "yes", "answer_id": j + 1} for j, x in enumerate(a)]}
             for qid, im, _, a, t in qs]})  # fmt: skip
-        write_json(d / "v2_OpenEnded_mscoco_test-dev2015_questions.json",
-                   {"questions": [{"image_id": im, "question": q, "question_id": qid} for qid, im, q, _, _ in qs]})
+        write_json(
+            d / "v2_OpenEnded_mscoco_test-dev2015_questions.json",
+            {"questions": [{"image_id": im, "question": q, "question_id": qid} for qid, im, q, _, _ in qs]},
+        )
         for _, im, _, _, _ in qs:
             write_png(d / "val2014" / f"COCO_val2014_{im:012d}.jpg", im)
             write_png(d / "test2015" / f"COCO_test2015_{im:012d}.jpg", im)
@@ -209,8 +217,10 @@ def vqav2(root: Path, original: bool) -> None:
              "image_id": im, "answer_type": t, "question_id": qid, "question": q, "image": cell(im)}
             for qid, im, q, a, t in qs]  # fmt: skip
     write_parquet(d / "data" / "validation-00000-of-00001.parquet", rows)
-    write_parquet(d / "data" / "testdev-00000-of-00001.parquet",
-                  [dict(r, answers=None, multiple_choice_answer=None, answer_type=None) for r in rows])
+    write_parquet(
+        d / "data" / "testdev-00000-of-00001.parquet",
+        [dict(r, answers=None, multiple_choice_answer=None, answer_type=None) for r in rows],
+    )
 
 
 def mmbench(root: Path, original: bool) -> None:
@@ -230,7 +240,9 @@ def mmbench(root: Path, original: bool) -> None:
             w = csv.writer(f, delimiter="\t")
             w.writerow(["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"])
             for r in rows:
-                image = base64.b64encode(r["image"]["bytes"]).decode() if r["index"] != 2 else "0"  # row 2 shares row 0's
+                image = (
+                    base64.b64encode(r["image"]["bytes"]).decode() if r["index"] != 2 else "0"
+                )  # row 2 shares row 0's
                 w.writerow([r["index"], r["question"], r["hint"] or "nan", r["A"], r["B"], r["C"] or "", r["D"] or "",
                             r["answer"], r["category"], image])  # fmt: skip
         return
@@ -284,8 +296,11 @@ def mmlu(root: Path, original: bool) -> None:
                     if s == subject:
                         w.writerow([q, *c, a])
         return
-    write_parquet(d / "all" / "test-00000-of-00001.parquet",
-                  [{"question": q, "subject": s, "choices": c, "answer": "ABCD".index(a)} for s, q, c, a in MMLU], ())
+    write_parquet(
+        d / "all" / "test-00000-of-00001.parquet",
+        [{"question": q, "subject": s, "choices": c, "answer": "ABCD".index(a)} for s, q, c, a in MMLU],
+        (),
+    )
 
 
 GSM8K = [("Janet's ducks lay 16 eggs per day. She eats three and bakes with four. She sells the rest at $2. How much does she make?",
@@ -314,7 +329,9 @@ def math(root: Path, original: bool) -> None:
             write_json(root / "math" / "test" / kind / f"{n}.json", rec)
     if not original:
         for kind in ("algebra", "geometry"):
-            rows = [{"problem": p, "level": "Level 1", "type": k.title(), "solution": s} for k, _, p, s in MATH if k == kind]
+            rows = [
+                {"problem": p, "level": "Level 1", "type": k.title(), "solution": s} for k, _, p, s in MATH if k == kind
+            ]
             write_parquet(root / "math" / kind / "test-00000-of-00001.parquet", rows, ())
 
 

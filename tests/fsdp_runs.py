@@ -1,8 +1,8 @@
 """Run by the tests under ``torchrun`` (gloo, CPU), or alone as one process.
 
-    fsdp_runs.py train  RUNS_JSON        train each TrainConfig (a list of dicts) in turn, one process group
-    fsdp_runs.py resave CFG_JSON CKPT OUT  build the run's model and optimiser, load checkpoint CKPT (saved on
-                                           any world size) and save it again under OUT (resharded as this world)
+fsdp_runs.py train  RUNS_JSON        train each TrainConfig (a list of dicts) in turn, one process group
+fsdp_runs.py resave CFG_JSON CKPT OUT  build the run's model and optimiser, load checkpoint CKPT (saved on
+                                       any world size) and save it again under OUT (resharded as this world)
 """
 
 import json

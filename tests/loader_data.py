@@ -53,7 +53,9 @@ def sources_in(root: Path) -> list[Source]:
 
 
 def loader(sources: list[Source], rank: int = 0, world_size: int = 1, num_workers: int = 0, **kw) -> Loader:
-    return Loader(kw.pop("processor", None) or processor(), sources, SEQ_LEN, ROWS, True, 1, rank, world_size, num_workers, **kw)
+    return Loader(
+        kw.pop("processor", None) or processor(), sources, SEQ_LEN, ROWS, True, 1, rank, world_size, num_workers, **kw
+    )
 
 
 def descendants(pid: int) -> list[int]:

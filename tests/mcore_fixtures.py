@@ -292,7 +292,10 @@ def _vision(ranks: Ranks, tp: int, cfg: NVLMConfig, pixels: torch.Tensor) -> tor
         for t in range(tp):
             q, k, vv = (p[t].transpose(1, 2) for p in (qs, ks, vs))
             o = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), dim=-1) @ vv
-            attn = attn + o.transpose(1, 2).reshape(n, length, -1) @ ranks[(t, 0)][m + "self_attention.linear_proj.weight"].T
+            attn = (
+                attn
+                + o.transpose(1, 2).reshape(n, length, -1) @ ranks[(t, 0)][m + "self_attention.linear_proj.weight"].T
+            )
         x = x + (attn + r0[m + "self_attention.linear_proj.bias"]) * r0[m + "ls1"]
         h = _rms(x, r0[m + "pre_mlp_layernorm.weight"], v.norm_eps)
         mlp = sum(F.gelu(h @ ranks[(t, 0)][m + "mlp.linear_fc1.weight"].T + ranks[(t, 0)][m + "mlp.linear_fc1.bias"])
@@ -300,7 +303,9 @@ def _vision(ranks: Ranks, tp: int, cfg: NVLMConfig, pixels: torch.Tensor) -> tor
         x = x + (mlp + r0[m + "mlp.linear_fc2.bias"]) * r0[m + "ls2"]
     x = _pixel_shuffle(x[:, 1:])
     m = "vision_projection.encoder."
-    x = F.layer_norm(x, (x.shape[-1],), r0[m + "linear_fc1.layer_norm_weight"], r0[m + "linear_fc1.layer_norm_bias"], 1e-6)
+    x = F.layer_norm(
+        x, (x.shape[-1],), r0[m + "linear_fc1.layer_norm_weight"], r0[m + "linear_fc1.layer_norm_bias"], 1e-6
+    )
     return sum(F.gelu(x @ ranks[(t, 0)][m + "linear_fc1.weight"].T) @ ranks[(t, 0)][m + "linear_fc2.weight"].T
                for t in range(tp))  # fmt: skip
 
@@ -346,4 +351,3 @@ def megatron_logits(ranks: Ranks, tp: int, pp: int, cfg: NVLMConfig, input_ids: 
     x = _rms(x, last["language_model.decoder.final_layernorm.weight"], lm.rms_norm_eps)
     logits = torch.cat([x @ ranks[(t, pp - 1)]["language_model.output_layer.weight"].T for t in range(tp)], dim=-1)
     return logits[..., : lm.vocab_size]
-

@@ -30,7 +30,9 @@ def test_released_config_reads_to_the_preset():
     """The released 72B config.json (as published) gives the nvlm-d-72b preset."""
     cfg = released_config(151654)
     cfg["force_image_size"] = 448
-    cfg["vision_config"].update(hidden_size=3200, num_hidden_layers=45, num_attention_heads=25, intermediate_size=12800, image_size=448)
+    cfg["vision_config"].update(
+        hidden_size=3200, num_hidden_layers=45, num_attention_heads=25, intermediate_size=12800, image_size=448
+    )
     cfg["llm_config"].update(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
                              num_key_value_heads=8, rope_theta=1000000.0, vocab_size=152064, max_position_embeddings=32768,
                              bos_token_id=151643, eos_token_id=151645)  # fmt: skip
@@ -99,7 +101,9 @@ def _edit_shard(path, fn):
 def test_missing_tensor_is_named(nvlm_d_dir, tmp_path):
     dst = shutil.copytree(nvlm_d_dir, tmp_path / "c")
     _edit_shard(dst, lambda sd: sd.pop("language_model.model.layers.1.mlp.up_proj.weight", None))
-    with pytest.raises(CheckpointError, match=r"missing tensors: language_model\.model\.layers\.1\.mlp\.up_proj\.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"missing tensors: language_model\.model\.layers\.1\.mlp\.up_proj\.weight"
+    ):
         NVLM.from_pretrained(dst)
 
 
@@ -189,9 +193,16 @@ def test_checkpoint_chat_template_is_the_released_one(tmp_path):
     build_tiny_tokenizer().save(tmp_path)
     shutil.copy(RELEASED / "tokenizer_config.json", tmp_path / "tokenizer_config.json")
     processor = Processor.from_pretrained(tmp_path, chat_template="checkpoint")
-    assert processor.tokenizer.chat_template == json.loads((RELEASED / "tokenizer_config.json").read_text())["chat_template"]
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "Why?"}]
+    assert (
+        processor.tokenizer.chat_template
+        == json.loads((RELEASED / "tokenizer_config.json").read_text())["chat_template"]
+    )
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Yo"},
+        {"role": "user", "content": "Why?"},
+    ]
     hf = pytest.importorskip("transformers").AutoTokenizer.from_pretrained(tmp_path)  # the same files
     want = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert processor.apply_chat_template(msgs, tokenize=False) == want
@@ -206,20 +217,27 @@ def test_remote_code_save_pretrained_config_loads(nvlm_d_dir, tmp_path):
     dst = shutil.copytree(nvlm_d_dir, tmp_path / "saved")
     cfg = json.loads((dst / "config.json").read_text())
     cfg.update(architectures=["NVLM_D_Model"], model_type="NVLM_D", use_backbone_lora=0, use_llm_lora=0)
-    cfg["llm_config"].update(model_type="qwen2", rope_scaling={"factor": 3.0, "type": "dynamic", "rope_type": "dynamic"})
+    cfg["llm_config"].update(
+        model_type="qwen2", rope_scaling={"factor": 3.0, "type": "dynamic", "rope_type": "dynamic"}
+    )
     (dst / "config.json").write_text(json.dumps(cfg))
     ids = torch.tensor([[1, 2] + [IMAGE_TOKEN_ID] * 4 + [3]])
     pixels = torch.randn(1, 3, 56, 56)
     saved = NVLM.from_pretrained(dst)
     assert saved.config.arch == "D"
-    assert torch.equal(saved(ids, pixel_values=pixels).logits, NVLM.from_pretrained(nvlm_d_dir)(ids, pixel_values=pixels).logits)
+    assert torch.equal(
+        saved(ids, pixel_values=pixels).logits, NVLM.from_pretrained(nvlm_d_dir)(ids, pixel_values=pixels).logits
+    )
 
 
-@pytest.mark.parametrize("name, where", [
-    ("vision_model.encoder.layers.0.attn.qkv.weight", lambda t: t[40:96]),  # q's dummy rows
-    ("vision_model.encoder.layers.1.attn.qkv.weight", lambda t: t[-8:]),  # v's last dummy head
-    ("vision_model.encoder.layers.0.attn.proj.weight", lambda t: t[:, 40:]),
-])
+@pytest.mark.parametrize(
+    "name, where",
+    [
+        ("vision_model.encoder.layers.0.attn.qkv.weight", lambda t: t[40:96]),  # q's dummy rows
+        ("vision_model.encoder.layers.1.attn.qkv.weight", lambda t: t[-8:]),  # v's last dummy head
+        ("vision_model.encoder.layers.0.attn.proj.weight", lambda t: t[:, 40:]),
+    ],
+)
 def test_non_zero_dummy_heads_are_refused(nvlm_d_dir, tmp_path, name, where):
     dst = shutil.copytree(nvlm_d_dir, tmp_path / "c")
 

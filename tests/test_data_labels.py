@@ -34,7 +34,13 @@ RECORDS = {
     "caption": {"image": "a.png", "caption": "a red square"},
     "vqa": {"image": "a.png", "question": "What color?", "answer": "red"},
 }  # fmt: skip
-ANSWERS = {"messages": ["red", "yes, red"], "text-only": ["4"], "llava": ["red"], "caption": ["a red square"], "vqa": ["red"]}
+ANSWERS = {
+    "messages": ["red", "yes, red"],
+    "text-only": ["4"],
+    "llava": ["red"],
+    "caption": ["a red square"],
+    "vqa": ["red"],
+}
 
 
 @pytest.mark.parametrize("template", ["nvlm", "checkpoint"])
@@ -92,8 +98,20 @@ def test_bad_records_are_skipped_and_counted(processor, tmp_path):
 
 
 def test_blend_weights_resume_and_ranks_share_nothing(processor, tmp_path):
-    _write(tmp_path / "a.jsonl", [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(20)])
-    _write(tmp_path / "b.jsonl", [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": f"b{i}"}]} for i in range(20)])
+    _write(
+        tmp_path / "a.jsonl",
+        [
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(20)
+        ],
+    )
+    _write(
+        tmp_path / "b.jsonl",
+        [
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": f"b{i}"}]}
+            for i in range(20)
+        ],
+    )
     sources = [Source(str(tmp_path / "a.jsonl"), 3.0), Source(str(tmp_path / "b.jsonl"), 1.0)]
 
     def answers(blend, n):
@@ -184,7 +202,9 @@ def test_encode_example_turns_prompt_errors_into_record_errors(processor):
     with pytest.raises(RecordError, match="bad conversation"):
         encode_example(processor, _ok_user("<image>")["messages"], 512)
     with pytest.raises(RecordError, match="bad conversation"):
-        encode_example(processor, [{"role": "user", "content": [{"type": "video"}]}, {"role": "assistant", "content": "x"}], 512)
+        encode_example(
+            processor, [{"role": "user", "content": [{"type": "video"}]}, {"role": "assistant", "content": "x"}], 512
+        )
 
 
 def test_a_line_separator_inside_a_string_does_not_split_the_record(tmp_path):
@@ -199,7 +219,11 @@ def test_a_blend_with_no_usable_record_fails_fast_naming_files_and_reasons(max_l
     _write(tmp_path / "a.jsonl", [_ok_user("<|vision_pad|>"), "{not json", {"image": 5, "caption": "x"}] * 20)
     _write(tmp_path / "b.jsonl", [_ok_user("q")] * 5)  # usable, but weight 0: never drawn
     _write(tmp_path / "c.jsonl", [{"caption": "x"}] if max_len == 8 else [_ok_user("a <image>")])
-    sources = [Source(str(tmp_path / "a.jsonl")), Source(str(tmp_path / "b.jsonl"), 0.0), Source(str(tmp_path / "c.jsonl"))]
+    sources = [
+        Source(str(tmp_path / "a.jsonl")),
+        Source(str(tmp_path / "b.jsonl"), 0.0),
+        Source(str(tmp_path / "c.jsonl")),
+    ]
     blend = Blend(processor, sources, max_len=max_len)
     with pytest.raises(DataError) as e:
         blend.next_example()
@@ -212,7 +236,10 @@ def test_a_blend_with_no_usable_record_fails_fast_naming_files_and_reasons(max_l
 
 
 def test_one_usable_record_among_many_bad_ones_is_found(processor, tmp_path):
-    _write(tmp_path / "a.jsonl", ["{bad"] * 200 + [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "yes"}]}])
+    _write(
+        tmp_path / "a.jsonl",
+        ["{bad"] * 200 + [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "yes"}]}],
+    )
     blend = Blend(processor, [Source(str(tmp_path / "a.jsonl"))], max_len=512, seed=3)
     assert _supervised_text(processor, blend.next_example()) == "yes<|im_end|>"
     assert blend.skipped["malformed JSON"] > 0

@@ -77,7 +77,8 @@ def test_nvlm_chat_answers_from_the_trained_model(run):
 
     model = run / "model"
     expected = Chat(NVLM.from_pretrained(model), Processor.from_pretrained(model)).ask(
-        record["question"], [str(image)], max_new_tokens=4)
+        record["question"], [str(image)], max_new_tokens=4
+    )
     assert done.stdout.strip() == expected.strip()
 
 

@@ -29,8 +29,10 @@ def test_a_falling_curve_starts_high_and_ends_low(tmp_path):
 
 def test_the_grid_colours_right_and_wrong_answers(tmp_path):
     Image.new("RGB", (112, 56), (200, 200, 255)).save(tmp_path / "a.png")
-    items = [{"image": "a.png", "question": "Q?", "answer": "47", "truth": "47"},
-             {"image": "a.png", "question": "Q?", "answer": "12", "truth": "47"}]
+    items = [
+        {"image": "a.png", "question": "Q?", "answer": "47", "truth": "47"},
+        {"image": "a.png", "question": "Q?", "answer": "12", "truth": "47"},
+    ]
     img = Image.open(answer_grid(items, tmp_path, tmp_path / "grid.png", cols=2)).convert("RGB")
     assert img.size == (560, 150)
     colours = [{img.getpixel((x, y)) for x in range(k * 280, (k + 1) * 280) for y in range(100, 150)} for k in (0, 1)]

@@ -19,7 +19,9 @@ def _eight_layer_model(arch: str, tmp_path) -> tuple[NVLM, dict]:
     """A random tiny NVLM-D/X with 8 decoder layers, saved; the inputs of a prompt with one image (D: in the
     sequence; X: a memory crop every token reads)."""
     cfg = preset(f"tiny-{arch.lower()}")
-    cfg = replace(cfg, llm=replace(cfg.llm, num_layers=LAYERS), xattn=replace(cfg.xattn, num_layers=2, interval=4)).validate()
+    cfg = replace(
+        cfg, llm=replace(cfg.llm, num_layers=LAYERS), xattn=replace(cfg.xattn, num_layers=2, interval=4)
+    ).validate()
     torch.manual_seed(0)
     model = NVLM(cfg).eval()
     if arch != "D":
@@ -30,8 +32,12 @@ def _eight_layer_model(arch: str, tmp_path) -> tuple[NVLM, dict]:
         ids = torch.tensor([[1, 2] + [cfg.image_token_id] * cfg.tokens_per_tile + [3, 4]])
         return model, {"input_ids": ids, "pixel_values": pixels}
     ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
-    return model, {"input_ids": ids, "memory_pixel_values": pixels, "memory_crops": torch.tensor([1]),
-                   "cross_attention_mask": torch.ones(1, 6, 1, dtype=torch.bool)}
+    return model, {
+        "input_ids": ids,
+        "memory_pixel_values": pixels,
+        "memory_crops": torch.tensor([1]),
+        "cross_attention_mask": torch.ones(1, 6, 1, dtype=torch.bool),
+    }
 
 
 def test_split_model_places_the_72b_as_the_card_describes():
@@ -61,8 +67,9 @@ def test_split_model_placement_runs_the_same_forward(arch, tmp_path):
     if arch == "X":
         assert placed["xattn_layers.1.attn_gate"] == placed["language_model.model.layers.4.mlp.up_proj.weight"] == 1
     gpu0 = "cuda:0" if torch.cuda.is_available() else "cpu"
-    split = NVLM.from_pretrained(tmp_path / arch, dtype=torch.float32,
-                                 device={k: gpu0 if v == 0 else "cpu" for k, v in device_map.items()})
+    split = NVLM.from_pretrained(
+        tmp_path / arch, dtype=torch.float32, device={k: gpu0 if v == 0 else "cpu" for k, v in device_map.items()}
+    )
     if torch.cuda.is_available():
         assert {p.device.type for p in split.parameters()} == {"cuda", "cpu"}
     with torch.no_grad():

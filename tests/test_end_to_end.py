@@ -55,7 +55,12 @@ def test_chat_template_inputs_feed_model_and_generate(model, processor, referenc
 
 def test_batched_chat_prompts_equal_single_prompts(model, processor):
     convs = [
-        [{"role": "user", "content": [{"type": "image", "image": _image(200, 50)}, {"type": "text", "text": "Read it."}]}],
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": _image(200, 50)}, {"type": "text", "text": "Read it."}],
+            }
+        ],
         [{"role": "user", "content": "Just text, and a longer question than the first one."}],
     ]
     batch = processor.apply_chat_template(convs)
@@ -94,13 +99,17 @@ def test_saved_directory_stands_alone(model, tmp_path):
 
 
 def _cli(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "nvlm.cli", *args], input=stdin, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "nvlm.cli", *args], input=stdin, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_chat_answers_a_question_about_an_image(tiny_model_dir, tmp_path, processor, model):
     img = tmp_path / "cat.png"
     _image(100, 70).save(img)
-    r = _cli("chat", "--model", str(tiny_model_dir), "--image", str(img), "--max-new-tokens", "6", "What", "is", "this?")
+    r = _cli(
+        "chat", "--model", str(tiny_model_dir), "--image", str(img), "--max-new-tokens", "6", "What", "is", "this?"
+    )
     assert r.returncode == 0, r.stderr
     expected = Chat(model, processor, max_new_tokens=6).ask("What is this?", images=[str(img)])
     assert r.stdout == expected + "\n"
@@ -109,7 +118,14 @@ def test_cli_chat_answers_a_question_about_an_image(tiny_model_dir, tmp_path, pr
 def test_cli_chat_interactive_and_bad_image(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_text("not an image")
-    r = _cli("chat", "--model", str(tiny_model_dir), "--max-new-tokens", "3", stdin=f"/image {bad}\nHello?\nHi again\n/exit\n")
+    r = _cli(
+        "chat",
+        "--model",
+        str(tiny_model_dir),
+        "--max-new-tokens",
+        "3",
+        stdin=f"/image {bad}\nHello?\nHi again\n/exit\n",
+    )
     assert r.returncode == 0, r.stderr
     assert "error:" in r.stderr and "bad.png" in r.stderr  # the bad image is named, the session goes on
     assert r.stdout.count(">>> ") >= 3

@@ -125,7 +125,9 @@ def test_every_client_decodes_the_same_tokens(models, tmp_path):
     inputs = processor.apply_chat_template(_prompt_messages(question, str(tmp_path / "wide.png")))
     ids = model.generate(**inputs, max_new_tokens=8, eos_token_id=processor.eos_token_ids)[0].tolist()
     ids = [i for i in ids if i not in processor.eos_token_ids]
-    evaluated = generate_batch(model, processor, [Prompt(None, "<image>\n" + question, images=(str(tmp_path / "wide.png"),))], 8)
+    evaluated = generate_batch(
+        model, processor, [Prompt(None, "<image>\n" + question, images=(str(tmp_path / "wide.png"),))], 8
+    )
     assert said == processor.decode(ids) == evaluated[0]
     assert said  # the tiny model says something
 

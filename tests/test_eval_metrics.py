@@ -13,10 +13,34 @@ from pathlib import Path
 import pytest
 
 from nvlm.eval.metrics import (
-    GSM8K_INVALID, MMMU_DOMAINS, OCRBENCH_CATEGORIES, anls, bleu, caption_tokenize, choice_correct, cider,
-    extract_choice, first_line, gsm8k_answer, gsm8k_correct, gsm8k_extract, last_boxed, math_correct,
-    math_is_equiv, mathvista_correct, mmmu_correct, mmmu_eval_open, mmmu_parse_choice, mmmu_parse_open,
-    normalize_vqa, ocrbench_match, ocrbench_totals, pass_at_k, relaxed_accuracy, strip_boxed, textvqa_accuracy,
+    GSM8K_INVALID,
+    MMMU_DOMAINS,
+    OCRBENCH_CATEGORIES,
+    anls,
+    bleu,
+    caption_tokenize,
+    choice_correct,
+    cider,
+    extract_choice,
+    first_line,
+    gsm8k_answer,
+    gsm8k_correct,
+    gsm8k_extract,
+    last_boxed,
+    math_correct,
+    math_is_equiv,
+    mathvista_correct,
+    mmmu_correct,
+    mmmu_eval_open,
+    mmmu_parse_choice,
+    mmmu_parse_open,
+    normalize_vqa,
+    ocrbench_match,
+    ocrbench_totals,
+    pass_at_k,
+    relaxed_accuracy,
+    strip_boxed,
+    textvqa_accuracy,
     vqa_accuracy,
 )
 from nvlm.eval.metrics.caption import java_tokenizer_available, tokenize_captions
@@ -29,14 +53,34 @@ def fixture(name: str) -> dict:
 
 
 # --- 4.1 VQA normalisation [RUN on open_flamingo's VQAEval; rules per VQA-web] -----------------------------
-@pytest.mark.parametrize("text, expected", [
-    ("Two", "2"), ("the dog", "dog"), ("A Dog.", "dog"), ("dont", "don't"), ("100,978", "100978"),
-    ("girl's", "girl's"), ("2:50 pm", "2:50 pm"), ("yes!", "yes"), ("3.5", "3.5"), ("well-known", "well known"),
-    ("t-shirt", "t shirt"), ("one-way", "1 way"), ("U.S.", "us"), ("No, it isn't.", "no it isn't"),
-    ("hello (world)", "hello world"), ("$5", "$5"), ("50%", "50%"), ("None", "0"),
-    # edge cases: empty, unicode, the contraction table's own oddity, at most 32 periods removed
-    ("", ""), ("Café ２", "café ２"), ("somebody'd", "somebodyd"), ("." * 40, "." * 8),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Two", "2"),
+        ("the dog", "dog"),
+        ("A Dog.", "dog"),
+        ("dont", "don't"),
+        ("100,978", "100978"),
+        ("girl's", "girl's"),
+        ("2:50 pm", "2:50 pm"),
+        ("yes!", "yes"),
+        ("3.5", "3.5"),
+        ("well-known", "well known"),
+        ("t-shirt", "t shirt"),
+        ("one-way", "1 way"),
+        ("U.S.", "us"),
+        ("No, it isn't.", "no it isn't"),
+        ("hello (world)", "hello world"),
+        ("$5", "$5"),
+        ("50%", "50%"),
+        ("None", "0"),
+        # edge cases: empty, unicode, the contraction table's own oddity, at most 32 periods removed
+        ("", ""),
+        ("Café ２", "café ２"),
+        ("somebody'd", "somebodyd"),
+        ("." * 40, "." * 8),
+    ],
+)
 def test_normalize_vqa(text, expected):
     assert normalize_vqa(text) == expected
 
@@ -136,13 +180,31 @@ def test_anls_agrees_with_the_anls_package():
 
 
 # --- 4.4 ChartQA relaxed accuracy: Megatron (tag) vs pix2struct [RUN] -------------------------------------------
-@pytest.mark.parametrize("pred, target, nvlm, official", [
-    ("10", "10", 1, 1), ("10.4", "10", 1, 1), ("10.6", "10", 0, 0), ("-10", "-10", 1, 1), ("10", "-10", 1, 0),
-    ("1,000", "1000", 1, 0), ("45%", "45", 1, 0), ("0.45", "45%", 0, 1), ("0", "0", 1, 1), ("0.01", "0", 0, 0),
-    ("Yes", "yes", 1, 1), ("2019", "2018", 1, 1), ("The answer is 10", "10", 0, 0), ("ten", "10", 1, 0),
-    # edge cases
-    ("", "10", 0, 0), ("", "", 1, 1), ("10 %", "10", 1, 0), ("１０", "10", 1, 1), ("10 kg", "10", 0, 0),
-])
+@pytest.mark.parametrize(
+    "pred, target, nvlm, official",
+    [
+        ("10", "10", 1, 1),
+        ("10.4", "10", 1, 1),
+        ("10.6", "10", 0, 0),
+        ("-10", "-10", 1, 1),
+        ("10", "-10", 1, 0),
+        ("1,000", "1000", 1, 0),
+        ("45%", "45", 1, 0),
+        ("0.45", "45%", 0, 1),
+        ("0", "0", 1, 1),
+        ("0.01", "0", 0, 0),
+        ("Yes", "yes", 1, 1),
+        ("2019", "2018", 1, 1),
+        ("The answer is 10", "10", 0, 0),
+        ("ten", "10", 1, 0),
+        # edge cases
+        ("", "10", 0, 0),
+        ("", "", 1, 1),
+        ("10 %", "10", 1, 0),
+        ("１０", "10", 1, 1),
+        ("10 kg", "10", 0, 0),
+    ],
+)
 def test_relaxed_accuracy(pred, target, nvlm, official):
     assert relaxed_accuracy(pred, target, profile="nvlm") == nvlm
     assert relaxed_accuracy(pred, target) == official
@@ -155,10 +217,19 @@ def test_relaxed_accuracy_several_targets():
 
 
 # --- 4.5 AI2D / RealWorldQA letters in Megatron [RUN]; official letter extraction ------------------------------
-@pytest.mark.parametrize("gold, pred, nvlm", [
-    ("A", "A", True), ("A", "", True), ("A", "An", True), ("A", "The", True), ("B", "B.", True),
-    ("A", "A. sun", False), ("C", "(C)", True), ("D", "D) moon", False),
-])
+@pytest.mark.parametrize(
+    "gold, pred, nvlm",
+    [
+        ("A", "A", True),
+        ("A", "", True),
+        ("A", "An", True),
+        ("A", "The", True),
+        ("B", "B.", True),
+        ("A", "A. sun", False),
+        ("C", "(C)", True),
+        ("D", "D) moon", False),
+    ],
+)
 def test_choice_megatron(gold, pred, nvlm):
     assert choice_correct(pred, gold, profile="nvlm") is nvlm
 
@@ -166,12 +237,31 @@ def test_choice_megatron(gold, pred, nvlm):
 OPTIONS = ["sun", "moon", "black cat", "cat"]
 
 
-@pytest.mark.parametrize("pred, letter", [
-    ("B", "B"), ("b", "B"), ("(C)", "C"), ("D.", "D"), ("A. sun", "A"), ("D) cat", "D"), ("C: black cat", "C"),
-    ("The answer is (B).", "B"), ("Answer: A", "A"), ("the correct option is D", "D"), ("moon", "B"),
-    ("It is the moon.", "B"), ("a black cat", "C"), ("the cat", "D"), ("", None), ("I think", None),
-    ("the answer is a cat", "D"), ("E", None), ("sun or moon", None), ("Ｂ", None),
-])
+@pytest.mark.parametrize(
+    "pred, letter",
+    [
+        ("B", "B"),
+        ("b", "B"),
+        ("(C)", "C"),
+        ("D.", "D"),
+        ("A. sun", "A"),
+        ("D) cat", "D"),
+        ("C: black cat", "C"),
+        ("The answer is (B).", "B"),
+        ("Answer: A", "A"),
+        ("the correct option is D", "D"),
+        ("moon", "B"),
+        ("It is the moon.", "B"),
+        ("a black cat", "C"),
+        ("the cat", "D"),
+        ("", None),
+        ("I think", None),
+        ("the answer is a cat", "D"),
+        ("E", None),
+        ("sun or moon", None),
+        ("Ｂ", None),
+    ],
+)
 def test_extract_choice(pred, letter):
     assert extract_choice(pred, options=OPTIONS) == letter
 
@@ -225,7 +315,9 @@ LETTERS = ["A", "B", "C", "D"]
 @pytest.mark.parametrize("profile", ["official", "nvlm"])
 def test_mmmu_parse_choice(row, profile):
     index2ans = dict(zip(LETTERS, MMMU["choices"]))
-    assert mmmu_parse_choice(row["response"], LETTERS, index2ans, rng=random.Random(42), profile=profile) == row["parsed"]
+    assert (
+        mmmu_parse_choice(row["response"], LETTERS, index2ans, rng=random.Random(42), profile=profile) == row["parsed"]
+    )
 
 
 def test_mmmu_random_fallback_is_seeded_and_ordered():
@@ -265,39 +357,81 @@ def test_mmmu_domains():
 
 
 # --- 4.8 MathVista: Megatron rule-based normalisation [RUN]; official normalisation [MV] -----------------------
-@pytest.mark.parametrize("pred, gold, correct", [
-    ("14", "14", True), ("14.0", "14", True), ("14.00", "14", True), ("3.50", "3.5", False),
-    ("3.14159", "3.14", True), ("The answer is 42.", "42", True), ("42%", "42", True), ("1,000", "1000", True),
-    ("-5", "-5", True), ("Two", "2", True),
-    ("", "2", False),  # IndexError in Megatron, guarded here
-    ("3.149", "3.14", True), ("5", "-5", True), ("the", "2", False), ("%", "2", False),
-])
+@pytest.mark.parametrize(
+    "pred, gold, correct",
+    [
+        ("14", "14", True),
+        ("14.0", "14", True),
+        ("14.00", "14", True),
+        ("3.50", "3.5", False),
+        ("3.14159", "3.14", True),
+        ("The answer is 42.", "42", True),
+        ("42%", "42", True),
+        ("1,000", "1000", True),
+        ("-5", "-5", True),
+        ("Two", "2", True),
+        ("", "2", False),  # IndexError in Megatron, guarded here
+        ("3.149", "3.14", True),
+        ("5", "-5", True),
+        ("the", "2", False),
+        ("%", "2", False),
+    ],
+)
 def test_mathvista_megatron(pred, gold, correct):
     kind = "float" if "." in gold else "integer"
-    assert mathvista_correct(pred, question_type="free_form", answer_type=kind, answer=gold, choices=None,
-                             precision=2, profile="nvlm") is correct
+    assert (
+        mathvista_correct(
+            pred, question_type="free_form", answer_type=kind, answer=gold, choices=None, precision=2, profile="nvlm"
+        )
+        is correct
+    )
 
 
-@pytest.mark.parametrize("pred, answer_type, gold, precision, correct", [
-    ("14", "integer", "14", None, True), ("14.0", "integer", "14", None, True),
-    ("3.50", "float", "3.5", 1, True), ("3.14159", "float", "3.14", 2, True), ("3.149", "float", "3.15", 2, True),
-    ('The answer is "42".', "integer", "42", None, True), ("The answer is 42.", "integer", "42", None, True),
-    ("There are 14 apples.", "integer", "14", None, True), ("1,000", "integer", "1000", None, True),
-    ("-5", "integer", "-5", None, True), ("", "integer", "0", None, False), ("Two", "integer", "2", None, False),
-    ("[1, 2]", "list", "[1, 2]", None, True), ("pink", "text", "pink", None, True),
-])
+@pytest.mark.parametrize(
+    "pred, answer_type, gold, precision, correct",
+    [
+        ("14", "integer", "14", None, True),
+        ("14.0", "integer", "14", None, True),
+        ("3.50", "float", "3.5", 1, True),
+        ("3.14159", "float", "3.14", 2, True),
+        ("3.149", "float", "3.15", 2, True),
+        ('The answer is "42".', "integer", "42", None, True),
+        ("The answer is 42.", "integer", "42", None, True),
+        ("There are 14 apples.", "integer", "14", None, True),
+        ("1,000", "integer", "1000", None, True),
+        ("-5", "integer", "-5", None, True),
+        ("", "integer", "0", None, False),
+        ("Two", "integer", "2", None, False),
+        ("[1, 2]", "list", "[1, 2]", None, True),
+        ("pink", "text", "pink", None, True),
+    ],
+)
 def test_mathvista_official_free_form(pred, answer_type, gold, precision, correct):
-    assert mathvista_correct(pred, question_type="free_form", answer_type=answer_type, answer=gold, choices=None,
-                             precision=precision) is correct
+    assert (
+        mathvista_correct(
+            pred, question_type="free_form", answer_type=answer_type, answer=gold, choices=None, precision=precision
+        )
+        is correct
+    )
 
 
 CHOICES = ["3", "6", "9", "12"]
 
 
-@pytest.mark.parametrize("pred, official, nvlm", [
-    ("6", True, False), ("B", True, True), ("(B)", True, True), ("B. 6", True, False), ("The answer is B.", True, True),
-    ("C", False, False), ("6.0", True, False), ("twelve", False, False), ("b", False, False),
-])
+@pytest.mark.parametrize(
+    "pred, official, nvlm",
+    [
+        ("6", True, False),
+        ("B", True, True),
+        ("(B)", True, True),
+        ("B. 6", True, False),
+        ("The answer is B.", True, True),
+        ("C", False, False),
+        ("6.0", True, False),
+        ("twelve", False, False),
+        ("b", False, False),
+    ],
+)
 def test_mathvista_multi_choice(pred, official, nvlm):
     # official maps text to the nearest choice by edit distance ("6.0" -> "6"); Megatron reads letters only, as
     # MMMU does ("B. 6" has no bare " B " and is too short for option text: a random letter, A from seed 42)
@@ -366,11 +500,21 @@ def test_gsm8k_extract():
     assert gsm8k_extract("") == GSM8K_INVALID
 
 
-@pytest.mark.parametrize("prediction, answer", [
-    ("The answer is #### 18", "18"), ("She makes $18 every day.", "18"), ("So 3 + 4 = 7. Then 7 * 2 = 14.", "14"),
-    ("It costs $1,234.", "1234"), ("-3.5", "-3.5"), ("", "[invalid]"), ("no numbers", "[invalid]"),
-    ("#### 18\nand later 20", "18"), ("It is ４２.", "[invalid]"), ("About 5 kg", "5"),
-])
+@pytest.mark.parametrize(
+    "prediction, answer",
+    [
+        ("The answer is #### 18", "18"),
+        ("She makes $18 every day.", "18"),
+        ("So 3 + 4 = 7. Then 7 * 2 = 14.", "14"),
+        ("It costs $1,234.", "1234"),
+        ("-3.5", "-3.5"),
+        ("", "[invalid]"),
+        ("no numbers", "[invalid]"),
+        ("#### 18\nand later 20", "18"),
+        ("It is ４２.", "[invalid]"),
+        ("About 5 kg", "5"),
+    ],
+)
 def test_gsm8k_answer(prediction, answer):
     assert gsm8k_answer(prediction) == answer
 
@@ -385,10 +529,18 @@ def test_gsm8k_correct():
 
 
 # --- 4.11 pass@k [official] human-eval README; [RUN] table ----------------------------------------------------
-@pytest.mark.parametrize("n, c, k, expected", [
-    (10, 3, 1, 0.3), (10, 3, 5, 0.916667), (10, 0, 1, 0.0), (10, 10, 1, 1.0), (200, 50, 1, 0.25),
-    (200, 50, 10, 0.947906), (200, 50, 100, 1.0),
-])
+@pytest.mark.parametrize(
+    "n, c, k, expected",
+    [
+        (10, 3, 1, 0.3),
+        (10, 3, 5, 0.916667),
+        (10, 0, 1, 0.0),
+        (10, 10, 1, 1.0),
+        (200, 50, 1, 0.25),
+        (200, 50, 10, 0.947906),
+        (200, 50, 100, 1.0),
+    ],
+)
 def test_pass_at_k(n, c, k, expected):
     assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-6)
 
@@ -402,17 +554,33 @@ def test_pass_at_k_human_eval_example():
 
 # --- 4.12 CIDEr-D and BLEU [RUN] pycocoevalcap 1.2 with the Java PTBTokenizer ---------------------------------
 REFERENCES = [
-    ["A man riding a wave on top of a surfboard.", "A surfer rides a large wave in the ocean.",
-     "A person on a surfboard riding a wave."],
-    ["Two dogs playing with a frisbee in the grass.", "A pair of dogs chase a frisbee on a lawn.",
-     "Dogs running in a field with a toy."],
-    ["A plate of food with broccoli and rice.", "A dinner plate holds rice, meat and broccoli.",
-     "Broccoli and rice served on a white plate."],
-    ["A red double decker bus driving down a street.", "A tall red bus on a city road.",
-     "A double decker bus travels along the street."],
+    [
+        "A man riding a wave on top of a surfboard.",
+        "A surfer rides a large wave in the ocean.",
+        "A person on a surfboard riding a wave.",
+    ],
+    [
+        "Two dogs playing with a frisbee in the grass.",
+        "A pair of dogs chase a frisbee on a lawn.",
+        "Dogs running in a field with a toy.",
+    ],
+    [
+        "A plate of food with broccoli and rice.",
+        "A dinner plate holds rice, meat and broccoli.",
+        "Broccoli and rice served on a white plate.",
+    ],
+    [
+        "A red double decker bus driving down a street.",
+        "A tall red bus on a city road.",
+        "A double decker bus travels along the street.",
+    ],
 ]
-PREDICTIONS = ["a man riding a wave on a surfboard", "two dogs playing in the grass", "a plate of rice and broccoli",
-               "a red bus driving down the street"]
+PREDICTIONS = [
+    "a man riding a wave on a surfboard",
+    "two dogs playing in the grass",
+    "a plate of rice and broccoli",
+    "a red bus driving down the street",
+]
 
 
 def test_cider_golden():
@@ -422,27 +590,43 @@ def test_cider_golden():
 
 
 def test_bleu_golden():
-    assert bleu(PREDICTIONS, REFERENCES, tokenizer="python") == \
-        pytest.approx([0.830950, 0.755245, 0.607780, 0.439502], abs=1e-6)
+    assert bleu(PREDICTIONS, REFERENCES, tokenizer="python") == pytest.approx(
+        [0.830950, 0.755245, 0.607780, 0.439502], abs=1e-6
+    )
 
 
 # [RUN] pycocoevalcap 1.2 with the Java PTBTokenizer; the tokenizer the scorer had before gave 4.6249 here
-DECADES = (["a 1950s car parked on a street", "a man on the 2nd floor"],
-           [["a car from the 1950s parked on the street"], ["a man standing on the 2nd floor"]])
+DECADES = (
+    ["a 1950s car parked on a street", "a man on the 2nd floor"],
+    [["a car from the 1950s parked on the street"], ["a man standing on the 2nd floor"]],
+)
 
 
 def test_cider_keeps_decades_and_ordinals_whole():
     assert cider(*DECADES, tokenizer="python")[0] == pytest.approx(4.041804438, abs=1e-6)
 
 
-@pytest.mark.parametrize("text, tokens", [  # [RUN] the Java PTBTokenizer
-    ("the 2nd floor", ["the", "2nd", "floor"]), ("1950s cars", ["1950s", "cars"]), ("3/4 of it", ["3/4", "of", "it"]),
-    ("2 3/4 cups", ["2", "3/4", "cups"]), ("wow!!", ["wow", "!!"]), ("what?!", ["what", "?!"]),
-    ("a&b", ["a", "&", "b"]), ("AT&T", ["at&t"]), ("the dog 's bone", ["the", "dog", "'s", "bone"]),
-    ("DON'T Cannot", ["do", "n't", "can", "not"]), ("Dr. Smith and dr. Who", ["dr.", "smith", "and", "dr.", "who"]),
-    ("dogs' toys", ["dogs", "toys"]), ("o'clock O'Neil", ["o'clock", "o'neil"]), ("½ €5 £3", ["1/2", "$", "5", "#", "3"]),
-    ("“quoted” -- ok --- fine ----- x", ["quoted", "ok", "fine", "-----", "x"]), (":) smile", [":-rrb-", "smile"]),
-])
+@pytest.mark.parametrize(
+    "text, tokens",
+    [  # [RUN] the Java PTBTokenizer
+        ("the 2nd floor", ["the", "2nd", "floor"]),
+        ("1950s cars", ["1950s", "cars"]),
+        ("3/4 of it", ["3/4", "of", "it"]),
+        ("2 3/4 cups", ["2", "3/4", "cups"]),
+        ("wow!!", ["wow", "!!"]),
+        ("what?!", ["what", "?!"]),
+        ("a&b", ["a", "&", "b"]),
+        ("AT&T", ["at&t"]),
+        ("the dog 's bone", ["the", "dog", "'s", "bone"]),
+        ("DON'T Cannot", ["do", "n't", "can", "not"]),
+        ("Dr. Smith and dr. Who", ["dr.", "smith", "and", "dr.", "who"]),
+        ("dogs' toys", ["dogs", "toys"]),
+        ("o'clock O'Neil", ["o'clock", "o'neil"]),
+        ("½ €5 £3", ["1/2", "$", "5", "#", "3"]),
+        ("“quoted” -- ok --- fine ----- x", ["quoted", "ok", "fine", "-----", "x"]),
+        (":) smile", [":-rrb-", "smile"]),
+    ],
+)
 def test_caption_tokenize_follows_ptbtokenizer_rules(text, tokens):
     assert caption_tokenize(text) == tokens
 
@@ -450,12 +634,34 @@ def test_caption_tokenize_follows_ptbtokenizer_rules(text, tokens):
 def test_caption_edges():
     with pytest.raises(ValueError, match="tokenizer"):
         cider(["a"], [["a"]], tokenizer="ptb")
-    assert caption_tokenize("A dinner plate holds rice, meat and broccoli.") == \
-        "a dinner plate holds rice meat and broccoli".split()
-    assert caption_tokenize("It isn't the U.S. man's (big) car!") == \
-        ["it", "is", "n't", "the", "u.s.", "man", "'s", "-lrb-", "big", "-rrb-", "car"]
-    assert caption_tokenize("Costs $5.50 or 50%... a 1,000-piece set") == \
-        ["costs", "$", "5.50", "or", "50", "%", "a", "1,000-piece", "set"]
+    assert (
+        caption_tokenize("A dinner plate holds rice, meat and broccoli.")
+        == "a dinner plate holds rice meat and broccoli".split()
+    )
+    assert caption_tokenize("It isn't the U.S. man's (big) car!") == [
+        "it",
+        "is",
+        "n't",
+        "the",
+        "u.s.",
+        "man",
+        "'s",
+        "-lrb-",
+        "big",
+        "-rrb-",
+        "car",
+    ]
+    assert caption_tokenize("Costs $5.50 or 50%... a 1,000-piece set") == [
+        "costs",
+        "$",
+        "5.50",
+        "or",
+        "50",
+        "%",
+        "a",
+        "1,000-piece",
+        "set",
+    ]
     assert caption_tokenize("") == [] and caption_tokenize("Café ＡＢＣ") == ["café", "ａｂｃ"]
     score, per_image = cider(["", "a red bus"], [["a red bus"], ["a red bus", "a bus"]], tokenizer="python")
     assert per_image[0] == 0.0 and score == pytest.approx(per_image[1] / 2)
@@ -479,8 +685,10 @@ def test_cider_bleu_agree_with_pycocoevalcap():
     rng = random.Random(0)
     words = "a an the red bus dog dogs man riding wave on street grass plate of rice and two big".split()
     preds = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 9))) for _ in range(12)]
-    refs = [[" ".join(rng.choice(words) for _ in range(rng.randint(2, 10))) for _ in range(rng.randint(1, 4))]
-            for _ in range(12)]
+    refs = [
+        [" ".join(rng.choice(words) for _ in range(rng.randint(2, 10))) for _ in range(rng.randint(1, 4))]
+        for _ in range(12)
+    ]
     gts = {i: [" ".join(caption_tokenize(r)) for r in rs] for i, rs in enumerate(refs)}
     res = {i: [" ".join(caption_tokenize(p))] for i, p in enumerate(preds)}
     theirs, their_images = Cider().compute_score(gts, res)
@@ -494,15 +702,28 @@ def test_cider_bleu_agree_with_pycocoevalcap():
 def test_caption_tokenize_agrees_with_ptbtokenizer():
     """The port against the Java tokenizer: hand-picked captions, then 2,000 lines of random characters that
     the lexer's rules care about (one file, so lookahead into the next line is compared too), in one JVM run."""
-    captions = [c for rs in REFERENCES for c in rs] + PREDICTIONS + [
-        "A man's hand holding a hot dog with mustard.", "It's 3 o'clock and the kids aren't home yet.",
-        "The sandwich costs $4.99 at the deli.", "About 50% of the field is covered in snow.",
-        "Dr. Smith stands next to a U.S. flag.", 'A sign that says "no parking" on a pole.',
-        "A man wearing a hat (and sunglasses) on a boat.", "A teddy bear sitting in a chair -- looks cute.",
-        "a surfer riding a wave... wow", "The women's tennis player hits the ball.", "A yellow fire hydrant .",
-        "We're gonna cannot won't I'd they've you'll I'm.", "A red double-decker bus #1 & a cat @ home.",
-        "A 1950s car on the 2nd floor, 3/4 full!! Really?! a&b 's", "", "Jan. 5 no. 3 etc. A.B.C. e.g. www.x.com",
-    ]
+    captions = (
+        [c for rs in REFERENCES for c in rs]
+        + PREDICTIONS
+        + [
+            "A man's hand holding a hot dog with mustard.",
+            "It's 3 o'clock and the kids aren't home yet.",
+            "The sandwich costs $4.99 at the deli.",
+            "About 50% of the field is covered in snow.",
+            "Dr. Smith stands next to a U.S. flag.",
+            'A sign that says "no parking" on a pole.',
+            "A man wearing a hat (and sunglasses) on a boat.",
+            "A teddy bear sitting in a chair -- looks cute.",
+            "a surfer riding a wave... wow",
+            "The women's tennis player hits the ball.",
+            "A yellow fire hydrant .",
+            "We're gonna cannot won't I'd they've you'll I'm.",
+            "A red double-decker bus #1 & a cat @ home.",
+            "A 1950s car on the 2nd floor, 3/4 full!! Really?! a&b 's",
+            "",
+            "Jan. 5 no. 3 etc. A.B.C. e.g. www.x.com",
+        ]
+    )
     rng = random.Random(0)
     alphabet = "aAbBnNtTsSdDmMoO'\".,;:!?-/&$%#@()[]{}<>*_=+ 0123456789\t½€£¢“”‘’—…é東"
     captions += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 25))) for _ in range(2000)]
@@ -516,15 +737,22 @@ def test_scores_with_the_java_tokenizer():
     assert bleu(PREDICTIONS, REFERENCES) == pytest.approx([0.830950, 0.755245, 0.607780, 0.439502], abs=1e-6)
 
 
-@pytest.mark.parametrize("call", [
-    lambda p: vqa_accuracy("2", ["2"], profile=p), lambda p: textvqa_accuracy("2", ["2"], profile=p),
-    lambda p: anls("2", ["2"], profile=p), lambda p: relaxed_accuracy("2", "2", profile=p),
-    lambda p: choice_correct("A", "A", profile=p), lambda p: ocrbench_match("a", ["a"], "ctw", profile=p),
-    lambda p: mmmu_parse_choice("A", ["A"], {"A": "x"}, profile=p),
-    lambda p: mmmu_correct("1", "open", "1", [], profile=p),
-    lambda p: mathvista_correct("1", question_type="free_form", answer_type="integer", answer="1", choices=None,
-                                precision=None, profile=p),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda p: vqa_accuracy("2", ["2"], profile=p),
+        lambda p: textvqa_accuracy("2", ["2"], profile=p),
+        lambda p: anls("2", ["2"], profile=p),
+        lambda p: relaxed_accuracy("2", "2", profile=p),
+        lambda p: choice_correct("A", "A", profile=p),
+        lambda p: ocrbench_match("a", ["a"], "ctw", profile=p),
+        lambda p: mmmu_parse_choice("A", ["A"], {"A": "x"}, profile=p),
+        lambda p: mmmu_correct("1", "open", "1", [], profile=p),
+        lambda p: mathvista_correct(
+            "1", question_type="free_form", answer_type="integer", answer="1", choices=None, precision=None, profile=p
+        ),
+    ],
+)
 def test_unknown_profile_is_refused(call):
     call("official"), call("nvlm")
     with pytest.raises(ValueError, match="profile"):

@@ -122,8 +122,9 @@ def test_interrupted_run_resumes_from_the_cache(tiny_model_dir, data, tmp_path, 
     assert again.calls == 0
 
 
-def test_an_unreadable_cache_line_is_dropped_and_its_sample_generated_again(tiny_model_dir, data, tmp_path,
-                                                                          monkeypatch, caplog):
+def test_an_unreadable_cache_line_is_dropped_and_its_sample_generated_again(
+    tiny_model_dir, data, tmp_path, monkeypatch, caplog
+):
     monkeypatch.setattr(runner, "generate_batch", Counter(fake=True))
     assert _eval(tiny_model_dir, data, tmp_path, "--tasks", "chartqa") == 0
     cache = tmp_path / "predictions" / "chartqa.rank0.jsonl"
@@ -244,8 +245,10 @@ def test_two_processes_under_torchrun_env(tiny_model_dir, data, tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["world_size"] == 2 and set(results["tasks"]) == {"ai2d", "mmlu"}
     assert len(_predictions(tmp_path, "ai2d")) == 3
-    assert sorted(p.name for p in (tmp_path / "predictions").glob("ai2d.rank*.jsonl")) == ["ai2d.rank0.jsonl",
-                                                                                           "ai2d.rank1.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "predictions").glob("ai2d.rank*.jsonl")) == [
+        "ai2d.rank0.jsonl",
+        "ai2d.rank1.jsonl",
+    ]
 
 
 def _predictions(out, key):
@@ -284,7 +287,9 @@ def test_missing_data_is_reported_and_other_tasks_go_on(tiny_model_dir, tmp_path
 
 def test_a_broken_image_names_its_sample(tiny_model_dir, tmp_path):
     (tmp_path / "bad.png").write_text("not an image")
-    (tmp_path / "bad.jsonl").write_text(json.dumps({"id": "b1", "image": "bad.png", "question": "q", "answer": "a"}) + "\n")
+    (tmp_path / "bad.jsonl").write_text(
+        json.dumps({"id": "b1", "image": "bad.png", "question": "q", "answer": "a"}) + "\n"
+    )
     assert _eval(tiny_model_dir, tmp_path, tmp_path / "out", "--tasks", f"jsonl:{tmp_path / 'bad.jsonl'}") == 1
     error = json.loads((tmp_path / "out" / "results.json").read_text())["tasks"]["jsonl:bad"]["error"]
     assert "samples ['b1']" in error and "bad.png: not an image file" in error
@@ -330,7 +335,9 @@ def test_known_predictions_give_known_scores(tiny_model_dir, data, tmp_path, mon
 @pytest.mark.skipif(not HAVE_SANDBOX, reason="nvlm.eval.sandbox (the scorers' branch) is not merged yet")
 def test_humaneval_pass_at_1(tiny_model_dir, data, tmp_path, monkeypatch):
     task = TASKS["humaneval"]
-    answers = dict(zip([task.prompt(s, "official").text for s in task.load(data)], ["    return a + b\n", "    return 2\n"]))
+    answers = dict(
+        zip([task.prompt(s, "official").text for s in task.load(data)], ["    return a + b\n", "    return 2\n"])
+    )
     monkeypatch.setattr(runner, "generate_batch", Counter(answers=answers))
     assert _eval(tiny_model_dir, data, tmp_path, "--tasks", "humaneval") == 0
     assert json.loads((tmp_path / "results.json").read_text())["tasks"]["humaneval"]["metrics"] == {"pass@1": 50.0}

@@ -50,11 +50,14 @@ def test_exiting_early_is_not_passing():
         assert run_untrusted(program).status == "failed", program
 
 
-@pytest.mark.parametrize("program", [
-    "while True: pass",
-    "import time\ntime.sleep(1e9)",
-    "import time\nwhile True:\n    try:\n        time.sleep(100)\n    except BaseException:\n        pass",
-])
+@pytest.mark.parametrize(
+    "program",
+    [
+        "while True: pass",
+        "import time\ntime.sleep(1e9)",
+        "import time\nwhile True:\n    try:\n        time.sleep(100)\n    except BaseException:\n        pass",
+    ],
+)
 def test_timeouts(program):
     start = time.monotonic()
     outcome = run_untrusted(program, timeout=0.5)
@@ -82,14 +85,23 @@ def test_no_network(tmp_path, mode):
 def test_files_outside_the_directory_are_safe(tmp_path, mode):
     victim = tmp_path / "precious.txt"
     victim.write_text("keep me")
-    for program in (f"import os\nos.remove({str(victim)!r})", f"open({str(victim)!r}, 'w').write('gone')",
-                    f"import shutil\nshutil.rmtree({str(tmp_path)!r})"):
+    for program in (
+        f"import os\nos.remove({str(victim)!r})",
+        f"open({str(victim)!r}, 'w').write('gone')",
+        f"import shutil\nshutil.rmtree({str(tmp_path)!r})",
+    ):
         assert run_untrusted(program).status == "failed", program
     # more ways, tried in one program: each must raise
-    attacks = [f"os.unlink({str(victim)!r})", f"os.rename({str(victim)!r}, 'stolen.txt')",
-               f"os.replace({str(victim)!r}, 'stolen.txt')", f"os.chmod({str(victim)!r}, 0)",
-               f"os.truncate({str(victim)!r}, 0)", f"os.symlink({str(victim)!r}, 'link'); open('link', 'w')",
-               f"os.open({str(victim)!r}, os.O_WRONLY | os.O_TRUNC)", f"shutil.move({str(victim)!r}, 'moved')"]
+    attacks = [
+        f"os.unlink({str(victim)!r})",
+        f"os.rename({str(victim)!r}, 'stolen.txt')",
+        f"os.replace({str(victim)!r}, 'stolen.txt')",
+        f"os.chmod({str(victim)!r}, 0)",
+        f"os.truncate({str(victim)!r}, 0)",
+        f"os.symlink({str(victim)!r}, 'link'); open('link', 'w')",
+        f"os.open({str(victim)!r}, os.O_WRONLY | os.O_TRUNC)",
+        f"shutil.move({str(victim)!r}, 'moved')",
+    ]
     program = "import os, shutil\n"
     program += _each_must_raise(attacks)
     # inside its own directory the program may do what it likes
@@ -102,10 +114,17 @@ def test_files_outside_the_directory_are_safe(tmp_path, mode):
 def test_processes_cannot_be_started(mode):
     # os.fork is refused before any process exists, so the bomb is bounded at zero forks.
     assert run_untrusted("import os\nwhile True: os.fork()").status == "failed"
-    attacks = ["import posix; posix.fork()", "os.system('true')", "import subprocess",
-               "os.execv('/bin/true', ['true'])", "os.posix_spawn('/bin/true', ['true'], {})",
-               "import multiprocessing; multiprocessing.Process(target=print).start()",
-               "import pty; pty.fork()", "os.kill(1, 9)", "import ctypes; ctypes.CDLL(None).fork()"]
+    attacks = [
+        "import posix; posix.fork()",
+        "os.system('true')",
+        "import subprocess",
+        "os.execv('/bin/true', ['true'])",
+        "os.posix_spawn('/bin/true', ['true'], {})",
+        "import multiprocessing; multiprocessing.Process(target=print).start()",
+        "import pty; pty.fork()",
+        "os.kill(1, 9)",
+        "import ctypes; ctypes.CDLL(None).fork()",
+    ]
     program = "import os\n"
     program += _each_must_raise(attacks)
     outcome = run_untrusted(program)
@@ -129,8 +148,10 @@ def test_many_files_fill_only_the_tmpfs():
 
 def test_environment_is_not_inherited(monkeypatch, mode):
     monkeypatch.setenv("NVLM_SANDBOX_SECRET", "s3cr3t")
-    program = ("import os\nassert 'NVLM_SANDBOX_SECRET' not in os.environ, 'leak'\n"
-               "assert sorted(os.environ) == ['HOME', 'LANG', 'PATH', 'TMPDIR'], sorted(os.environ)")
+    program = (
+        "import os\nassert 'NVLM_SANDBOX_SECRET' not in os.environ, 'leak'\n"
+        "assert sorted(os.environ) == ['HOME', 'LANG', 'PATH', 'TMPDIR'], sorted(os.environ)"
+    )
     assert run_untrusted(program).passed
     # nor can it be read from the caller's /proc entry
     spy = f"print(open('/proc/{os.getpid()}/environ', 'rb').read())"
@@ -172,13 +193,16 @@ def _nothing_changed(outside, before):
     assert sorted(p.name for p in outside.iterdir()) == before
 
 
-@pytest.mark.parametrize("trick", [
-    "import posix; posix._exit(0)",
-    "import os; os._exit(0)",
-    "import sys; sys.exit(0)",
-    "import __main__; __main__.exit_now(0)",  # the old guard's own exit
-    "print('\\n' + '0123456789abcdef' * 2)\nimport posix; posix._exit(0)",  # a token of the right shape
-])
+@pytest.mark.parametrize(
+    "trick",
+    [
+        "import posix; posix._exit(0)",
+        "import os; os._exit(0)",
+        "import sys; sys.exit(0)",
+        "import __main__; __main__.exit_now(0)",  # the old guard's own exit
+        "print('\\n' + '0123456789abcdef' * 2)\nimport posix; posix._exit(0)",  # a token of the right shape
+    ],
+)
 def test_leaving_before_the_tests_is_failed(trick, tmp_path, mode):
     """A pass is the harness's token after check() returned, not an exit status of 0."""
     program = f"{trick}\nopen({str(tmp_path / 'left')!r}, 'w')\nassert False, 'the tests ran'"
@@ -216,25 +240,30 @@ def test_the_guard_cannot_be_switched_off(tmp_path, mode):
 
 
 def test_a_planted_pyc_is_not_loaded(mode):
-    program = ("import importlib.machinery, importlib.util, marshal\n"
-               "open('evil.pyc', 'wb').write(importlib.util.MAGIC_NUMBER + bytes(12)"
-               " + marshal.dumps(compile('x = 1', 'evil', 'exec')))\n"
-               "importlib.machinery.SourcelessFileLoader('evil', 'evil.pyc').load_module()")
+    program = (
+        "import importlib.machinery, importlib.util, marshal\n"
+        "open('evil.pyc', 'wb').write(importlib.util.MAGIC_NUMBER + bytes(12)"
+        " + marshal.dumps(compile('x = 1', 'evil', 'exec')))\n"
+        "importlib.machinery.SourcelessFileLoader('evil', 'evil.pyc').load_module()"
+    )
     outcome = run_untrusted(program)
     assert outcome.status == "failed" and "marshal.loads refused" in outcome.detail, outcome
 
 
-@pytest.mark.parametrize("attack", [
-    "fd = os.open({outside!r}, os.O_RDONLY)\nos.open('x', os.O_CREAT | os.O_WRONLY, dir_fd=fd)",
-    "fd = os.open({outside!r}, os.O_RDONLY)\nos.mkdir('x', dir_fd=fd)",
-    "fd = os.open('/proc/self', os.O_RDONLY)\nprint(os.read(os.open('environ', os.O_RDONLY, dir_fd=fd), 999))",
-    "os.makedirs('a/b')\nfd = os.open('a/b', os.O_RDONLY)\n"
-    "os.open('../../../outside/x', os.O_CREAT | os.O_WRONLY, dir_fd=fd)",
-    "os.makedirs('a/b')\nfd = os.open('a/b', os.O_RDONLY)\nos.mkdir('../../../outside/x', dir_fd=fd)",
-    "os.mkdir('a')\nos.symlink('..', 'a/up')",
-    "os.makedirs('a/b/c')\nos.chdir('a/b/c')\nopen('../../../../outside/x', 'w')",
-    "open('/proc/self/cwd/../../outside/x', 'w')",
-])
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "fd = os.open({outside!r}, os.O_RDONLY)\nos.open('x', os.O_CREAT | os.O_WRONLY, dir_fd=fd)",
+        "fd = os.open({outside!r}, os.O_RDONLY)\nos.mkdir('x', dir_fd=fd)",
+        "fd = os.open('/proc/self', os.O_RDONLY)\nprint(os.read(os.open('environ', os.O_RDONLY, dir_fd=fd), 999))",
+        "os.makedirs('a/b')\nfd = os.open('a/b', os.O_RDONLY)\n"
+        "os.open('../../../outside/x', os.O_CREAT | os.O_WRONLY, dir_fd=fd)",
+        "os.makedirs('a/b')\nfd = os.open('a/b', os.O_RDONLY)\nos.mkdir('../../../outside/x', dir_fd=fd)",
+        "os.mkdir('a')\nos.symlink('..', 'a/up')",
+        "os.makedirs('a/b/c')\nos.chdir('a/b/c')\nopen('../../../../outside/x', 'w')",
+        "open('/proc/self/cwd/../../outside/x', 'w')",
+    ],
+)
 def test_fd_relative_paths_do_not_walk_past_the_guard(attack, tmp_path, mode, monkeypatch):
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -245,10 +274,12 @@ def test_fd_relative_paths_do_not_walk_past_the_guard(attack, tmp_path, mode, mo
 
 
 def test_fd_relative_paths_inside_work(mode):
-    inside = ("import os\nos.makedirs('a/b')\nfd = os.open('a', os.O_RDONLY)\n"
-              "os.close(os.open('b/f', os.O_CREAT | os.O_WRONLY, dir_fd=fd))\n"
-              "os.rename('b/f', 'g', src_dir_fd=fd, dst_dir_fd=fd)\nos.remove('g', dir_fd=fd)\n"
-              "assert os.listdir(fd) == ['b'] and os.listdir('a/b') == []")
+    inside = (
+        "import os\nos.makedirs('a/b')\nfd = os.open('a', os.O_RDONLY)\n"
+        "os.close(os.open('b/f', os.O_CREAT | os.O_WRONLY, dir_fd=fd))\n"
+        "os.rename('b/f', 'g', src_dir_fd=fd, dst_dir_fd=fd)\nos.remove('g', dir_fd=fd)\n"
+        "assert os.listdir(fd) == ['b'] and os.listdir('a/b') == []"
+    )
     outcome = run_untrusted(inside)
     assert outcome.passed, outcome.detail
 
@@ -311,14 +342,22 @@ def test_process_limit_holds_and_nothing_outlives_the_sandbox(mode, monkeypatch)
 def test_no_native_code(mode):
     """Extension modules that reach raw memory or processes, or any from outside the Python install, are refused,
     also when loaded straight through ``_imp.create_dynamic``."""
-    load = ("import _imp, importlib.machinery as m, os, sys\n"
-            "lib = next(p for p in sys.path if p.endswith('lib-dynload'))\n"
-            "def load(name, path=None):\n"
-            "    path = path or os.path.join(lib, name + m.EXTENSION_SUFFIXES[0])\n"
-            "    return _imp.create_dynamic(m.ModuleSpec(name, None, origin=path))\n")
-    for attack in ("load('_ctypes')", "load('_posixsubprocess')", "load('spwd')", "import _testcapi", "import pwd",
-                   "open('evil.so', 'wb').write(open(os.path.join(lib, '_json' + m.EXTENSION_SUFFIXES[0]), 'rb')"
-                   ".read())\nload('_json', os.path.abspath('evil.so'))"):
+    load = (
+        "import _imp, importlib.machinery as m, os, sys\n"
+        "lib = next(p for p in sys.path if p.endswith('lib-dynload'))\n"
+        "def load(name, path=None):\n"
+        "    path = path or os.path.join(lib, name + m.EXTENSION_SUFFIXES[0])\n"
+        "    return _imp.create_dynamic(m.ModuleSpec(name, None, origin=path))\n"
+    )
+    for attack in (
+        "load('_ctypes')",
+        "load('_posixsubprocess')",
+        "load('spwd')",
+        "import _testcapi",
+        "import pwd",
+        "open('evil.so', 'wb').write(open(os.path.join(lib, '_json' + m.EXTENSION_SUFFIXES[0]), 'rb')"
+        ".read())\nload('_json', os.path.abspath('evil.so'))",
+    ):
         outcome = run_untrusted(load + attack)
         assert outcome.status == "failed" and "sandbox: " in outcome.detail, (attack, outcome)
 
@@ -349,8 +388,9 @@ def test_the_hook_reads_no_globals():
     has no nested function whose closure could be reached."""
     import dis
 
-    install = next(c for c in compile(sandbox._GUARD, "guard", "exec").co_consts if getattr(c, "co_name", "") ==
-                   "install")
+    install = next(
+        c for c in compile(sandbox._GUARD, "guard", "exec").co_consts if getattr(c, "co_name", "") == "install"
+    )
     audit = next(c for c in install.co_consts if getattr(c, "co_name", "") == "audit")
     ops = {i.opname for i in dis.get_instructions(audit)}
     assert not ops & {"LOAD_GLOBAL", "LOAD_NAME", "STORE_GLOBAL", "STORE_DEREF", "DELETE_DEREF"}, ops

@@ -52,20 +52,24 @@ def test_megatron_vqa_prompt_and_official_suffixes(hf_root):
     """EVAL_SPEC 1.3 (NVLM-1.0 tag) and NVLM_SPEC 8 (Megatron HEAD)."""
     s = _load(hf_root, "vqav2_val")[0]
     nvlm = TASKS["vqav2_val"].prompt(s, "nvlm")
-    assert (nvlm.system, nvlm.text) == ("Answer the questions.",
-                                        "<image>\nHow many dogs?\nAnswer the question using a single word or phrase.")
+    assert (nvlm.system, nvlm.text) == (
+        "Answer the questions.",
+        "<image>\nHow many dogs?\nAnswer the question using a single word or phrase.",
+    )
     official = TASKS["vqav2_val"].prompt(s, "official")
     assert official.system == "Follow the user's instruction and answer questions." == FOLLOW_SYSTEM
     assert official.text == nvlm.text
     t = _load(hf_root, "textvqa_val")[0]
     assert TASKS["textvqa_val"].prompt(t, "official").text == (
-        "<image>\nwhat number is shown?\nAnswer the question using a single word, phrase, or number.")
+        "<image>\nwhat number is shown?\nAnswer the question using a single word, phrase, or number."
+    )
     assert TASKS["textvqa_val"].prompt(t, "nvlm").text.endswith("\nAnswer the question using a single word or phrase.")
     d = _load(hf_root, "docvqa_val")[0]
     assert TASKS["docvqa_val"].prompt(d, "official").text.endswith("single word, phrase, or number.")
     c = _load(hf_root, "chartqa")[0]
     assert TASKS["chartqa"].prompt(c, "official").text == (
-        "<image>\nWhat is the highest value?\nAnswer the question using a single word or phrase.")
+        "<image>\nWhat is the highest value?\nAnswer the question using a single word or phrase."
+    )
     o = _load(hf_root, "ocrbench")[0]
     assert TASKS["ocrbench"].prompt(o, "nvlm").text == "<image>\nwhat is written in the image?"
     assert TASKS["ocrbench"].prompt(o, "official").system == FOLLOW_SYSTEM
@@ -80,7 +84,8 @@ def test_mmmu_prompts(hf_root):
                          "Answer with the option's letter from the given choices directly.")  # fmt: skip
     assert nvlm.images == mc.images[:1]
     assert TASKS["mmmu_val"].prompt(open_, "nvlm").text == (
-        "<image>\nHow many squares are there?\nAnswer the question using a single word or phrase.")
+        "<image>\nHow many squares are there?\nAnswer the question using a single word or phrase."
+    )
     official = TASKS["mmmu_val"].prompt(two, "official")  # Megatron's multi-image path: tags become placeholders
     assert official.text.startswith("Compare <image> and <image>.\n(A) left\n(B) right\n\n")
     assert official.images == two.images[:2]
@@ -91,33 +96,54 @@ def test_mmmu_prompts(hf_root):
 def test_mathvista_ai2d_mmbench_caption_text_prompts(hf_root):
     mc, free, _ = _load(hf_root, "mathvista_testmini")
     p = TASKS["mathvista_testmini"].prompt(mc, "nvlm")
-    assert p.text == "<image>\nWhich is larger?\nA. 3\nB. 5\nAnswer with the option's letter from the given choices directly."
+    assert (
+        p.text
+        == "<image>\nWhich is larger?\nA. 3\nB. 5\nAnswer with the option's letter from the given choices directly."
+    )
     official = TASKS["mathvista_testmini"].prompt(free, "official")
     assert official.system == "You are math expert. Use your math knowledge to calculate the answer."
     assert official.text.startswith("<image>\nPlease answer the question requiring an integer answer")
     a = _load(hf_root, "ai2d")[1]
     assert TASKS["ai2d"].prompt(a, "official").text == (
-        "<image>\nWhat eats grass?\nA. cow\nB. lion\nC. hawk\nAnswer with the option's letter from the given choices directly.")
+        "<image>\nWhat eats grass?\nA. cow\nB. lion\nC. hawk\nAnswer with the option's letter from the given choices directly."
+    )
     assert a.fields["answer"] == "A" and _load(hf_root, "ai2d")[0].fields["answer"] == "B"
     m = _load(hf_root, "mmbench_en_dev")
     assert [s.id for s in m] == ["0", "1", "2"]  # the cn config beside it is not read
-    assert TASKS["mmbench_en_dev"].prompt(m[1], "official").text.startswith("<image>\nLook at both.\nWhich is bigger?\nA. left\nB. right\n")
+    assert (
+        TASKS["mmbench_en_dev"]
+        .prompt(m[1], "official")
+        .text.startswith("<image>\nLook at both.\nWhich is bigger?\nA. left\nB. right\n")
+    )
     assert m[0].fields["options"] == ["red", "green", "blue"]
     cap = _load(hf_root, "coco_caption")[0]
-    assert TASKS["coco_caption"].prompt(cap, "nvlm").text == "<image>\nProvide a one-sentence caption for provided image."
-    assert TASKS["coco_caption"].prompt(cap, "official").text == "<image>\nGive a brief description of this image in one sentence."
+    assert (
+        TASKS["coco_caption"].prompt(cap, "nvlm").text == "<image>\nProvide a one-sentence caption for provided image."
+    )
+    assert (
+        TASKS["coco_caption"].prompt(cap, "official").text
+        == "<image>\nGive a brief description of this image in one sentence."
+    )
     assert TASKS["coco_caption"].postprocess(" A Red Square.\nmore", "nvlm") == "a red square"
     q = _load(hf_root, "mmlu")[0]
     assert TASKS["mmlu"].prompt(q, "official").text == (
         "The following is a multiple choice question about abstract algebra.\n\nFind the order of Z_4.\n"
-        "A. 1\nB. 2\nC. 4\nD. 8\nAnswer with the option's letter from the given choices directly.")
+        "A. 1\nB. 2\nC. 4\nD. 8\nAnswer with the option's letter from the given choices directly."
+    )
     g = _load(hf_root, "gsm8k")[0]
-    assert TASKS["gsm8k"].prompt(g, "nvlm").text.endswith("\nPlease reason step by step, and put your final answer within \\boxed{}.")
+    assert (
+        TASKS["gsm8k"]
+        .prompt(g, "nvlm")
+        .text.endswith("\nPlease reason step by step, and put your final answer within \\boxed{}.")
+    )
     assert TASKS["gsm8k"].postprocess("line one\nline two", "nvlm") == "line one\nline two"  # no first-line cut
     h = _load(hf_root, "humaneval")[0]
     hp = TASKS["humaneval"].prompt(h, "official")
     assert not hp.chat and hp.text == h.fields["prompt"] and hp.images == []
-    assert "\ndef" in TASKS["humaneval"].stop and TASKS["humaneval"].postprocess("    return 1\n", "nvlm") == "    return 1\n"
+    assert (
+        "\ndef" in TASKS["humaneval"].stop
+        and TASKS["humaneval"].postprocess("    return 1\n", "nvlm") == "    return 1\n"
+    )
 
 
 def test_decoys_and_splits_are_not_read(hf_root, orig_root):
@@ -149,7 +175,9 @@ def test_malformed_records_name_file_and_record(tmp_path):
     write_jsonl(tmp_path / "bad.jsonl", [{"id": "a", "question": "q?", "answer": "x"}, {"id": "b", "answer": "y"}])
     with pytest.raises(DataError, match=r"bad\.jsonl:2: missing field 'question'"):
         get_task(f"jsonl:{tmp_path / 'bad.jsonl'}").load()
-    write_parquet(tmp_path / "chartqa" / "data" / "test-0.parquet", [{"question": "q", "image": {"bytes": b"x", "path": "p"}}])
+    write_parquet(
+        tmp_path / "chartqa" / "data" / "test-0.parquet", [{"question": "q", "image": {"bytes": b"x", "path": "p"}}]
+    )
     with pytest.raises(DataError, match=r"test-0\.parquet \(row group 0, row 0\): missing field 'answer'"):
         TASKS["chartqa"].load(tmp_path)
     write_jsonl(tmp_path / "dup.jsonl", [{"id": "a", "question": "q", "answer": "x"}] * 2)

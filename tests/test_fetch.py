@@ -70,7 +70,9 @@ def _no_connect(*a, **k):
     raise AssertionError("a refused address must not be connected to")
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "2130706433", "0x7f000001", "0177.0.0.1", "[::ffff:127.0.0.1]"])
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1", "localhost", "2130706433", "0x7f000001", "0177.0.0.1", "[::ffff:127.0.0.1]"]
+)
 def test_loopback_in_any_spelling_is_refused_without_a_connection(host, listener):
     with pytest.raises(FetchError) as e:
         fetch(f"http://{host}:{listener.port}/cat.png", 10**6, 2.0)
@@ -192,6 +194,7 @@ def test_slow_image_hosts_do_not_hold_text_requests(tiny_model_dir, web, monkeyp
     monkeypatch.setattr(app_module, "fetch", functools.partial(fetch, allowed=LOOPBACK_1))
     s = Server(tiny_model_dir, allow_remote_images=True, fetch_timeout_s=2.0, max_images=8)
     try:
+
         def slow(i):
             parts = [{"type": "image_url", "image_url": {"url": f"{base}/slow{k}"}} for k in range(8)]
             return httpx.post(s.url + "/v1/chat/completions", timeout=30,

@@ -62,7 +62,9 @@ def test_fsdp2_follows_the_single_process_curve_for_d_x_h_in_both_stages(tiny_mo
     sharded.append(_run(tiny_model_dir, data, tmp_path / "ddp-X2", arch="X", fsdp=False))
     _check(_torchrun(2, SCRIPT, "train", json.dumps(sharded)))
     single = [_run(tiny_model_dir, data, tmp_path / f"one-{a}{s}", arch=a, stage=s, grad_accum=2) for a, s in runs]
-    _check(subprocess.run([PY, SCRIPT, "train", json.dumps(single)], env=ENV, capture_output=True, text=True, timeout=600))
+    _check(
+        subprocess.run([PY, SCRIPT, "train", json.dumps(single)], env=ENV, capture_output=True, text=True, timeout=600)
+    )
     for a, s in runs:
         ours, ref = _losses(tmp_path / f"fsdp-{a}{s}"), _losses(tmp_path / f"one-{a}{s}")
         assert len(ours) == 4 and len(set(ours)) == 4, (a, s, ours)
@@ -98,11 +100,23 @@ def test_kill_9_mid_step_and_mid_save_then_resume_and_reshard(tiny_model_dir, tm
 
     run = tmp_path / "killed"
     killed = {**cfg, "out_dir": str(run)}
-    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", SCRIPT, "train", json.dumps([killed])]
+    cmd = [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        SCRIPT,
+        "train",
+        json.dumps([killed]),
+    ]
     ckpts = run / "checkpoints"
     seen_tmp = False
     for when in ("mid-save", "mid-step"):
-        proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         if when == "mid-save":  # a save under way: its directory still has the .tmp name
             _wait_for(lambda: ckpts.is_dir() and any(p.name.endswith(".tmp") for p in ckpts.iterdir()))
             seen_tmp = True
@@ -122,7 +136,11 @@ def test_kill_9_mid_step_and_mid_save_then_resume_and_reshard(tiny_model_dir, tm
     for n, extra in ((1, {}), (4, {"shard_size": 2})):
         again = tmp_path / f"resaved-{n}"
         args = [SCRIPT, "resave", json.dumps({**cfg, **extra}), str(ckpt.parent), str(again)]
-        _check(subprocess.run([PY, *args], env=ENV, capture_output=True, text=True, timeout=600) if n == 1 else _torchrun(n, *args))
+        _check(
+            subprocess.run([PY, *args], env=ENV, capture_output=True, text=True, timeout=600)
+            if n == 1
+            else _torchrun(n, *args)
+        )
         out = _read_dcp(again / "step_00000012")
         assert out.keys() == saved.keys()
         for k in saved:
@@ -132,7 +150,9 @@ def test_kill_9_mid_step_and_mid_save_then_resume_and_reshard(tiny_model_dir, tm
     # and training continues from the 2-rank checkpoint on 1 process and on 4 ranks
     shutil.copytree(tmp_path / "straight", tmp_path / "on-one")
     one = {**cfg, "steps": 13, "out_dir": str(tmp_path / "on-one")}
-    _check(subprocess.run([PY, SCRIPT, "train", json.dumps([one])], env=ENV, capture_output=True, text=True, timeout=600))
+    _check(
+        subprocess.run([PY, SCRIPT, "train", json.dumps([one])], env=ENV, capture_output=True, text=True, timeout=600)
+    )
     assert len(_losses(tmp_path / "on-one")) == 13
     more = {**cfg, "steps": 14}
     _check(_torchrun(4, SCRIPT, "train", json.dumps([more])))
@@ -160,8 +180,12 @@ def test_build_fills_the_checkpoint_and_keeps_frozen_weights_in_their_dtype(tiny
     optimizer = make_optimizer(model, cfg)
     assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in model.mlp1.parameters()}
 
-    x1, _, _ = build(TrainConfig(init=str(tiny_model_dir), arch="X", stage=1, data=[{"path": "x.jsonl"}]), torch.device("cpu"), 1)
-    x2, _, _ = build(TrainConfig(init=str(tiny_model_dir), arch="X", stage=1, data=[{"path": "x.jsonl"}]), torch.device("cpu"), 1)
+    x1, _, _ = build(
+        TrainConfig(init=str(tiny_model_dir), arch="X", stage=1, data=[{"path": "x.jsonl"}]), torch.device("cpu"), 1
+    )
+    x2, _, _ = build(
+        TrainConfig(init=str(tiny_model_dir), arch="X", stage=1, data=[{"path": "x.jsonl"}]), torch.device("cpu"), 1
+    )
     assert all(torch.equal(a, b) for a, b in zip(x1.xattn_layers.parameters(), x2.xattn_layers.parameters()))
     assert x1.xattn_layers[0].attn.q_proj.weight.std() > 0 and float(x1.xattn_layers[0].attn_gate.detach()) == 0.0
 

@@ -150,8 +150,14 @@ def test_matches_card_for_mode_at_448():
 def test_files_match_card_end_to_end(tmp_path):
     """load_image + ImageProcessor on a file equals the card's load_image on the same path."""
     deep = Image.fromarray(RNG.integers(0, 65536, (60, 90), dtype=np.uint16))  # a 16-bit PNG
-    files = {"a.png": noise(130, 70), "b.jpg": noise(90, 200), "c.jpg": noise(90, 60).convert("CMYK"),
-             "d.gif": noise(120, 120).convert("P"), "e.png": noise(100, 60).convert("LA"), "f.png": deep}
+    files = {
+        "a.png": noise(130, 70),
+        "b.jpg": noise(90, 200),
+        "c.jpg": noise(90, 60).convert("CMYK"),
+        "d.gif": noise(120, 120).convert("P"),
+        "e.png": noise(100, 60).convert("LA"),
+        "f.png": deep,
+    }
     for name, image in files.items():
         path = tmp_path / name
         image.save(path)

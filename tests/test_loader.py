@@ -105,7 +105,9 @@ def test_reshard_rule():
              {"position": 31, "drawn": [8, 23], "skipped": {"image": 1, "too long": 4}, "rank": 1, "world_size": 2}]  # fmt: skip
     assert reshard(saved, 2) == saved
     one = reshard(saved, 1)
-    assert one == [{"position": 31, "drawn": [8, 23], "skipped": {"image": 3, "too long": 4}, "rank": 0, "world_size": 1}]
+    assert one == [
+        {"position": 31, "drawn": [8, 23], "skipped": {"image": 3, "too long": 4}, "rank": 0, "world_size": 1}
+    ]
     four = reshard(saved, 4)
     assert [s["rank"] for s in four] == [0, 1, 2, 3] and {s["position"] for s in four} == {31}
     assert [s["skipped"] for s in four] == [{"image": 2}, {"image": 1, "too long": 4}, {}, {}]
@@ -140,7 +142,9 @@ def test_resharding_loses_no_item_and_repeats_within_the_bound(old, new, tmp_pat
     bad = {index[(0, i)] for i in unusable if (0, i) in index}
     assert set(range(covered)) - bad <= set(consumed) | set(again)  # no item lost
     repeats = len(set(consumed) & set(again))
-    assert repeats == sum(1 for r, s in enumerate(states) for k in range(m, s["position"]) if k % old == r and k not in bad)
+    assert repeats == sum(
+        1 for r, s in enumerate(states) for k in range(m, s["position"]) if k % old == r and k not in bad
+    )
     assert repeats <= M - m and (repeats > 0) == (old > 1)
 
 
@@ -155,7 +159,9 @@ def test_ranks_with_workers_share_no_item_and_miss_none(tmp_path):
         assert all(k % 2 == rank for k in items[rank])
     assert not set(items[0]) & set(items[1])
     bad = {index[(0, 3)], index[(0, 10)]}
-    assert set(items[0]) | set(items[1]) == set(range(min(ends))) - bad | {k for k in items[0] + items[1] if k >= min(ends)}
+    assert set(items[0]) | set(items[1]) == set(range(min(ends))) - bad | {
+        k for k in items[0] + items[1] if k >= min(ends)
+    }
 
 
 def test_a_state_of_another_world_size_needs_reshard(sources):
@@ -169,7 +175,9 @@ def test_a_state_of_another_world_size_needs_reshard(sources):
 
 def test_a_worker_that_raises_or_dies_is_a_clear_error(sources):
     with loader(sources, num_workers=2, processor=processor(FailingImages)) as data_loader:
-        with pytest.raises(RuntimeError, match=r"data worker \d of rank 0 failed on .*train\.jsonl line \d: RuntimeError: boom"):
+        with pytest.raises(
+            RuntimeError, match=r"data worker \d of rank 0 failed on .*train\.jsonl line \d: RuntimeError: boom"
+        ):
             for _ in range(20):
                 data_loader()
     with loader(sources, num_workers=2) as data_loader:

@@ -93,7 +93,9 @@ def test_convert_writes_a_standalone_hf_directory(tmp_path: Path, tok_dir: Path,
     assert hf["llm_config"]["rope_scaling"] is None and hf["projector_config"]["norm_eps"] == 1e-6
     stored = _tensors(dst)
     assert stored["vision_model.encoder.layers.0.attn.qkv.weight"].shape == (3 * 12 * 8, 40)  # released padding
-    assert "language_model.model.embed_tokens.weight" in stored and stored["language_model.lm_head.weight"].shape[0] == 512
+    assert (
+        "language_model.model.embed_tokens.weight" in stored and stored["language_model.lm_head.weight"].shape[0] == 512
+    )
     tok = Tokenizer.from_pretrained(dst)
     assert tok.chat_template == MEGATRON_TEMPLATE
     # Tile tags are tokenized on their own, as Megatron's MultimodalTokenizer did; the HF string would merge "><".
@@ -149,11 +151,18 @@ def test_written_rank_files_run_as_megatron(tmp_path: Path) -> None:
     first, last = ranks[(1, 0)], ranks[(1, 1)]
     assert "language_model.decoder.layers.1.self_attention.core_attention._extra_state" in first
     assert first["vision_model.decoder.layers.0.mlp.linear_fc1._extra_state"] is None
-    assert "language_model.output_layer._extra_state" in last and "language_model.decoder.layers.2.mlp.linear_fc2.weight" not in last
+    assert (
+        "language_model.output_layer._extra_state" in last
+        and "language_model.decoder.layers.2.mlp.linear_fc2.weight" not in last
+    )
     with torch.serialization.safe_globals([__import__("argparse").Namespace]):
         state = torch.load(it_dir / "mp_rank_00_000" / "model_optim_rng.pt", weights_only=True)
     args = state["args"]
-    assert (state["checkpoint_version"], args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (3.0, 2, 2)
+    assert (state["checkpoint_version"], args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (
+        3.0,
+        2,
+        2,
+    )
     assert (args.num_layers, args.num_query_groups, args.padded_vocab_size) == (4, 4, 512)
 
 

@@ -107,11 +107,15 @@ def test_activation_count_matches_what_autograd_saves(arch, stage, kind):
     dtype = torch.float32 if kind == "fp32" else torch.bfloat16
     layout = {"fp32": CPU, "bf16": replace(GPU, masked_gqa_math=False), "bf16-math": GPU}[kind]
     base = preset("tiny-d")
-    cfg = replace(base, llm=replace(base.llm, **SMALL), projector=replace(base.projector, hidden_size=200, output_size=96))
+    cfg = replace(
+        base, llm=replace(base.llm, **SMALL), projector=replace(base.projector, hidden_size=200, output_size=96)
+    )
     cfg = cfg.with_arch(arch)
     model = NVLM(cfg).to(dtype)
     set_trainable(model, stage)
-    processor = Processor(build_tiny_tokenizer(), ImageProcessor(tile_size=56, max_tiles=2, min_tiles=1, use_thumbnail=True), cfg)
+    processor = Processor(
+        build_tiny_tokenizer(), ImageProcessor(tile_size=56, max_tiles=2, min_tiles=1, use_thumbnail=True), cfg
+    )
     messages = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (112, 56), (200, 10, 10))},
                                              {"type": "text", "text": "Color?"}]}, {"role": "assistant", "content": "red"}]  # fmt: skip
     batch = collate(processor, [[encode_example(processor, messages, 96)]] * 2, 96)

@@ -24,7 +24,11 @@ CONVERSATIONS = [
     [{"role": "user", "content": f"say {PAD} twice"}],
     [{"role": "user", "content": [{"type": "text", "text": f"a{PAD}"}, {"type": "image", "image": "x.png"}]}],
     [{"role": "system", "content": PAD}, {"role": "user", "content": "hi"}],
-    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": f"ok {PAD}"}, {"role": "user", "content": "?"}],
+    [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": f"ok {PAD}"},
+        {"role": "user", "content": "?"},
+    ],
 ]
 
 

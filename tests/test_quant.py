@@ -19,8 +19,15 @@ from conftest import open_gates  # noqa: E402
 
 from nvlm import NVLM, Processor, preset  # noqa: E402
 from nvlm.checkpoint import CheckpointError  # noqa: E402
-from nvlm.quant import (QuantConfig, QuantizationError, Quantizer, int4_group_size, is_quantized,  # noqa: E402
-                        quantized_linears, storage_bytes)
+from nvlm.quant import (
+    QuantConfig,
+    QuantizationError,
+    Quantizer,
+    int4_group_size,
+    is_quantized,  # noqa: E402
+    quantized_linears,
+    storage_bytes,
+)
 from nvlm.tokenizer import build_tiny_tokenizer  # noqa: E402
 
 AGREEMENT = {"int8": 0.99, "int4": 0.95}  # the share of held-out answers equal to bf16's, at least
@@ -103,7 +110,9 @@ def test_what_is_quantized_and_its_bytes(trained_dir):
         if fmt == "int8":
             bound = 0.5 * bf16_bytes
         else:
-            bound = 0.25 * bf16_bytes + 4 * sum(m.weight.numel() // int4_group_size(m.in_features) for m in linears.values())
+            bound = 0.25 * bf16_bytes + 4 * sum(
+                m.weight.numel() // int4_group_size(m.in_features) for m in linears.values()
+            )
         print(f"\n{fmt}: {got} bytes for {bf16_bytes} bf16 bytes ({got / bf16_bytes:.3f}x; bound {1.1 * bound:.0f})")
         assert bf16_bytes * (0.5 if fmt == "int8" else 0.25) < got <= 1.1 * bound
 
@@ -191,7 +200,9 @@ def test_eval_and_chat_take_quantize(trained_dir):
     done = subprocess.run([sys.executable, "-m", "nvlm.cli", "chat", "--model", str(trained_dir), "--quantize", "int8",
                            "--max-new-tokens", "4", "213>"], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    expected = Chat(NVLM.from_pretrained(trained_dir, quantize="int8"), Processor.from_pretrained(trained_dir)).ask("213>", max_new_tokens=4)
+    expected = Chat(NVLM.from_pretrained(trained_dir, quantize="int8"), Processor.from_pretrained(trained_dir)).ask(
+        "213>", max_new_tokens=4
+    )
     assert done.stdout.strip() == expected.strip()
     bad = subprocess.run([sys.executable, "-m", "nvlm.cli", "chat", "--model", str(trained_dir), "--quantize", "fp8", "x"],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
@@ -227,7 +238,9 @@ def test_nvlm_serve_quantize_int8_streamed_and_batched_equal_alone(trained_dir):
         alone = [ask(i).choices[0].message.content for i in range(8)]
         with ThreadPoolExecutor(8) as pool:
             together = [r.choices[0].message.content for r in pool.map(ask, range(8))]
-        streamed = ["".join(c.choices[0].delta.content or "" for c in ask(i, stream=True) if c.choices) for i in range(3)]
+        streamed = [
+            "".join(c.choices[0].delta.content or "" for c in ask(i, stream=True) if c.choices) for i in range(3)
+        ]
         assert together == alone and streamed == alone[:3]
         assert any(alone)
     finally:

@@ -62,8 +62,12 @@ def _qwen2_pair(dynamic: bool):
     """Our LLM and transformers' Qwen2ForCausalLM with the same weights and rope_scaling dynamic, factor 3."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = replace(preset("tiny-d").llm, max_position_embeddings=16, rope_scaling={"type": "dynamic", "factor": 3.0},
-                  dynamic_rope=dynamic)
+    cfg = replace(
+        preset("tiny-d").llm,
+        max_position_embeddings=16,
+        rope_scaling={"type": "dynamic", "factor": 3.0},
+        dynamic_rope=dynamic,
+    )
     torch.manual_seed(0)
     ref = Qwen2ForCausalLM(Qwen2Config(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,

@@ -91,7 +91,9 @@ def test_a_failed_final_save_leaves_the_previous_model_whole(tiny, tmp_path, mon
     assert _same_weights(NVLM.from_pretrained(path), model)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no .tmp left behind
     _save_final(changed, processor, path, rank=0)  # the new model replaces the old one once complete
-    assert _same_weights(NVLM.from_pretrained(path), changed) and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert _same_weights(NVLM.from_pretrained(path), changed) and sorted(p.name for p in tmp_path.iterdir()) == [
+        "model"
+    ]
 
 
 def test_an_interrupted_first_save_leaves_no_model_dir_and_a_stale_tmp_is_discarded(tiny, tmp_path, monkeypatch):

@@ -63,7 +63,9 @@ def server(tiny_model_dir, tmp_path_factory):
 
 
 def _image_msg(url, text="what is it?"):
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}]
+    return [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}
+    ]
 
 
 def test_completion_with_an_image_and_usage(server):
@@ -75,7 +77,9 @@ def test_completion_with_an_image_and_usage(server):
     proc = server.engine.processor
     conv = [{"role": "user", "content": [{"type": "image", "image": base64.b64decode(_data_url().split(",")[1])},
                                          {"type": "text", "text": "what is it?"}]}]  # fmt: skip
-    ids = server.engine.model.generate(**proc.apply_chat_template(conv), max_new_tokens=10, eos_token_id=proc.eos_token_ids)
+    ids = server.engine.model.generate(
+        **proc.apply_chat_template(conv), max_new_tokens=10, eos_token_id=proc.eos_token_ids
+    )
     assert r.choices[0].message.content == proc.decode(ids[0])
 
 
@@ -141,7 +145,9 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, nam
     if isinstance(body, dict):
         body = {"model": "tiny", **body}
     content = body if isinstance(body, str) else __import__("json").dumps(body)
-    r = httpx.post(server.url + "/v1/chat/completions", content=content, headers={"content-type": "application/json"}, timeout=30)
+    r = httpx.post(
+        server.url + "/v1/chat/completions", content=content, headers={"content-type": "application/json"}, timeout=30
+    )
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["message"] and "type" in err and "code" in err
@@ -155,7 +161,11 @@ def test_50_megapixel_image_and_huge_body_are_refused(server):
     r = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny", "messages": _image_msg(url)}, timeout=30)
     assert r.status_code == 400 and "pixel" in r.json()["error"]["message"]
     big = "x" * (21 * 2**20)
-    r = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": big}]}, timeout=30)
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"model": "tiny", "messages": [{"role": "user", "content": big}]},
+        timeout=30,
+    )
     assert r.status_code == 413
 
 
@@ -178,7 +188,9 @@ def test_a_client_that_disconnects_stops_its_generation(server):
 def test_queue_full_is_429(tiny_model_dir):
     s = Server(tiny_model_dir, max_waiting=0)
     try:
-        r = httpx.post(s.url + "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}]})
+        r = httpx.post(
+            s.url + "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}]}
+        )
         assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
     finally:
         s.stop()

@@ -58,7 +58,12 @@ def test_a_chunked_body_is_counted_as_it_arrives(server):
     assert (_status_kb("VmHWM") - base) / 1024 < 12  # the limit is 1 MB: nothing like 30 MB was held
     r = _post(server, "x" * (2**20 + 1))  # with a Content-Length: refused before reading
     _openai_error(r, 413, "body_too_large")
-    assert _post(server, {"model": "tiny", "messages": [{"role": "user", "content": "x" * 1000}], "max_tokens": 2}).status_code == 200
+    assert (
+        _post(
+            server, {"model": "tiny", "messages": [{"role": "user", "content": "x" * 1000}], "max_tokens": 2}
+        ).status_code
+        == 200
+    )
 
 
 def test_a_12_mb_prompt_is_refused_before_tokenizing(tiny_model_dir):
@@ -100,6 +105,7 @@ def test_a_failing_prefill_fails_only_its_own_sequence(server):
         out: list[list] = [[] for _ in prompts]
         seqs = []
         for i, p in enumerate(prompts):
+
             def emit(kind, value, i=i):
                 out[i].append((kind, value))
                 if kind in ("done", "error"):

@@ -49,7 +49,9 @@ def test_a_tiny_model_learns_its_training_questions(arch, tiny_model_dir, tmp_pa
     for name in COLORS:
         conv = [{"role": "user", "content": [{"type": "image", "image": str(data / "images" / f"{name}.png")},
                                              {"type": "text", "text": "Color?"}]}]  # fmt: skip
-        out = model.generate(**processor.apply_chat_template(conv), max_new_tokens=4, eos_token_id=processor.eos_token_ids)
+        out = model.generate(
+            **processor.apply_chat_template(conv), max_new_tokens=4, eos_token_id=processor.eos_token_ids
+        )
         assert processor.decode(out[0]).strip() == name
 
 
@@ -99,7 +101,12 @@ def test_stage_presets_train_exactly_tables_10_and_11(arch, stage):
             block.ffn_gate.fill_(0.5)
     set_trainable(model, stage)
     processor = Processor(build_tiny_tokenizer(), ImageProcessor(tile_size=56), model.config)
-    conv = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (112, 56))}, {"type": "text", "text": "hi"}]}]
+    conv = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": Image.new("RGB", (112, 56))}, {"type": "text", "text": "hi"}],
+        }
+    ]
     model(**processor.apply_chat_template(conv)).logits.sum().backward()
     with_grad = {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert with_grad == EXPECTED[(arch, stage)]
@@ -127,7 +134,9 @@ def test_training_from_random_weights_draws_the_llm_as_transformers_does():
 
     with tempfile.TemporaryDirectory() as tok:
         build_tiny_tokenizer().save(tok)
-        model, _, _ = build(TrainConfig(preset="demo-d", tokenizer=tok, data=[{"path": "x.jsonl"}]), torch.device("cpu"), 1)
+        model, _, _ = build(
+            TrainConfig(preset="demo-d", tokenizer=tok, data=[{"path": "x.jsonl"}]), torch.device("cpu"), 1
+        )
     llm = model.language_model
     for w in (llm.model.embed_tokens.weight, llm.lm_head.weight, llm.model.layers[0].self_attn.q_proj.weight):
         assert abs(float(w.detach().std()) - 0.02) < 0.002
@@ -140,7 +149,14 @@ def test_recipes_load_with_overrides_and_paper_defaults():
         cfg = TrainConfig.load(recipe, ["--steps", "7", "--lr=2e-4", "--data", "x.jsonl"])
         assert cfg.steps == 7 and cfg.lr == 2e-4 and cfg.data == [{"path": "x.jsonl"}]
     cfg = TrainConfig.load(root / "nvlm-x-72b-sft.yaml").resolve("X")
-    assert (cfg.lr, cfg.min_lr, cfg.betas, cfg.weight_decay, cfg.grad_clip, cfg.seq_len) == (1e-5, 1e-7, (0.9, 0.98), 0.05, 1.0, 1024)
+    assert (cfg.lr, cfg.min_lr, cfg.betas, cfg.weight_decay, cfg.grad_clip, cfg.seq_len) == (
+        1e-5,
+        1e-7,
+        (0.9, 0.98),
+        0.05,
+        1.0,
+        1024,
+    )
     cfg = TrainConfig(stage=1, data=[{"path": "x"}]).resolve("H")
     assert (cfg.max_tiles, cfg.warmup_steps, cfg.betas) == (6, 1000, (0.9, 0.98))
     with pytest.raises(ValueError, match="unknown"):
@@ -156,7 +172,9 @@ def test_kill_9_then_resume_follows_the_uninterrupted_curve(tiny_model_dir, tmp_
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
     subprocess.run([*cmd, *args, "--out_dir", str(tmp_path / "straight")], check=True, env=env, capture_output=True)
     run = tmp_path / "killed"
-    proc = subprocess.Popen([*cmd, *args, "--out_dir", str(run)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*cmd, *args, "--out_dir", str(run)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while not list((run / "checkpoints").glob("step_00000015")) and time.time() < deadline:
         time.sleep(0.01)
@@ -188,7 +206,9 @@ def test_start_from_a_vit_and_an_llm_checkpoint(reference, tmp_path):
         for k, v in sd.items():
             if k.startswith("language_model."):
                 assert torch.equal(ours[k], v), k
-        assert torch.equal(ours["vision_model.embeddings.patch_embedding.weight"], sd["vision_model.embeddings.patch_embedding.weight"])
+        assert torch.equal(
+            ours["vision_model.embeddings.patch_embedding.weight"], sd["vision_model.embeddings.patch_embedding.weight"]
+        )
         if arch != "D":
             assert all(b.attn_gate.item() == 0 for b in model.xattn_layers)
 
@@ -201,8 +221,11 @@ def test_activation_checkpointing_keeps_loss_and_gradients(tiny_model_dir):
 
     torch.manual_seed(0)
     ids = torch.randint(0, 400, (2, 16))
-    memory = {"memory_pixel_values": torch.randn(3, 3, 56, 56), "memory_crops": torch.tensor([1, 2]),
-              "cross_attention_mask": torch.ones(2, 16, 2, dtype=torch.bool)}
+    memory = {
+        "memory_pixel_values": torch.randn(3, 3, 56, 56),
+        "memory_crops": torch.tensor([1, 2]),
+        "cross_attention_mask": torch.ones(2, 16, 2, dtype=torch.bool),
+    }
     memory["cross_attention_mask"][0, :, 1] = False  # row 0 has one crop
     grads, losses = [], []
     for recompute in (False, True):

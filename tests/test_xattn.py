@@ -17,7 +17,9 @@ SMALL = Image.new("RGB", (50, 50), (200, 10, 10))  # one crop
 
 
 def _conv(*parts):
-    content = [{"type": "image", "image": p} if isinstance(p, Image.Image) else {"type": "text", "text": p} for p in parts]
+    content = [
+        {"type": "image", "image": p} if isinstance(p, Image.Image) else {"type": "text", "text": p} for p in parts
+    ]
     return [{"role": "user", "content": content}]
 
 

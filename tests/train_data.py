@@ -18,6 +18,9 @@ def write_colors(root: Path, wide: bool = False) -> Path:
             {"role": "user", "content": [{"type": "image", "image": f"images/{name}.png"}, {"type": "text", "text": "Color?"}]},
             {"role": "assistant", "content": name}]})  # fmt: skip
     (root / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    text = [{"messages": [{"role": "user", "content": f"{a}+{a}?"}, {"role": "assistant", "content": str(2 * a)}]} for a in range(4)]
+    text = [
+        {"messages": [{"role": "user", "content": f"{a}+{a}?"}, {"role": "assistant", "content": str(2 * a)}]}
+        for a in range(4)
+    ]
     (root / "text.jsonl").write_text("".join(json.dumps(x) + "\n" for x in text))
     return root

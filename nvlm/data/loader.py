@@ -138,12 +138,16 @@ def reshard(states: Sequence[dict[str, Any]], world_size: int) -> list[dict[str,
     among the repeats are counted again). The same world size returns the states unchanged.
     """
     if world_size < 1 or not states:
-        raise ValueError(f"reshard needs every rank's saved state and a world size >= 1, not {len(states)} and {world_size}")
+        raise ValueError(
+            f"reshard needs every rank's saved state and a world size >= 1, not {len(states)} and {world_size}"
+        )
     if len(states) == world_size:
         return list(states)
     for r, s in enumerate(states):
         if int(s.get("rank", r)) != r or int(s.get("world_size", len(states))) != len(states):
-            raise ValueError(f"state {r} is rank {s.get('rank')} of {s.get('world_size')}: give every rank's, in rank order")
+            raise ValueError(
+                f"state {r} is rank {s.get('rank')} of {s.get('world_size')}: give every rank's, in rank order"
+            )
     first = min(states, key=lambda s: int(s["position"]))
     counts: list[Counter[str]] = [Counter() for _ in range(world_size)]
     for r, s in enumerate(states):
@@ -182,8 +186,10 @@ class _WorkerBlend(Blend):
             proc = self._procs[w]
             proc.join(timeout=5)
             self.close()
-            raise RuntimeError(f"data worker {w} of rank {self.rank} exited unexpectedly (exit code {proc.exitcode}; "
-                               "its traceback, if any, is on stderr)") from None
+            raise RuntimeError(
+                f"data worker {w} of rank {self.rank} exited unexpectedly (exit code {proc.exitcode}; "
+                "its traceback, if any, is on stderr)"
+            ) from None
         if isinstance(msg, _Failure):
             self.close()
             print(f"data worker {w} of rank {self.rank}:\n{msg.traceback}", file=sys.stderr, flush=True)

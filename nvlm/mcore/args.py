@@ -78,7 +78,9 @@ def padded_vocab(vocab_size: int, tp: int, divisor: int = VOCAB_DIVISOR) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def make_args(cfg: NVLMConfig, tp: int, pp: int, vocab_rows: int, iteration: int, dtype: torch.dtype) -> argparse.Namespace:
+def make_args(
+    cfg: NVLMConfig, tp: int, pp: int, vocab_rows: int, iteration: int, dtype: torch.dtype
+) -> argparse.Namespace:
     """The Namespace of a rank file for Megatron's NVLM example (``--use-checkpoint-args``)."""
     lm, v = cfg.llm, cfg.vision
     return argparse.Namespace(

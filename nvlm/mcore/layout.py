@@ -68,7 +68,9 @@ def iteration_dir(path: str | Path) -> Path:
         else:
             raise CheckpointError(f"{tracker}: holds {text[:40]!r}, not an iteration number or 'release'")
         if not _has_ranks(base / name):
-            raise CheckpointError(f"{tracker}: names iteration {text}, but {base / name} holds no mp_rank_* directories")
+            raise CheckpointError(
+                f"{tracker}: names iteration {text}, but {base / name} holds no mp_rank_* directories"
+            )
         return base / name
     found = sorted(p for p in base.iterdir() if ITER_DIR.match(p.name) and _has_ranks(p))
     if len(found) != 1:

@@ -166,7 +166,11 @@ def _llm(cfg: NVLMConfig, geo: Geometry) -> list[Rule]:
                  glu_to_ours, glu_from_ours, layer=i),
             _plain(f"{m}mlp.linear_fc2.weight", f"{o}mlp.down_proj.weight", "row", (h, f), layer=i),
         ]  # fmt: skip
-    out.append(_plain("language_model.decoder.final_layernorm.weight", "language_model.model.norm.weight", "rep", (h,), last=True))
+    out.append(
+        _plain(
+            "language_model.decoder.final_layernorm.weight", "language_model.model.norm.weight", "rep", (h,), last=True
+        )
+    )
     if not lm.tie_word_embeddings:
         out.append(Rule("language_model.output_layer.weight", "col", vocab, ("language_model.lm_head.weight",),
                         vocab_to_ours, vocab_from_ours, last=True))  # fmt: skip

@@ -250,8 +250,10 @@ def _refs(obj: Any, rank: RankFile) -> Any:
     """Replace the rebuilt-tensor markers by ``TensorRef`` s, in the dicts, lists and tuples that hold them."""
     if isinstance(obj, _Rebuilt):
         s = obj.storage
-        if len(obj.shape) != len(obj.stride) or min((*obj.shape, *obj.stride, obj.offset), default=0) < 0 or (
-            all(obj.shape) and obj.offset + sum((n - 1) * st for n, st in zip(obj.shape, obj.stride)) >= s.numel
+        if (
+            len(obj.shape) != len(obj.stride)
+            or min((*obj.shape, *obj.stride, obj.offset), default=0) < 0
+            or (all(obj.shape) and obj.offset + sum((n - 1) * st for n, st in zip(obj.shape, obj.stride)) >= s.numel)
         ):
             raise CheckpointError(f"{rank.path}: a tensor {obj.shape} reaches outside its storage {s.key!r}")
         return TensorRef(rank, s.key, s.dtype, obj.offset, obj.shape, obj.stride)

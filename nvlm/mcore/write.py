@@ -18,7 +18,14 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from nvlm.checkpoint import VIT_ATTENTION, CheckpointError, NUM_DUMMY_HEADS, read_config, tensor_index, unpad_vit_attention
+from nvlm.checkpoint import (
+    VIT_ATTENTION,
+    CheckpointError,
+    NUM_DUMMY_HEADS,
+    read_config,
+    tensor_index,
+    unpad_vit_attention,
+)
 from nvlm.mcore.args import make_args, padded_vocab
 from nvlm.mcore.layout import RANK_FILE, TRACKER
 from nvlm.mcore.names import Geometry, Rule, extra_state_keys, piece, rules
@@ -74,7 +81,9 @@ def convert_to_mcore(src: str | Path, dst: str | Path, tp: int = 1, pp: int = 1,
     if cfg.llm.num_layers % pp:
         raise CheckpointError(f"{cfg.llm.num_layers} LM layers do not split evenly over {pp} pipeline stages")
     if cfg.llm.tie_word_embeddings and pp > 1:
-        raise CheckpointError("tied embeddings over several pipeline stages (Megatron's output-layer copy) are not supported")
+        raise CheckpointError(
+            "tied embeddings over several pipeline stages (Megatron's output-layer copy) are not supported"
+        )
     dst = Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise CheckpointError(f"{dst}: exists and is not an empty directory; give a new one")

@@ -91,7 +91,6 @@ def assemble_memory(feats: torch.Tensor, valid: torch.Tensor, crops_per_row: tor
     return Memory(embeds.view(b, k * length, c), key_mask.view(b, k * length), length)
 
 
-
 class KVCache:
     """Keys and values of every layer, preallocated to ``max_len`` on first use.
 

@@ -108,7 +108,9 @@ class NVLM(nn.Module):
             return None, None
         feats = self.extract_features(torch.cat(parts) if len(parts) > 1 else parts[0])  # (N, 256, C)
         n = 0 if pixel_values is None else pixel_values.shape[0]
-        return (feats[:n] if pixel_values is not None else None), (feats[n:] if memory_pixel_values is not None else None)
+        return (feats[:n] if pixel_values is not None else None), (
+            feats[n:] if memory_pixel_values is not None else None
+        )
 
     def _blank_crop(self) -> torch.Tensor:  # (1, 3, S, S)
         size = self.config.vision.image_size

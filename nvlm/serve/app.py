@@ -72,7 +72,9 @@ def create_app(engine: EngineThread, model_name: str, limits: Limits | None = No
         if first.get("type") == "json_invalid":
             err = api.APIError(400, "malformed JSON body", code="invalid_json")
         else:
-            err = api.APIError(400, f"{where}: {first.get('msg', 'invalid')}", code="invalid_request", param=where or None)
+            err = api.APIError(
+                400, f"{where}: {first.get('msg', 'invalid')}", code="invalid_request", param=where or None
+            )
         return JSONResponse(err.body(), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
@@ -92,7 +94,10 @@ def create_app(engine: EngineThread, model_name: str, limits: Limits | None = No
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": started, "owned_by": "nvlm"}]}
+        return {
+            "object": "list",
+            "data": [{"id": model_name, "object": "model", "created": started, "owned_by": "nvlm"}],
+        }
 
     @app.post("/v1/chat/completions")
     async def chat(req: api.ChatCompletionRequest, request: Request) -> Any:
@@ -113,6 +118,7 @@ def create_app(engine: EngineThread, model_name: str, limits: Limits | None = No
         events: asyncio.Queue[tuple[int, str, Any]] = asyncio.Queue()
         requests = []
         for i in range(req.n):
+
             def emit(kind: str, value: Any, i: int = i) -> None:
                 loop.call_soon_threadsafe(events.put_nowait, (i, kind, value))
 
@@ -220,7 +226,9 @@ class _Choices:
                 yield i, "", value
 
 
-async def _sse(stream: _Choices, id_: str, model: str, prompt_tokens: int, n: int, include_usage: bool) -> AsyncIterator[str]:
+async def _sse(
+    stream: _Choices, id_: str, model: str, prompt_tokens: int, n: int, include_usage: bool
+) -> AsyncIterator[str]:
     def event(data: Any) -> str:
         return f"data: {json.dumps(data)}\n\n"
 
@@ -260,7 +268,9 @@ def _render(req: api.ChatCompletionRequest, processor: Processor, limits: Limits
                         raise api.APIError(400, "an image_url part needs image_url.url", code="invalid_image")
                     n_images += 1
                     if n_images > limits.max_images:
-                        raise api.APIError(400, f"more than {limits.max_images} images in one request", code="too_many_images")
+                        raise api.APIError(
+                            400, f"more than {limits.max_images} images in one request", code="too_many_images"
+                        )
                     _check_url(p.image_url.url, limits)
                     parts.append({"type": "image", "image": p.image_url.url})
             messages.append({"role": m.role, "content": parts})
@@ -276,7 +286,9 @@ def _render(req: api.ChatCompletionRequest, processor: Processor, limits: Limits
     return rendered
 
 
-def _encode(rendered: Rendered, processor: Processor, limits: Limits, fetched: dict[str, bytes]) -> tuple[Any, list[Any]]:
+def _encode(
+    rendered: Rendered, processor: Processor, limits: Limits, fetched: dict[str, bytes]
+) -> tuple[Any, list[Any]]:
     """The rendered prompt -> (encoded prompt, per-image crops); runs in a worker thread."""
     try:
         pixels = [processor.image_processor(_image(url, limits, fetched)) for url in rendered.images]
@@ -327,7 +339,9 @@ def _image(url: str, limits: Limits, fetched: dict[str, bytes]) -> Any:
     if url.startswith("data:"):
         head, _, data = url.partition(",")
         if not head.startswith("data:image/") or ";base64" not in head:
-            raise api.APIError(400, f"image data URLs must be data:image/...;base64 (got {head[:40]!r})", code="invalid_image")
+            raise api.APIError(
+                400, f"image data URLs must be data:image/...;base64 (got {head[:40]!r})", code="invalid_image"
+            )
         try:
             raw = base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError):

@@ -92,8 +92,18 @@ def completion(id_: str, model: str, texts: list[str], reasons: list[str], use: 
 
 def chunk(id_: str, model: str, index: int | None, delta: dict[str, Any] | None = None,
           finish_reason: str | None = None, use: dict[str, int] | None = None) -> dict[str, Any]:  # fmt: skip
-    choices = [] if index is None else [{"index": index, "delta": delta or {}, "finish_reason": finish_reason, "logprobs": None}]
-    out = {"id": id_, "object": "chat.completion.chunk", "created": int(time.time()), "model": model, "choices": choices}
+    choices = (
+        []
+        if index is None
+        else [{"index": index, "delta": delta or {}, "finish_reason": finish_reason, "logprobs": None}]
+    )
+    out = {
+        "id": id_,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+    }
     if use is not None:
         out["usage"] = use
     return out

@@ -55,7 +55,9 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
                        description="Any recipe field can be overridden: --steps 100 --lr 1e-5 --data '[{path: a.jsonl}]'")  # fmt: skip
     p.add_argument("--config", default=None, help="YAML recipe (see recipes/)")
     plan = p.add_argument_group("memory plan (no weights read, no step run)")
-    plan.add_argument("--plan", action="store_true", help="print the per-device memory and the smallest device count that fits")
+    plan.add_argument(
+        "--plan", action="store_true", help="print the per-device memory and the smallest device count that fits"
+    )
     plan.add_argument("--devices", type=int, default=None, help="devices to plan for (default: one node)")
     plan.add_argument("--device-memory", type=float, default=None, help="GiB per device (default 80)")
     plan.add_argument("--devices-per-node", type=int, default=None, help="devices per node (default 8)")

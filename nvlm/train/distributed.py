@@ -72,7 +72,11 @@ def parallelize(model: nn.Module, mesh, compute_dtype: torch.dtype | None, activ
         return
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else MixedPrecisionPolicy()
+    mp = (
+        MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        if compute_dtype
+        else MixedPrecisionPolicy()
+    )
     for unit in units(model):
         fully_shard(unit, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)  # the root: what no unit holds

@@ -48,7 +48,9 @@ def build(cfg: TrainConfig, device: torch.device, world: int) -> tuple[NVLM, Tok
     point = starting_point(cfg)
     cfg.resolve(point.config.arch)
     on_gpu = device.type == "cuda"
-    frozen = getattr(torch, str(point.config.torch_dtype).removeprefix("torch."), torch.float32) if on_gpu else torch.float32
+    frozen = (
+        getattr(torch, str(point.config.torch_dtype).removeprefix("torch."), torch.float32) if on_gpu else torch.float32
+    )
     with torch.device("meta"):
         model = NVLM(point.config)
     set_trainable(model, cfg.stage, cfg.trainable)
@@ -104,7 +106,9 @@ def train(cfg: TrainConfig) -> Path:
     params = dict(model.named_parameters())
     optimizer = make_optimizer(model, cfg)
     sources = [Source(d["path"], float(d.get("weight", 1.0))) for d in cfg.data]
-    loader = Loader(processor, sources, cfg.seq_len, cfg.micro_batch_size, cfg.pack, cfg.seed, rank, world, cfg.num_workers)
+    loader = Loader(
+        processor, sources, cfg.seq_len, cfg.micro_batch_size, cfg.pack, cfg.seed, rank, world, cfg.num_workers
+    )
     with loader:  # the data workers end on every path out
         out = Path(cfg.out_dir)
         ckpt_root = out / "checkpoints"
@@ -138,7 +142,9 @@ def train(cfg: TrainConfig) -> Path:
                 targets = batch.pop("targets")
                 with torch.autocast(device.type, dtype=getattr(torch, cfg.dtype), enabled=use_amp):
                     logits = model(**batch).logits
-                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+                loss = F.cross_entropy(
+                    logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum"
+                )
                 (loss * world / supervised).backward()
                 loss_sum += float(loss.detach())
             if world > 1 and not sharded:

@@ -151,7 +151,9 @@ def meta_model(config: NVLMConfig, train: TrainConfig) -> nn.Module:
         model = NVLM(config)
     set_trainable(model, train.stage, train.trainable)
     if any(p.requires_grad for p in model.vision_model.encoder.parameters()):
-        raise ValueError("the memory plan counts a frozen ViT (as in both of the paper's stages); this recipe trains it")
+        raise ValueError(
+            "the memory plan counts a frozen ViT (as in both of the paper's stages); this recipe trains it"
+        )
     return model
 
 
@@ -284,7 +286,9 @@ def count_activations(model: nn.Module, train: TrainConfig, layout: Layout) -> A
     vocab = lm.vocab_size
     head = 4 * c + a * c * (_trains(llm.model.norm) + _trains(llm.lm_head)) + 8
     root += (head + _F32 * vocab) * tokens  # final norm, lm_head input, the fp32 log-softmax, targets
-    vit = crops * rows * (v.num_patches + 1) * (a * (2 * v.intermediate_size + 4 * v.hidden_size) + _F32 * v.hidden_size)
+    vit = (
+        crops * rows * (v.num_patches + 1) * (a * (2 * v.intermediate_size + 4 * v.hidden_size) + _F32 * v.hidden_size)
+    )
     return Activations(tuple(blocks), tuple(working), tuple(boundaries), root, a * vocab * tokens,
                        2 * _F32 * vocab * tokens, vit)  # fmt: skip
 

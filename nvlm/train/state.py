@@ -31,7 +31,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 PREFIX = "step_"
 
@@ -46,7 +50,9 @@ def latest(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def _tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _tensors(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The flat tensor state DCP saves and loads in place (DTensors under FSDP2), and the optimiser's groups."""
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     flat = {f"model.{k}": v for k, v in get_model_state_dict(model).items() if k in trainable}
@@ -85,7 +91,9 @@ class Pending:
             os.replace(self.tmp, self.final)
             _fsync_dir(self.final.parent)
             root = self.final.parent
-            for old in sorted(p for p in root.glob(f"{PREFIX}*") if p.is_dir() and not p.name.endswith(".tmp"))[:-self.keep_last]:
+            for old in sorted(p for p in root.glob(f"{PREFIX}*") if p.is_dir() and not p.name.endswith(".tmp"))[
+                : -self.keep_last
+            ]:
                 shutil.rmtree(old)
         _barrier()
         self.done = True
@@ -130,7 +138,9 @@ def background_group() -> Any:
     return dist.new_group(backend="gloo") if dist.is_initialized() else True
 
 
-def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def load(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Restore the trained parameters, AdamW's state and this rank's RNG from ``path``; return ``state.json``
     and every saved rank's state (its data position), in rank order."""
     rank, world = _rank_world()

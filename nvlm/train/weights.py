@@ -180,7 +180,11 @@ def _draw_fresh(model: NVLM, point: StartingPoint, params: dict[str, torch.Tenso
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_module_seed(seed, module_name))
             module.reset_parameters()
-            if point.from_scratch and module_name.startswith("language_model.") and isinstance(module, (nn.Linear, nn.Embedding)):
+            if (
+                point.from_scratch
+                and module_name.startswith("language_model.")
+                and isinstance(module, (nn.Linear, nn.Embedding))
+            ):
                 nn.init.normal_(module.weight, std=0.02)  # transformers' initializer_range for Qwen2 / Llama
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)

@@ -35,10 +35,21 @@ class Reference(nn.Module):
             layer_scale_init_value=0.1, use_absolute_position_embeddings=True, use_mean_pooling=True,
             layer_norm_eps=1e-6, hidden_act="gelu", attn_implementation="eager",
         ))  # fmt: skip
-        self.mlp1 = nn.Sequential(nn.LayerNorm(160), nn.Linear(160, 128, bias=False), nn.GELU(), nn.Linear(128, 64, bias=False))
+        self.mlp1 = nn.Sequential(
+            nn.LayerNorm(160), nn.Linear(160, 128, bias=False), nn.GELU(), nn.Linear(128, 64, bias=False)
+        )
         with torch.no_grad():  # HF zero-inits biases, norms and layer scales: make every tensor count
             for name, p in self.named_parameters():
-                if name.endswith(("norm.weight", "layernorm.weight", "_layernorm.weight", "layernorm_before.weight", "layernorm_after.weight", "mlp1.0.weight")):
+                if name.endswith(
+                    (
+                        "norm.weight",
+                        "layernorm.weight",
+                        "_layernorm.weight",
+                        "layernorm_before.weight",
+                        "layernorm_after.weight",
+                        "mlp1.0.weight",
+                    )
+                ):
                     p.copy_(1 + 0.3 * torch.randn_like(p))
                 else:
                     p.copy_(0.15 * torch.randn_like(p))
@@ -83,12 +94,19 @@ class Reference(nn.Module):
             q, k, v = (vit[src + f"attention.{n}_proj.weight"] for n in "qkv")
             out[dst + "attn.qkv.weight"] = torch.cat([q, zeros_rows, k, zeros_rows, v, zeros_rows])
             for n in "qk":
-                out[dst + f"attn.{n}_norm.weight"] = torch.cat([vit[src + f"attention.{n}_norm.weight"], torch.ones(DUMMY_HEADS * hd)])
-            out[dst + "attn.proj.weight"] = torch.cat([vit[src + "attention.projection_layer.weight"], torch.zeros(40, DUMMY_HEADS * hd)], 1)
+                out[dst + f"attn.{n}_norm.weight"] = torch.cat(
+                    [vit[src + f"attention.{n}_norm.weight"], torch.ones(DUMMY_HEADS * hd)]
+                )
+            out[dst + "attn.proj.weight"] = torch.cat(
+                [vit[src + "attention.projection_layer.weight"], torch.zeros(40, DUMMY_HEADS * hd)], 1
+            )
             out[dst + "attn.proj.bias"] = vit[src + "attention.projection_layer.bias"]
             out[dst + "ls1"], out[dst + "ls2"] = vit[src + "lambda_1"], vit[src + "lambda_2"]
             for n in ("fc1", "fc2"):
-                out[dst + f"mlp.{n}.weight"], out[dst + f"mlp.{n}.bias"] = vit[src + f"mlp.{n}.weight"], vit[src + f"mlp.{n}.bias"]
+                out[dst + f"mlp.{n}.weight"], out[dst + f"mlp.{n}.bias"] = (
+                    vit[src + f"mlp.{n}.weight"],
+                    vit[src + f"mlp.{n}.bias"],
+                )
             out[dst + "norm1.weight"] = vit[src + "layernorm_before.weight"]
             out[dst + "norm2.weight"] = vit[src + "layernorm_after.weight"]
         for k, v in self.mlp1.state_dict().items():
@@ -137,6 +155,8 @@ def write_nvlm_d_checkpoint(ref: Reference, path: Path, image_token_id: int, sha
         save_file(chunk, str(path / fname), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(chunk, fname))
     total = sum(t.numel() * t.element_size() for t in state.values())
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     (path / "config.json").write_text(json.dumps(released_config(image_token_id), indent=2))
     return path

@@ -10,14 +10,47 @@ from .code import pass_at_k
 from .mathvista import mathvista_correct
 from .mmmu import MMMU_DOMAINS, mmmu_correct, mmmu_eval_open, mmmu_parse_choice, mmmu_parse_open
 from .ocrbench import OCRBENCH_CATEGORIES, ocrbench_match, ocrbench_totals
-from .textonly import (GSM8K_INVALID, gsm8k_answer, gsm8k_correct, gsm8k_extract, last_boxed, math_correct,
-                       math_is_equiv, strip_boxed)
+from .textonly import (
+    GSM8K_INVALID,
+    gsm8k_answer,
+    gsm8k_correct,
+    gsm8k_extract,
+    last_boxed,
+    math_correct,
+    math_is_equiv,
+    strip_boxed,
+)
 from .vqa import first_line, normalize_vqa, textvqa_accuracy, vqa_accuracy
 
 __all__ = [
-    "PROFILES", "normalize_vqa", "first_line", "vqa_accuracy", "textvqa_accuracy", "anls", "relaxed_accuracy",
-    "extract_choice", "choice_correct", "ocrbench_match", "ocrbench_totals", "OCRBENCH_CATEGORIES",
-    "mmmu_parse_choice", "mmmu_parse_open", "mmmu_eval_open", "mmmu_correct", "MMMU_DOMAINS",
-    "mathvista_correct", "gsm8k_extract", "gsm8k_answer", "gsm8k_correct", "GSM8K_INVALID", "last_boxed",
-    "strip_boxed", "math_is_equiv", "math_correct", "caption_tokenize", "cider", "bleu", "pass_at_k",
+    "PROFILES",
+    "normalize_vqa",
+    "first_line",
+    "vqa_accuracy",
+    "textvqa_accuracy",
+    "anls",
+    "relaxed_accuracy",
+    "extract_choice",
+    "choice_correct",
+    "ocrbench_match",
+    "ocrbench_totals",
+    "OCRBENCH_CATEGORIES",
+    "mmmu_parse_choice",
+    "mmmu_parse_open",
+    "mmmu_eval_open",
+    "mmmu_correct",
+    "MMMU_DOMAINS",
+    "mathvista_correct",
+    "gsm8k_extract",
+    "gsm8k_answer",
+    "gsm8k_correct",
+    "GSM8K_INVALID",
+    "last_boxed",
+    "strip_boxed",
+    "math_is_equiv",
+    "math_correct",
+    "caption_tokenize",
+    "cider",
+    "bleu",
+    "pass_at_k",
 ]

@@ -57,7 +57,7 @@ def caption_tokenize(text: str) -> list[str]:
 
 
 def _ngrams(words: list[str], n: int) -> Counter:
-    return Counter(tuple(words[i: i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
+    return Counter(tuple(words[i : i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
 
 
 def _check(predictions: list[str], references: list[list[str]]) -> None:
@@ -67,21 +67,23 @@ def _check(predictions: list[str], references: list[list[str]]) -> None:
         raise ValueError("every image needs a prediction and at least one reference")
 
 
-def _tokenized(predictions: list[str], references: list[list[str]],
-               tokenizer: Tokenizer) -> tuple[list[list[str]], list[list[list[str]]]]:
+def _tokenized(
+    predictions: list[str], references: list[list[str]], tokenizer: Tokenizer
+) -> tuple[list[list[str]], list[list[list[str]]]]:
     """Predictions and references tokenised as ``COCOEvalCap`` does: the references of all images as one
     file, the predictions as another."""
     _check(predictions, references)
     flat = tokenize_captions([r for rs in references for r in rs], tokenizer)
     refs, start = [], 0
     for rs in references:
-        refs.append(flat[start: start + len(rs)])
+        refs.append(flat[start : start + len(rs)])
         start += len(rs)
     return tokenize_captions(predictions, tokenizer), refs
 
 
-def cider(predictions: list[str], references: list[list[str]],
-          tokenizer: Tokenizer = "auto") -> tuple[float, list[float]]:
+def cider(
+    predictions: list[str], references: list[list[str]], tokenizer: Tokenizer = "auto"
+) -> tuple[float, list[float]]:
     """CIDEr-D of pycocoevalcap 1.2 (``Cider().compute_score`` after its tokenizer): (corpus score, per image).
 
     For n = 1..4: TF-IDF vectors of the n-grams, with document frequencies counted over the reference sets of

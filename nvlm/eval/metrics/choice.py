@@ -32,15 +32,17 @@ def _option_letter(text: str, letters: Sequence[str], options: Sequence[str]) ->
     exact = [letter for letter, opt in texts.items() if opt and opt == said]
     if len(exact) == 1:
         return exact[0]
-    found = {letter: opt for letter, opt in texts.items()
-             if opt and re.search(r"(?<!\w)" + re.escape(opt) + r"(?!\w)", said)}
+    found = {
+        letter: opt for letter, opt in texts.items() if opt and re.search(r"(?<!\w)" + re.escape(opt) + r"(?!\w)", said)
+    }
     # "black cat" names one option even when "cat" is another: drop options inside a longer match.
     found = {k: v for k, v in found.items() if not any(v != w and v in w for w in found.values())}
     return next(iter(found)) if len(found) == 1 else None
 
 
-def extract_choice(prediction: str, letters: Sequence[str] = string.ascii_uppercase,
-                   options: Sequence[str] | None = None) -> str | None:
+def extract_choice(
+    prediction: str, letters: Sequence[str] = string.ascii_uppercase, options: Sequence[str] | None = None
+) -> str | None:
     """The option letter a free-form answer picks, or ``None``.
 
     In order: the whole answer is one letter (``"B"``, ``"(b)"``, ``"C."``); it starts with ``(X)`` or an upper-case
@@ -62,8 +64,9 @@ def extract_choice(prediction: str, letters: Sequence[str] = string.ascii_upperc
     return _option_letter(text, letters, options) if options else None
 
 
-def choice_correct(prediction: str, answer: str, *, options: Sequence[str] | None = None,
-                   profile: str = "official") -> bool:
+def choice_correct(
+    prediction: str, answer: str, *, options: Sequence[str] | None = None, profile: str = "official"
+) -> bool:
     """Is the prediction the gold option letter ``answer``?
 
     ``official``: ``extract_choice(prediction, options=options)`` equals ``answer`` (case-insensitive).

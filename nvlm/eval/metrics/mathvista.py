@@ -49,8 +49,13 @@ def _rule_extract(response: str, question_type: str, answer_type: str) -> str:
     return text
 
 
-def _extract(response: str, question_type: str, answer_type: str, choices: list[str] | None,
-             extractor: Callable[[str], object] | None) -> str:
+def _extract(
+    response: str,
+    question_type: str,
+    answer_type: str,
+    choices: list[str] | None,
+    extractor: Callable[[str], object] | None,
+) -> str:
     """``extract_answer``'s shortcuts, then the extractor (the official GPT call) or the rule-based stand-in."""
     if response == "":
         return ""
@@ -72,8 +77,9 @@ def _extract(response: str, question_type: str, answer_type: str, choices: list[
     return _rule_extract(response, question_type, answer_type)
 
 
-def _normalize(extraction: str, choices: list[str] | None, question_type: str, answer_type: str,
-               precision: int | None) -> str | None:
+def _normalize(
+    extraction: str, choices: list[str] | None, question_type: str, answer_type: str, precision: int | None
+) -> str | None:
     """``normalize_extracted_answer``: a letter (or "(X)") becomes its choice, other text the most similar choice
     by edit distance; integers ``str(int(float(x)))``; floats ``str(round(float(x), precision))``."""
     if question_type == "multi_choice":
@@ -120,8 +126,9 @@ def _extract_answer(text: str) -> str:
     return text
 
 
-def _megatron(prediction: str, question_type: str, answer: str, choices: list[str] | None,
-              rng: random.Random | None) -> bool:
+def _megatron(
+    prediction: str, question_type: str, answer: str, choices: list[str] | None, rng: random.Random | None
+) -> bool:
     if question_type == "multi_choice":
         choices = choices or []
         letters = [chr(ord("A") + i) for i in range(len(choices))]
@@ -135,10 +142,18 @@ def _megatron(prediction: str, question_type: str, answer: str, choices: list[st
         return False
 
 
-def mathvista_correct(prediction: str, *, question_type: str, answer_type: str, answer: str,
-                      choices: list[str] | None, precision: int | None,
-                      extractor: Callable[[str], object] | None = None, rng: random.Random | None = None,
-                      profile: str = "official") -> bool:
+def mathvista_correct(
+    prediction: str,
+    *,
+    question_type: str,
+    answer_type: str,
+    answer: str,
+    choices: list[str] | None,
+    precision: int | None,
+    extractor: Callable[[str], object] | None = None,
+    rng: random.Random | None = None,
+    profile: str = "official",
+) -> bool:
     """Is a MathVista response correct? ``answer`` is the dataset's answer (the choice text for multi_choice).
 
     ``official``: extraction as ``extract_answer.py`` does it, its shortcuts first (an empty response stays

@@ -22,10 +22,10 @@ MMMU_DOMAINS: dict[str, str] = {
         "Business": "Accounting Economics Finance Manage Marketing",
         "Science": "Biology Chemistry Geography Math Physics",
         "Health and Medicine": "Basic_Medical_Science Clinical_Medicine Diagnostics_and_Laboratory_Medicine "
-                               "Pharmacy Public_Health",
+        "Pharmacy Public_Health",
         "Humanities and Social Science": "History Literature Sociology Psychology",
         "Tech and Engineering": "Agriculture Architecture_and_Engineering Computer_Science Electronics "
-                                "Energy_and_Power Materials Mechanical_Engineering",
+        "Energy_and_Power Materials Mechanical_Engineering",
     }.items()
     for subject in subjects.split()
 }
@@ -43,8 +43,14 @@ _NUMBER_PATTERNS = (
 )
 
 
-def mmmu_parse_choice(response: str, all_choices: list[str], index2ans: dict[str, str], *,
-                      rng: random.Random | None = None, profile: str = "official") -> str:
+def mmmu_parse_choice(
+    response: str,
+    all_choices: list[str],
+    index2ans: dict[str, str],
+    *,
+    rng: random.Random | None = None,
+    profile: str = "official",
+) -> str:
     """MMMU's ``parse_multi_choice_response``: the option letter a response gives.
 
     The response loses ``, . ! ? ; : '`` from both ends (one character class after the other, as the official
@@ -142,8 +148,15 @@ def mmmu_eval_open(gold: str | list[str], parsed: list) -> bool:
     return False
 
 
-def mmmu_correct(prediction: str, question_type: str, answer: str | list[str], options: list[str], *,
-                 rng: random.Random | None = None, profile: str = "official") -> bool:
+def mmmu_correct(
+    prediction: str,
+    question_type: str,
+    answer: str | list[str],
+    options: list[str],
+    *,
+    rng: random.Random | None = None,
+    profile: str = "official",
+) -> bool:
     """Score one MMMU answer as ``main_eval_only.py`` does.
 
     ``question_type == "multiple-choice"``: the letter from ``mmmu_parse_choice`` (options lettered A, B, ...)

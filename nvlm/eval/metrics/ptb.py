@@ -34,8 +34,10 @@ _SREDAUX = rf"n{_APOSETC}t"
 _SPACE = r"[ \t\u00A0\u2000-\u200A\u3000]"
 _NEWLINE = r"(?:\r\n|[\r\n\u2028\u2029\u000B\u000C\u0085])"
 _SPACENL = rf"(?:{_SPACE}|{_NEWLINE})"
-_SGML = (r"<(?:[!?][A-Za-z-][^>\r\n]*|[A-Za-z][A-Za-z0-9_:.-]*(?:[ ]+(?:[A-Za-z][A-Za-z0-9_:.-]*[ ]*=[ ]*"
-         r"""(?:'[^']*'|"[^"]*")|[A-Za-z][A-Za-z0-9_:.-]*))*[ ]*/?|/[A-Za-z][A-Za-z0-9_:.-]*)[ ]*>""")
+_SGML = (
+    r"<(?:[!?][A-Za-z-][^>\r\n]*|[A-Za-z][A-Za-z0-9_:.-]*(?:[ ]+(?:[A-Za-z][A-Za-z0-9_:.-]*[ ]*=[ ]*"
+    r"""(?:'[^']*'|"[^"]*")|[A-Za-z][A-Za-z0-9_:.-]*))*[ ]*/?|/[A-Za-z][A-Za-z0-9_:.-]*)[ ]*>"""
+)
 _NUM = r"(?:\d*(?:[.:,\u00AD\u066B\u066C]\d+)+|\d+)"
 _ACRO = r"(?:[A-Za-z](?:\.[A-Za-z])*|(?:Canada|Sino|Korean|EU|Japan|non)-U\.S|U\.S\.-(?:U\.K|U\.S\.S\.R))"
 _ACRO2 = r"(?:[A-Za-z](?:\.[A-Za-z])+|(?:Canada|Sino|Korean|EU|Japan|non)-U\.S|U\.S\.-(?:U\.K|U\.S\.S\.R))"
@@ -46,9 +48,11 @@ _ABBREV1 = (  # months, days, states, companies, numbers, titles after a name; [
     r"|Inc|Cos?|Corp|Pp?t[ye]s?|Ltd|Plc|Rt|Bancorp|Bhd|Assn|Univ|Intl|Sys|tel|est|ext|sq"
     r"|Jr|Sr|Bros|(?:Ed|Ph)\.D|Blvd|Rd|Esq|etc|al|seq|Bldg)\."
 )
-_ABTITLE = (r"Mr|Mrs|Ms|[M]iss|Drs?|Profs?|Sens?|Reps?|Attys?|Lt|Col|Gen|Messrs|Govs?|Adm|Rev|Maj|Sgt|Cpl|Pvt"
-            r"|Capt|Ste?|Ave|Pres|Lieut|Hon|Brig|Co?mdr|Pfc|Spc|Supts?|Det|Mt|Ft|Adj|Adv|Asst|Assoc|Ens|Insp"
-            r"|Mlle|Mme|Msgr|Sfc")
+_ABTITLE = (
+    r"Mr|Mrs|Ms|[M]iss|Drs?|Profs?|Sens?|Reps?|Attys?|Lt|Col|Gen|Messrs|Govs?|Adm|Rev|Maj|Sgt|Cpl|Pvt"
+    r"|Capt|Ste?|Ave|Pres|Lieut|Hon|Brig|Co?mdr|Pfc|Spc|Supts?|Det|Mt|Ft|Adj|Adv|Asst|Assoc|Ens|Insp"
+    r"|Mlle|Mme|Msgr|Sfc"
+)
 _ABBREV4 = rf"(?:{_ABTITLE}|vs|Alex|Wm|Jos|Cie|a\.k\.a|cf|TREAS|Ph|Invt|Elec|Natl|M[ft]g|Dept)"  # and {_ACRO}
 _HYPHEN = r"[-_\u058A\u2010\u2011]"
 _THING_PART = rf"(?:[dDoOlL]{_APOSETC}(?:{_LET}|\d))?(?:{_LET}|\d)+"
@@ -56,31 +60,37 @@ _THING = rf"{_THING_PART}(?:{_HYPHEN}{_THING_PART})*"
 _THINGA = r"[A-Z]+(?:(?:[+&]|&amp;)[A-Z]+)+"
 _HTHING = rf"[A-Za-z0-9][A-Za-z0-9.,\u00AD]*(?:-(?:[A-Za-z0-9\u00AD]+|{_ACRO2}\.))+"
 _INSENTP = r"[,;:\u3001]"
-_QUOTE_CHARS = "`\u2018\u2019\u201A\u201B\u201C\u201D\u0091\u0092\u0093\u0094\u201E\u201F\u2039\u203A\u00AB\u00BB"
-_ACRONYM_NEXT = "|".join(f"[{w[0]}]{w[1:]}" for w in (  # first letter case-sensitive, as in the lexer
-    "About According Additionally After An A As At But Earlier He Her Here However If In It Last Many More "
-    r"Mr\. Ms\. Now Once One Other Our She Since So Some Such That The Their Then There These They This We "
-    "When While What Yet You").split())
-_MISC = (re.escape("+%&~^|\\") + "\u00A6\u00A7\u00A8\u00A9\u00AC\u00AE\u00AF\u00B0-\u00BA\u00D7\u00F7\u0387\u2016\u2017"
-         "\u2020-\u2023\u2030-\u2038\u203B\u203E-\u2042\u2044\u207A-\u207F\u208A-\u208E\u2100-\u214F"
-         "\u2190-\u21FF\u2200-\u2BFF\u3012\u30FB\uFF01-\uFF0F\uFF1A-\uFF20\uFF3B-\uFF40\uFF5B-\uFF65")
+_QUOTE_CHARS = "`\u2018\u2019\u201a\u201b\u201c\u201d\u0091\u0092\u0093\u0094\u201e\u201f\u2039\u203a\u00ab\u00bb"
+_ACRONYM_NEXT = "|".join(
+    f"[{w[0]}]{w[1:]}"
+    for w in (  # first letter case-sensitive, as in the lexer
+        "About According Additionally After An A As At But Earlier He Her Here However If In It Last Many More "
+        r"Mr\. Ms\. Now Once One Other Our She Since So Some Such That The Their Then There These They This We "
+        "When While What Yet You"
+    ).split()
+)
+_MISC = (
+    re.escape("+%&~^|\\") + "\u00a6\u00a7\u00a8\u00a9\u00ac\u00ae\u00af\u00b0-\u00ba\u00d7\u00f7\u0387\u2016\u2017"
+    "\u2020-\u2023\u2030-\u2038\u203b\u203e-\u2042\u2044\u207a-\u207f\u208a-\u208e\u2100-\u214f"
+    "\u2190-\u21ff\u2200-\u2bff\u3012\u30fb\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65"
+)
 
 _BRACKETS = {"(": "-LRB-", ")": "-RRB-", "{": "-LCB-", "}": "-RCB-", "[": "-LSB-", "]": "-RSB-"}
-_FRACTIONS = {"\u00BC": "1/4", "\u00BD": "1/2", "\u00BE": "3/4", "\u2153": "1/3", "\u2154": "2/3"}
-_CURRENCY = {"\u00A2": "cents", "\u00A3": "#", "\u0080": "$", "\u00A4": "$", "\u20A0": "$", "\u20AC": "$"}
+_FRACTIONS = {"\u00bc": "1/4", "\u00bd": "1/2", "\u00be": "3/4", "\u2153": "1/3", "\u2154": "2/3"}
+_CURRENCY = {"\u00a2": "cents", "\u00a3": "#", "\u0080": "$", "\u00a4": "$", "\u20a0": "$", "\u20ac": "$"}
 _LEFT_QUOTES = {"\u0091": "`", "\u2018": "`", "\u201B": "`", "\u2039": "`", "\u0093": "``", "\u201C": "``",
                 "\u00AB": "``"}  # fmt: skip
-_RIGHT_QUOTES = {"\u0092": "'", "\u2019": "'", "\u203A": "'", "\u0094": "''", "\u201D": "''", "\u00BB": "''"}
+_RIGHT_QUOTES = {"\u0092": "'", "\u2019": "'", "\u203a": "'", "\u0094": "''", "\u201d": "''", "\u00bb": "''"}
 
 Action = Callable[[str], str | None]  # the matched text (trailing context excluded) -> the token, or None
 
 
 def _keep(text: str) -> str:
-    return text.replace("\u00AD", "")  # removeSoftHyphens
+    return text.replace("\u00ad", "")  # removeSoftHyphens
 
 
 def _nbsp(text: str) -> str:
-    return text.replace(" ", "\u00A0")
+    return text.replace(" ", "\u00a0")
 
 
 def _amp(text: str) -> str:
@@ -112,7 +122,9 @@ def _skip(text: str) -> None:
 # (token regex, trailing-context regex, action, characters of the match given back to the input)
 _SPEC: list[tuple[str, str, Action, int]] = [
     (r"c\+\+|(?:c|f)#", "", _keep, 0),
-    ("cannot", "", lambda t: t[:3], 3), ("'twas", "", lambda t: t[:2], 3), ("'tis", "", lambda t: t[:2], 2),
+    ("cannot", "", lambda t: t[:3], 3),
+    ("'twas", "", lambda t: t[:2], 3),
+    ("'tis", "", lambda t: t[:2], 2),
     ("gonna|gotta|lemme|gimme|wanna", "", lambda t: t[:3], 2),  # split: can not, gon na, 't was
     (_SGML, "", _nbsp, 0),
     (r"&(?:MD|mdash|ndash);|[\u0096\u0097\u2013\u2014\u2015]", "", lambda t: "--", 0),
@@ -121,17 +133,48 @@ _SPEC: list[tuple[str, str, Action, int]] = [
     (_WORD, _REDAUX, _keep, 0),
     (_SWORD, _SREDAUX, _keep, 0),
     (_WORD, "", _keep, 0),
-    *((alt, "", _keep, 0) for alt in (  # APOWORD, one rule per alternative
-        rf"{_APOS}n{_APOS}?", rf"[lLdDjJ]{_APOS}", rf"Dunkin{_APOS}", rf"somethin{_APOS}", rf"ol{_APOS}",
-        rf"{_APOS}em", rf"[A-HJ-XZn]{_APOSETC}{_LET}{{2,}}", rf"{_APOS}[2-9]0s", rf"{_APOS}till?",
-        rf"{_LET}+[aeiouyAEIOUY]{_APOSETC}[aeiouA-Z]{_LET}*", rf"{_APOS}cause", r"cont'd\.?", "'twas",
-        "nor'easter", "c'mon", "e'er", "s'mores", "ev'ry", "li'l", "nat'l", rf"O{_APOSETC}o")),
+    *(
+        (alt, "", _keep, 0)
+        for alt in (  # APOWORD, one rule per alternative
+            rf"{_APOS}n{_APOS}?",
+            rf"[lLdDjJ]{_APOS}",
+            rf"Dunkin{_APOS}",
+            rf"somethin{_APOS}",
+            rf"ol{_APOS}",
+            rf"{_APOS}em",
+            rf"[A-HJ-XZn]{_APOSETC}{_LET}{{2,}}",
+            rf"{_APOS}[2-9]0s",
+            rf"{_APOS}till?",
+            rf"{_LET}+[aeiouyAEIOUY]{_APOSETC}[aeiouA-Z]{_LET}*",
+            rf"{_APOS}cause",
+            r"cont'd\.?",
+            "'twas",
+            "nor'easter",
+            "c'mon",
+            "e'er",
+            "s'mores",
+            "ev'ry",
+            "li'l",
+            "nat'l",
+            rf"O{_APOSETC}o",
+        )
+    ),
     (rf"y{_APOS}", _LET, _keep, 0),
     (r"https?://[^ \t\n\f\r\"<>|(){}]+[^ \t\n\f\r\"<>|.!?(){},-]", "", _keep, 0),
-    (r"(?:www\.(?:[^ \t\n\f\r\"<>|.!?(){},]+\.)+[a-zA-Z]{2,4}|(?:[^ \t\n\f\r\"`'<>|.!?(){},-_$]+\.)+(?:com|net|org|edu))"
-     r"(?:/[^ \t\n\f\r\"<>|()]+[^ \t\n\f\r\"<>|.!?(){},-])?", "", _keep, 0),
-    (r"(?:&lt;|<)?[a-zA-Z0-9][^ \t\n\f\r\"<>|()\u00A0{}]*@(?:[^ \t\n\f\r\"<>|(){}.\u00A0]+\.)*"
-     r"[^ \t\n\f\r\"<>|(){}.\u00A0]+(?:&gt;|>)?", "", _keep, 0),
+    (
+        r"(?:www\.(?:[^ \t\n\f\r\"<>|.!?(){},]+\.)+[a-zA-Z]{2,4}|(?:[^ \t\n\f\r\"`'<>|.!?(){},-_$]+\.)+(?:com|net|org|edu))"
+        r"(?:/[^ \t\n\f\r\"<>|()]+[^ \t\n\f\r\"<>|.!?(){},-])?",
+        "",
+        _keep,
+        0,
+    ),
+    (
+        r"(?:&lt;|<)?[a-zA-Z0-9][^ \t\n\f\r\"<>|()\u00A0{}]*@(?:[^ \t\n\f\r\"<>|(){}.\u00A0]+\.)*"
+        r"[^ \t\n\f\r\"<>|(){}.\u00A0]+(?:&gt;|>)?",
+        "",
+        _keep,
+        0,
+    ),
     (rf"@[a-zA-Z_][a-zA-Z_0-9]*|#{_L}+", "", _keep, 0),
     (_REDAUX, "[^A-Za-z]", _quotes(False), 0),
     (_SREDAUX, "[^A-Za-z]", _quotes(False), 0),
@@ -139,13 +182,21 @@ _SPEC: list[tuple[str, str, Action, int]] = [
     (rf"[-+]?{_NUM}", "", _keep, 0),
     (r"[\u207A\u207B\u208A\u208B]?(?:[\u2070\u00B9\u00B2\u00B3\u2074-\u2079]+|[\u2080-\u2089]+)", "", _keep, 0),
     (r"(?:\d{1,4}[- \u00A0])?\d{1,4}(?:\\?/|\u2044)\d{1,4}", "", _nbsp, 0),
-    ("[" + "".join(_FRACTIONS) + "\u2155-\u215E]", "", lambda t: _FRACTIONS.get(t, t), 0),
-    (rf"-(?:RRB|LRB|RCB|LCB|RSB|LSB)-|C\.D\.s|pro-|anti-|S(?:&|&amp;)P-500|S(?:&|&amp;)Ls|Cap{_APOS}n|c{_APOS}est",
-     "", _amp, 0),
+    ("[" + "".join(_FRACTIONS) + "\u2155-\u215e]", "", lambda t: _FRACTIONS.get(t, t), 0),
+    (
+        rf"-(?:RRB|LRB|RCB|LCB|RSB|LSB)-|C\.D\.s|pro-|anti-|S(?:&|&amp;)P-500|S(?:&|&amp;)Ls|Cap{_APOS}n|c{_APOS}est",
+        "",
+        _amp,
+        0,
+    ),
     (r"[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}(?:\\?/[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}){1,2}", "", _keep, 0),
     (r"[A-Z]*\$|#", "", _keep, 0),
-    ("[\u00A2\u00A3\u00A4\u00A5\u0080\u20A0\u20AC\u060B\u0E3F\u20A4\uFFE0\uFFE1\uFFE5\uFFE6]", "",
-     lambda t: _CURRENCY.get(t, t), 0),
+    (
+        "[\u00a2\u00a3\u00a4\u00a5\u0080\u20a0\u20ac\u060b\u0e3f\u20a4\uffe0\uffe1\uffe5\uffe6]",
+        "",
+        lambda t: _CURRENCY.get(t, t),
+        0,
+    ),
     # an acronym before a word that often starts a sentence: the period also ends the sentence
     (rf"{_ACRO}\.", rf"{_SPACENL}+(?:{_ACRONYM_NEXT}|{_SGML}){_SPACENL}", lambda t: t if len(t) > 2 else t[0], 1),
     (r"(?:ca|figs?|prop|nos?|art|bldg|pp|op)\.", rf"{_SPACENL}?\d", _keep, 0),
@@ -153,23 +204,39 @@ _SPEC: list[tuple[str, str, Action, int]] = [
     (_ABBREV1, rf"{_SPACENL}(?:{_SPACENL}|[A-Z\u00C0-\u00D6\u00D8-\u00DE]|{_SGML})", _keep, 1),
     (_ABBREV1, r"[\s\S]{2}", _keep, 0),
     (_ABBREV1, "", _keep, 1),
-    (rf"{_ABBREV4}\.", "", _keep, 0), (rf"{_ACRO}\.", "", _keep, 0),
-    (_ABBREV4, _SPACE, _keep, 0), (_ACRO, _SPACE, _keep, 0),
+    (rf"{_ABBREV4}\.", "", _keep, 0),
+    (rf"{_ACRO}\.", "", _keep, 0),
+    (_ABBREV4, _SPACE, _keep, 0),
+    (_ACRO, _SPACE, _keep, 0),
     (_ACRO, _SPACENL, _keep, 0),
     (r"['\u0092\u2019][0-9][0-9]|&apos;[0-9][0-9]", _SPACENL, _keep, 0),
-    (r"(?:[^\W_]+)(?:\.[^\W_]+)*\.(?:bat|bmp|c|class|cgi|cpp|dll|doc|docx|exe|gif|gz|h|htm|html|jar|java|jpeg|jpg"
-     r"|mov|mp3|pdf|php|pl|png|ppt|ps|py|sql|tar|txt|wav|x|xml|zip)", rf"(?:{_SPACENL}|[.?!,])", _keep, 0),
+    (
+        r"(?:[^\W_]+)(?:\.[^\W_]+)*\.(?:bat|bmp|c|class|cgi|cpp|dll|doc|docx|exe|gif|gz|h|htm|html|jar|java|jpeg|jpg"
+        r"|mov|mp3|pdf|php|pl|png|ppt|ps|py|sql|tar|txt|wav|x|xml|zip)",
+        rf"(?:{_SPACENL}|[.?!,])",
+        _keep,
+        0,
+    ),
     (rf"{_WORD}\.", _INSENTP, _keep, 0),
-    (r"(?:\([0-9]{2,3}\)[ \u00A0]?|(?:\+\+?)?(?:[0-9]{2,4}[- \u00A0])?[0-9]{2,4}[- \u00A0])[0-9]{3,4}[- \u00A0]?[0-9]{3,5}"
-     r"|(?:(?:\+\+?)?[0-9]{2,4}\.)?[0-9]{2,4}\.[0-9]{3,4}\.[0-9]{3,5}", "", lambda t: _parens(_nbsp(t)), 0),
+    (
+        r"(?:\([0-9]{2,3}\)[ \u00A0]?|(?:\+\+?)?(?:[0-9]{2,4}[- \u00A0])?[0-9]{2,4}[- \u00A0])[0-9]{3,4}[- \u00A0]?[0-9]{3,5}"
+        r"|(?:(?:\+\+?)?[0-9]{2,4}\.)?[0-9]{2,4}\.[0-9]{3,4}\.[0-9]{3,5}",
+        "",
+        lambda t: _parens(_nbsp(t)),
+        0,
+    ),
     (r'"|&quot;', "[A-Za-z0-9$]", _quotes(True), 0),
     (r'"|&quot;', "", _quotes(False), 0),
     ("\x7f", "", _skip, 0),
     ("<|&lt;", "", lambda t: "<", 0),
     (">|&gt;", "", lambda t: ">", 0),
     (r"[<>]?[:;=][-o*']?[()DPdpO\\{@|\[\]]", "[^A-Za-z0-9]", _parens, 0),
-    (r"[\^x=~<>]\.\[\^x=~<>]|[-\^x=~<>']_[-\^x=~<>']|\([-\^x=~<>'][_.]?[-\^x=~<>']\)|\([\^x=~<>']-[\^x=~<>'`]\)",
-     "", _parens, 0),
+    (
+        r"[\^x=~<>]\.\[\^x=~<>]|[-\^x=~<>']_[-\^x=~<>']|\([-\^x=~<>'][_.]?[-\^x=~<>']\)|\([\^x=~<>']-[\^x=~<>'`]\)",
+        "",
+        _parens,
+        0,
+    ),
     (r"[(){}\[\]]", "", lambda t: _BRACKETS[t], 0),
     (r"-+", "", lambda t: "--" if 3 <= len(t) <= 4 else t, 0),
     (r"\.{3,5}|(?:\.[ \u00A0]){2,4}\.|[\u0085\u2026]", "", lambda t: "...", 0),
@@ -177,7 +244,7 @@ _SPEC: list[tuple[str, str, Action, int]] = [
     (r"\*+|(?:\\\*){1,3}", "", _keep, 0),
     (_INSENTP, "", _keep, 0),
     (r"[?!]+", "", _keep, 0),
-    ("[.\u00A1\u00BF\u037E\u0589\u061F\u06D4\u0700-\u0702\u07FA\u3002]", "", _keep, 0),
+    ("[.\u00a1\u00bf\u037e\u0589\u061f\u06d4\u0700-\u0702\u07fa\u3002]", "", _keep, 0),
     ("=", "", _keep, 0),
     ("/", "", _keep, 0),
     (rf"{_HTHING}\.", _INSENTP, _keep, 0),
@@ -186,7 +253,7 @@ _SPEC: list[tuple[str, str, Action, int]] = [
     (_THING, "", _keep, 0),
     (rf"{_THINGA}\.", _INSENTP, _amp, 0),
     (_THINGA, "", _amp, 0),
-    ("'", "[A-Za-z][^ \t\n\r\u00A0]", _quotes(True), 0),
+    ("'", "[A-Za-z][^ \t\n\r\u00a0]", _quotes(True), 0),
     (_REDAUX, "", _quotes(False), 0),
     (_SREDAUX, "", _quotes(False), 0),
     *((alt, "", _quotes(False), 0) for alt in (_APOS, "''", f"[{_QUOTE_CHARS}]{{1,2}}")),
@@ -204,13 +271,13 @@ def _caseless(pattern: str) -> str:
         c = pattern[i]
         if c == "\\":
             step = 6 if pattern[i + 1] == "u" else 2
-            out.append(pattern[i: i + step])
+            out.append(pattern[i : i + step])
             i += step
         elif c == "[":
-            j = i + 1 + (pattern[i + 1] == "^") + (pattern[i + 1: i + 3] in ("]", "^]"))
+            j = i + 1 + (pattern[i + 1] == "^") + (pattern[i + 1 : i + 3] in ("]", "^]"))
             while pattern[j] != "]":
                 j += 2 if pattern[j] == "\\" else 1
-            out.append(pattern[i: j + 1])
+            out.append(pattern[i : j + 1])
             i = j + 1
         elif c == "(" and pattern[i + 1] == "?":  # (?: group
             out.append("(?:")
@@ -221,8 +288,9 @@ def _caseless(pattern: str) -> str:
     return "".join(out)
 
 
-_RULES = [(re.compile(f"(?P<tok>{_caseless(tok)})(?:{_caseless(trail)})"), action, back)
-          for tok, trail, action, back in _SPEC]
+_RULES = [
+    (re.compile(f"(?P<tok>{_caseless(tok)})(?:{_caseless(trail)})"), action, back) for tok, trail, action, back in _SPEC
+]
 
 
 def ptb_lines(lines: list[str]) -> list[list[str]]:

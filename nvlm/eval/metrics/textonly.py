@@ -65,7 +65,7 @@ def last_boxed(text: str) -> str | None:
         if start < 0:
             return None
     if text.startswith("\\boxed ", start):
-        return "\\boxed " + text[start + len("\\boxed "):].split("$")[0]
+        return "\\boxed " + text[start + len("\\boxed ") :].split("$")[0]
     depth = 0
     for i in range(start, len(text)):
         if text[i] == "{":
@@ -73,7 +73,7 @@ def last_boxed(text: str) -> str | None:
         elif text[i] == "}":
             depth -= 1
             if depth == 0:
-                return text[start: i + 1]
+                return text[start : i + 1]
     return None
 
 
@@ -82,10 +82,10 @@ def strip_boxed(boxed: str | None) -> str | None:
     if boxed is None:
         return None
     if boxed.startswith("\\boxed "):
-        return boxed[len("\\boxed "):]
+        return boxed[len("\\boxed ") :]
     for left in ("\\boxed{", "\\fbox{"):
         if boxed.startswith(left) and boxed.endswith("}"):
-            return boxed[len(left): -1]
+            return boxed[len(left) : -1]
     return None
 
 
@@ -131,8 +131,18 @@ def _fix_a_slash_b(text: str) -> str:
 
 def _strip_string(text: str) -> str:
     """MATH's ``_strip_string`` normalisation of a LaTeX answer."""
-    for old, new in (("\n", ""), ("\\!", ""), ("\\\\", "\\"), ("tfrac", "frac"), ("dfrac", "frac"),
-                     ("\\left", ""), ("\\right", ""), ("^{\\circ}", ""), ("^\\circ", ""), ("\\$", "")):
+    for old, new in (
+        ("\n", ""),
+        ("\\!", ""),
+        ("\\\\", "\\"),
+        ("tfrac", "frac"),
+        ("dfrac", "frac"),
+        ("\\left", ""),
+        ("\\right", ""),
+        ("^{\\circ}", ""),
+        ("^\\circ", ""),
+        ("\\$", ""),
+    ):
         text = text.replace(old, new)
     if "\\text{ " in text:  # units on the right ("\text{ " is only ever used for them)
         parts = text.split("\\text{ ")

@@ -17,15 +17,27 @@ import re
 
 from ._util import check_profile
 
-_PUNCT = ";/[]\"{}()=+\\_-><@`,?!"
+_PUNCT = ';/[]"{}()=+\\_-><@`,?!'
 _VQA_COMMA = re.compile(r"(\d)(,)(\d)")  # VQA: a comma between digits anywhere -> punctuation is deleted
 _EVALAI_COMMA = re.compile(r"(?<=\d)(,)+(?=\d)")
 # The official pattern is "(?!<=\d)(\.)(?!\d)": a typo for a look-behind, so it only keeps periods followed
 # by a digit. It is applied with ``sub(..., re.UNICODE)``, which passes 32 as *count*: at most 32 periods go.
 _PERIOD = re.compile(r"\.(?!\d)")
 _PERIOD_COUNT = int(re.UNICODE)
-_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-            "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_NUMBERS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 _ARTICLES = frozenset({"a", "an", "the"})
 # The VQA contraction table, generated: a form with one apostrophe is keyed by its apostrophe-free spelling,
 # a form with several by each spelling that lacks exactly one of them ("couldnt've", "couldn'tve").
@@ -45,7 +57,7 @@ def _contraction_table() -> dict[str, str]:
     table = {}
     for word in _CONTRACTED:
         cuts = [i for i, c in enumerate(word) if c == "'"]
-        keys = [word.replace("'", "")] if len(cuts) == 1 else [word[:i] + word[i + 1:] for i in cuts]
+        keys = [word.replace("'", "")] if len(cuts) == 1 else [word[:i] + word[i + 1 :] for i in cuts]
         table.update(dict.fromkeys(keys, word))
     # The table's own oddity, kept: it maps "somebody'd" to "somebodyd". (Its capitalised keys "Im", "Ive",
     # "Id've", "I'dve" never match lower-cased words, and "let's"/"she's" map to themselves.)

@@ -95,14 +95,26 @@ class Caption(Task):
 
 
 COCO = Caption(
-    "coco_caption", "coco", "test", "dataset_coco.json", ("images",), "coco_karpathy_test.json", "val",
+    "coco_caption",
+    "coco",
+    "test",
+    "dataset_coco.json",
+    ("images",),
+    "coco_karpathy_test.json",
+    "val",
     """coco/
   coco_karpathy_test.json + val2014/*.jpg       (Megatron's: [{"image": "val2014/...", "caption": [...]}])
 or dataset_coco.json + <filepath>/<filename>     (Karpathy split, test images)
 or data/val-*.parquet                            (HF lmms-lab/COCO-Caption2017, val2017: a different set)""",
 )
 FLICKR30K = Caption(
-    "flickr30k", "flickr30k", "test", "dataset_flickr30k.json", ("flickr30k-images", "images"), None, "test",
+    "flickr30k",
+    "flickr30k",
+    "test",
+    "dataset_flickr30k.json",
+    ("flickr30k-images", "images"),
+    None,
+    "test",
     """flickr30k/
   dataset_flickr30k.json + flickr30k-images/*.jpg  (Karpathy split, 1,000 test images)
 or data/test-*.parquet                             (HF lmms-lab/flickr30k: all 31,783 images)""",

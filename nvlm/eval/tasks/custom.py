@@ -14,7 +14,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from nvlm.eval.tasks.base import NVLM_SYSTEM, DataError, MissingData, Prompt, Sample, Task, check_unique, mean, read_jsonl
+from nvlm.eval.tasks.base import (
+    NVLM_SYSTEM,
+    DataError,
+    MissingData,
+    Prompt,
+    Sample,
+    Task,
+    check_unique,
+    mean,
+    read_jsonl,
+)
 
 
 class JsonlTask(Task):
@@ -41,7 +51,11 @@ class JsonlTask(Task):
                 raise DataError(f"{where}: missing field 'question' (a string)")
             answers = r.get("answers", r.get("answer"))
             answers = [answers] if isinstance(answers, (str, int, float)) else answers
-            if not isinstance(answers, list) or not answers or not all(isinstance(a, (str, int, float)) for a in answers):
+            if (
+                not isinstance(answers, list)
+                or not answers
+                or not all(isinstance(a, (str, int, float)) for a in answers)
+            ):
                 raise DataError(f"{where}: needs 'answer' (a string) or 'answers' (a non-empty list of strings)")
             images = r.get("images", [r["image"]] if r.get("image") is not None else [])
             if not isinstance(images, list) or not all(isinstance(i, str) for i in images):

@@ -187,6 +187,8 @@ def _num(stem: str) -> tuple[int, str]:
     return (int(stem), "") if stem.isdigit() else (1 << 62, stem)
 
 
-def _solved(correct: Callable[[str, str], bool], predictions: Sequence[str], samples: Sequence[Sample]) -> dict[str, float]:
+def _solved(
+    correct: Callable[[str, str], bool], predictions: Sequence[str], samples: Sequence[Sample]
+) -> dict[str, float]:
     """Accuracy of predictions judged against each sample's reference solution."""
     return {"accuracy": mean([float(correct(p, s.fields["solution"])) for p, s in zip(predictions, samples)])}
