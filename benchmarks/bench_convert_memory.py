@@ -44,7 +44,7 @@ def build(work: Path, layers: int) -> Path:
 
     from nvlm import preset
     from nvlm.mcore import convert_to_mcore
-    from nvlm.models.nvlm import NVLM
+    from nvlm.pretrained import NVLM
     from nvlm.tokenizer import build_tiny_tokenizer
 
     base = preset("nvlm-d-72b")

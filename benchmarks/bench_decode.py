@@ -15,7 +15,7 @@ from dataclasses import replace
 import torch
 
 from nvlm import preset
-from nvlm.models.nvlm import NVLM
+from nvlm.pretrained import NVLM
 
 
 def config(name: str):

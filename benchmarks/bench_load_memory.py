@@ -30,7 +30,7 @@ def _status_mb(field: str) -> float:
 def child(path: str) -> None:
     import torch
 
-    from nvlm.models.nvlm import NVLM
+    from nvlm.pretrained import NVLM
 
     before = _status_mb("VmRSS")
     model = NVLM.from_pretrained(path)
@@ -56,7 +56,7 @@ def main() -> None:
     import torch
 
     from nvlm import preset
-    from nvlm.models.nvlm import NVLM
+    from nvlm.pretrained import NVLM
 
     base = preset("tiny-d")
     h = args.hidden

@@ -60,7 +60,7 @@ def _status(pid: int) -> dict[str, float]:
 
 
 def child(path: str, fmt: str, args: argparse.Namespace) -> None:
-    from nvlm.models.nvlm import NVLM
+    from nvlm.pretrained import NVLM
     from nvlm.quant import quantized_linears, storage_bytes
 
     torch.set_num_threads(args.threads)
@@ -138,7 +138,7 @@ def run_child(path: Path, fmt: str, argv: list[str]) -> dict:
 def arithmetic() -> None:
     """The 72B table: weights per format, KV cache per 6+1-tile image sequence, largest batch per card."""
     from nvlm import preset
-    from nvlm.models.nvlm import NVLM
+    from nvlm.pretrained import NVLM
 
     cfg = preset("nvlm-d-72b")
     with torch.device("meta"):
@@ -188,7 +188,7 @@ def main() -> None:
         return child(*args.child, args)
     from bench_train import config
 
-    from nvlm.models.nvlm import NVLM
+    from nvlm.pretrained import NVLM
 
     argv = [
         "--threads",

@@ -29,6 +29,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from nvlm.hf_config import from_json_file
+
 MIB = 2**20
 IMPORTS = "import torch, torch.distributed, nvlm.cli, nvlm.train.loop, nvlm.train.state"
 
@@ -59,7 +61,7 @@ def baseline_mib() -> float:
     """VmRSS of a fresh interpreter that has imported the training code and built a tiny model on meta (torch's
     meta-device init functions import ``torch._dynamo``: ~30 MiB, whatever the model's size)."""
     code = (
-        f"{IMPORTS}; from nvlm import NVLM; from nvlm.config import preset\n"
+        f"{IMPORTS}; from nvlm import NVLM; from nvlm.presets import preset\n"
         "with torch.device('meta'): NVLM(preset('tiny-d'))\n"
         "print(open('/proc/self/status').read())"
     )
@@ -149,7 +151,6 @@ def main() -> None:
     ap.add_argument("--activation-checkpointing", action="store_true")
     args = ap.parse_args()
 
-    from nvlm.config import NVLMConfig
     from nvlm.train.config import TrainConfig
     from nvlm.train.plan import plan
 
@@ -159,7 +160,7 @@ def main() -> None:
         tmp_path = Path(tmp)
         model, data = tmp_path / "model", write_data(tmp_path / "data")
         write_model(model, args.preset)
-        config = NVLMConfig.from_json_file(model / "config.json")
+        config = from_json_file(model / "config.json")
         recipe = ["--init", str(model), "--stage", "2", "--data", json.dumps([{"path": str(data)}]), "--device", "cpu",
                   "--steps", str(args.steps), "--seq_len", str(args.seq_len), "--max_tiles", str(args.max_tiles),
                   "--micro_batch_size", str(args.micro_batch_size), "--warmup_steps", "1", "--save_every", "1000000",

@@ -6,14 +6,12 @@ generates the assistant's answer, which joins the history.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from nvlm.engine import Engine, first_error
+from nvlm.pretrained import NVLM
+from nvlm.processor import Processor
 from nvlm.sampling import SamplingParams
-
-if TYPE_CHECKING:
-    from nvlm.models.nvlm import NVLM
-    from nvlm.processor import Processor
 
 
 class Chat:

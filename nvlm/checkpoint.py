@@ -7,23 +7,28 @@ padded or unpadded checkpoints, telling them apart from the tensor shapes, and a
 form that vLLM's ``NVLM_D`` and the HF remote code (both hard-code 7 dummy heads) expect.
 Loading streams one tensor at a time into a model built on the meta device: peak memory stays near one
 copy of the weights. Spec: NVLM_SPEC.md sections 2.2 and 9.
+
+This module reads and checks the files and places tensors into a network (``nvlm.models.nvlm.NVLMModel``);
+``nvlm.pretrained`` builds the public ``NVLM`` with these pieces (``load_pretrained``, ``save_pretrained``).
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from nvlm.config import ConfigError, NVLMConfig
-from nvlm.quant import QuantConfig, Quantizer, as_config
+from nvlm.devices import DeviceLookup, resolve_device_map
+from nvlm.hf_config import CheckpointError, from_json_file, model_dir
+from nvlm.models.nvlm import NVLMModel
 from nvlm.tokenizer import TokenizerError
+
+M = TypeVar("M", bound=NVLMModel)
 
 NUM_DUMMY_HEADS = 7
 INDEX_FILE = "model.safetensors.index.json"
@@ -37,10 +42,6 @@ SIDE_FILES = (
 VIT_ATTENTION = re.compile(
     r"^vision_model\.encoder\.layers\.\d+\.attn\.(qkv\.weight|qkv\.bias|q_norm\.weight|k_norm\.weight|proj\.weight)$"
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that does not match the model it should hold."""
 
 
 # ------------------------------------------------------------------------------------ dummy heads
@@ -89,77 +90,7 @@ def pad_vit_attention(name: str, tensor: torch.Tensor, head_dim: int) -> torch.T
 # ------------------------------------------------------------------------------------------ save
 
 
-def save_pretrained(
-    model: torch.nn.Module,
-    path: str | Path,
-    processor: Any = None,
-    max_shard_size: int = 5 * 1024**3,
-    dtype: torch.dtype | None = None,
-) -> None:
-    """Write config.json, ``model-0000k-of-0000n.safetensors`` shards and their index, and side files.
-
-    Tensors stream one at a time into the shard being filled (written once it reaches ``max_shard_size``),
-    so at most one shard is held. A model sharded with FSDP2 is written the same way: every rank gathers
-    each tensor in turn (collective: every rank calls this) and rank 0 writes. ``dtype`` casts the floating
-    tensors (default: each as it is).
-    """
-    import torch.distributed as dist
-
-    if getattr(model, "quantization", None) is not None:
-        raise CheckpointError("a quantized model is not saved: save the bfloat16 model and quantize it when loading")
-    writer = not dist.is_initialized() or dist.get_rank() == 0
-    path = Path(path)
-    cfg: NVLMConfig = model.config
-    if writer:
-        path.mkdir(parents=True, exist_ok=True)
-        for old in path.glob("model*.safetensors"):
-            old.unlink()
-    files: list[list[str]] = []  # tensor names per shard file, in order
-    shard: dict[str, torch.Tensor] = {}
-    size = total = 0
-
-    def flush() -> None:
-        if shard:
-            if writer:
-                save_file(shard, str(path / f"part-{len(files):05d}.tmp"), metadata={"format": "pt"})
-            files.append(list(shard))
-            shard.clear()
-
-    for name, tensor in _hf_tensors(model, dtype):
-        nbytes = tensor.numel() * tensor.element_size()
-        if shard and size + nbytes > max_shard_size:
-            flush()
-            size = 0
-        if writer:
-            shard[name] = tensor.contiguous()
-        else:
-            shard[name] = tensor.new_empty(0)  # names only: rank 0 holds the data
-        size += nbytes
-        total += nbytes
-    flush()
-    if writer:
-        weight_map = {}
-        for i, names in enumerate(files, start=1):
-            fname = SINGLE_FILE if len(files) == 1 else f"model-{i:05d}-of-{len(files):05d}.safetensors"
-            (path / f"part-{i - 1:05d}.tmp").replace(path / fname)
-            weight_map.update({k: fname for k in names})
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        hf = cfg.to_hf()
-        hf["torch_dtype"] = str(dtype or model.dtype).removeprefix("torch.")
-        (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-        if processor is not None:
-            processor.save_pretrained(path)
-        elif model.name_or_path and Path(model.name_or_path).resolve() != path.resolve():
-            src = Path(model.name_or_path)
-            for name in SIDE_FILES + tuple(p.name for p in src.glob("*.py")):
-                if (src / name).is_file():
-                    shutil.copy2(src / name, path / name)
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _hf_tensors(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_tensors(model: NVLMModel, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint's tensors one at a time, whole (gathered from the ranks if sharded), on the CPU."""
     head_dim = model.config.vision.head_dim
     for name, tensor in model.state_dict().items():
@@ -176,7 +107,7 @@ def _hf_tensors(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[t
 # ------------------------------------------------------------------------------------------ load
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None, cfg: NVLMConfig) -> torch.dtype:
+def resolve_dtype(dtype: torch.dtype | str | None, cfg: NVLMConfig) -> torch.dtype:
     name = dtype if dtype is not None else cfg.torch_dtype
     resolved = name if isinstance(name, torch.dtype) else getattr(torch, str(name).removeprefix("torch."), None)
     if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
@@ -249,11 +180,11 @@ def _inside(path: Path, named_in: Path, name: str) -> Path:
 
 def iter_checkpoint(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of every shard, one at a time."""
-    for _, name, tensor in _tensors(path):
+    for _, name, tensor in iter_shard_tensors(path):
         yield name, tensor
 
 
-def _tensors(path: Path) -> Iterator[tuple[Path, str, torch.Tensor]]:
+def iter_shard_tensors(path: Path) -> Iterator[tuple[Path, str, torch.Tensor]]:
     """(shard file, name, tensor) one at a time."""
     for file, name, f in _entries(path):
         yield file, name, f.get_tensor(name)
@@ -301,131 +232,29 @@ def _one_line(e: Exception) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def model_dir(path: str | Path) -> Path:
-    """A checkpoint directory, or a training or demo run directory whose final model is in ``model/``."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory")
-    if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
-        return path / "model"
-    return path
-
-
 def read_config(path: str | Path) -> tuple[Path, NVLMConfig]:
     """The checkpoint directory (``model/`` of a run directory) and its config, with the image token's id
     taken from the directory's tokenizer.json."""
     path = model_dir(path)
-    cfg = NVLMConfig.from_json_file(path / "config.json")
+    cfg = from_json_file(path / "config.json")
     token_id = _image_token_id(path, cfg.image_token, cfg.llm.vocab_size)
     if token_id is not None and token_id != cfg.image_token_id:
         cfg = NVLMConfig(**{**cfg.__dict__, "image_token_id": token_id})
     return path, cfg
 
 
-def load_pretrained(
-    path: str | Path,
-    dtype: torch.dtype | str | None = None,
-    device: str | torch.device | dict[str, Any] | None = None,
-    arch: str | None = None,
-    quantize: "str | QuantConfig | None" = None,
-    tokenizer: str | Path | None = None,
-    config: Any = None,
-) -> torch.nn.Module:
-    """Build the model on the meta device, then stream each tensor into place (cast and moved once).
-
-    ``quantize`` ("int8", "int4", "fp8" or a ``nvlm.quant.QuantConfig``) quantizes each selected linear as
-    its weight arrives (default dtype then bfloat16): peak memory stays near the quantized model plus one
-    shard. Whether the format runs on the target devices is checked before any tensor is read.
-
-    ``arch`` ("D", "X" or "H") different from the checkpoint's builds that architecture from it: the ViT and
-    the LLM (and the two-layer projector between D and H) are copied, the modules the checkpoint lacks are
-    freshly initialised (cross-attention gates at 0), and what the new architecture has no use for is left
-    out. That is how an NVLM-X or NVLM-H starts stage 1 from an NVLM-D.
-    A Megatron-Core checkpoint (``nvidia/NVLM-D-72B-mcore``) is read by ``nvlm.mcore.load_mcore``, with the
-    ``tokenizer`` directory and the ``config`` (preset or config.json) that give what its files lack.
-    """
-    from nvlm.mcore.layout import is_mcore
-
-    if is_mcore(path):
-        from nvlm.mcore import load_mcore
-
-        if quantize is not None:
-            raise ValueError(f"{path}: a Megatron-Core checkpoint loads unquantized; convert it (nvlm convert) and "
-                             "load the result with quantize=")  # fmt: skip
-        return load_mcore(path, tokenizer, config, dtype, device, arch)
-    if tokenizer is not None or config is not None:
-        raise ValueError(f"{path}: tokenizer= and config= are for a Megatron-Core checkpoint, which this is not")
-    path, cfg = read_config(path)
-    fresh: tuple[str, ...] = ()
-    if arch is not None and arch != cfg.arch:
-        new = cfg.with_arch(arch)  # type: ignore[arg-type]
-        fresh = ("xattn_layers.",) + (("mlp1.",) if new.projector != cfg.projector else ())
-        cfg = new
-    qconfig = as_config(quantize)
-    torch_dtype = _resolve_dtype(torch.bfloat16 if dtype is None and qconfig else dtype, cfg)
-    model, device_map, params = _empty(cfg, device)
-    quantizer = Quantizer(model, qconfig, device_map, torch_dtype) if qconfig else None
-    loaded: set[str] = set()
-    for file, name, tensor in _tensors(path):
-        if name.startswith(fresh) or (fresh and name not in params):
-            continue  # converting architectures: replaced, or not used by the new one
-        if name not in params:
-            raise CheckpointError(
-                f"{path}: unexpected tensor {name!r} {tuple(tensor.shape)} for an NVLM-{cfg.arch} model"
-            )
-        _place(model, params[name], name, tensor, device_map(name), torch_dtype, file)
-        loaded.add(name)
-        if quantizer:
-            quantizer.placed(name)
-    _finish(model, params, loaded, fresh, device_map, torch_dtype, path)
-    if quantizer:
-        quantizer.finish()
-    model.name_or_path = str(path)
-    return model.eval()
-
-
-def load_parts(
-    config: NVLMConfig,
-    vit: str | Path,
-    llm: str | Path,
-    dtype: torch.dtype | str | None = None,
-    device: str | torch.device | dict[str, Any] | None = None,
-) -> torch.nn.Module:
-    """An NVLM of ``config`` from a ViT checkpoint (InternViT's HF layout: ``embeddings.*``, ``encoder.*``)
-    and an LLM checkpoint (HF Qwen2 / Llama: ``model.*``, ``lm_head.*``), sharded or not. The projector and
-    the cross-attention blocks start fresh (gates closed): the starting point of stage 1."""
-    torch_dtype = _resolve_dtype(dtype, config)
-    model, device_map, params = _empty(config, device)
-    loaded: set[str] = set()
-    for prefix, path in (("vision_model.", Path(vit)), ("language_model.", Path(llm))):
-        for file, name, tensor in _tensors(path):
-            full = prefix + name
-            if full not in params:
-                if prefix == "vision_model.":
-                    continue  # InternViT repos carry more than the encoder NVLM uses (e.g. heads, extra layers)
-                raise CheckpointError(f"{path}: unexpected tensor {name!r} for the LLM of this config")
-            _place(model, params[full], full, tensor, device_map(full), torch_dtype, file)
-            loaded.add(full)
-    fresh = ("mlp1.", "xattn_layers.")
-    _finish(model, params, loaded, fresh, device_map, torch_dtype, Path(llm))
-    return model.eval()
-
-
-def _empty(cfg: NVLMConfig, device: Any) -> tuple[torch.nn.Module, Any, dict[str, torch.nn.Parameter]]:
-    """The model on the meta device, where each parameter goes, and the parameters a checkpoint must fill."""
-    from nvlm.devices import resolve_device_map
-    from nvlm.models.nvlm import NVLM
-
+def build_empty(cls: type[M], cfg: NVLMConfig, device: Any) -> tuple[M, DeviceLookup, dict[str, torch.nn.Parameter]]:
+    """A ``cls`` model on the meta device, where each parameter goes, and the parameters a checkpoint must fill."""
     with torch.device("meta"):
-        model = NVLM(cfg)
+        model = cls(cfg)
     params = dict(model.named_parameters())
     if cfg.llm.tie_word_embeddings:
         params.pop("language_model.lm_head.weight")
     return model, resolve_device_map(model, device), params
 
 
-def _place(model: torch.nn.Module, param: torch.Tensor, name: str, tensor: torch.Tensor, device: torch.device,
-           dtype: torch.dtype, file: Path) -> None:  # fmt: skip
+def place(model: NVLMModel, param: torch.Tensor, name: str, tensor: torch.Tensor, device: torch.device,
+          dtype: torch.dtype, file: Path) -> None:  # fmt: skip
     """Check one tensor of the shard ``file`` against its parameter and put it in place (cast and moved once)."""
     if param.is_floating_point() and not tensor.is_floating_point():
         raise CheckpointError(f"{file}: tensor {name!r} is {tensor.dtype}, a floating-point weight was expected")
@@ -442,8 +271,8 @@ def _place(model: torch.nn.Module, param: torch.Tensor, name: str, tensor: torch
     _assign(model, name, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None))
 
 
-def _finish(model: torch.nn.Module, params: dict[str, Any], loaded: set[str], fresh: tuple[str, ...],
-            device_map: Any, dtype: torch.dtype, path: Path) -> None:  # fmt: skip
+def finish(model: NVLMModel, params: dict[str, Any], loaded: set[str], fresh: tuple[str, ...],
+           device_map: DeviceLookup, dtype: torch.dtype, path: Path) -> None:  # fmt: skip
     """Initialise the ``fresh`` modules, check nothing else is missing, re-tie the embeddings."""
     for prefix in fresh:
         if hasattr(model, prefix.rstrip(".")):
@@ -476,12 +305,15 @@ def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "build_empty",
+    "finish",
+    "hf_tensors",
     "init_modules",
     "iter_checkpoint",
-    "read_config",
-    "tensor_index",
-    "load_parts",
-    "load_pretrained",
+    "iter_shard_tensors",
     "model_dir",
-    "save_pretrained",
+    "place",
+    "read_config",
+    "resolve_dtype",
+    "tensor_index",
 ]

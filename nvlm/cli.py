@@ -6,16 +6,21 @@ import argparse
 import sys
 from typing import Sequence
 
+from nvlm.chat import Chat
+from nvlm.data.cli import add_subcommand as add_data
+from nvlm.demo import add_subcommand as add_demo
+from nvlm.eval.cli import add_subcommand as add_eval
+from nvlm.mcore.cli import add_subcommand as add_convert
+from nvlm.pretrained import NVLM
+from nvlm.processor import Processor
 from nvlm.quant import add_quantize_argument
+from nvlm.serve.cli import add_subcommand as add_serve
+from nvlm.train.cli import add_subcommand as add_train
 
 HELP_INTERACTIVE = "Type a question. /image PATH attaches an image to the next question; /reset; /exit."
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from nvlm.chat import Chat
-    from nvlm.models.nvlm import NVLM
-    from nvlm.processor import Processor
-
     model = NVLM.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     processor = Processor.from_pretrained(args.model, max_tiles=args.max_tiles)
     sampling = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0,
@@ -70,23 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize_argument(chat)
     chat.add_argument("question", nargs="*", help="ask this and exit; interactive when absent")
     chat.set_defaults(func=_chat)
-    from nvlm.train.cli import add_subcommand as add_train
-
     add_train(sub)
-    from nvlm.serve.cli import add_subcommand as add_serve
-
     add_serve(sub)
-    from nvlm.eval.cli import add_subcommand as add_eval
-
     add_eval(sub)
-    from nvlm.data.cli import add_subcommand as add_data
-
     add_data(sub)
-    from nvlm.demo import add_subcommand as add_demo
-
     add_demo(sub)
-    from nvlm.mcore.cli import add_subcommand as add_convert
-
     add_convert(sub)
     return parser
 

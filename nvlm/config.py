@@ -1,17 +1,14 @@
-"""Typed configs for NVLM and its parts, the named presets, and the NVLM-D-72B ``config.json`` mapping.
+"""Typed configs for NVLM and its parts, and their checks. Imports no torch (nor does ``import nvlm``).
 
-The released checkpoint's ``config.json`` nests a ``vision_config`` (InternViT) and an ``llm_config``
-(Qwen2, though it says ``model_type: "llama"``). ``NVLMConfig.from_hf`` reads it; ``to_hf`` writes it back
-in the same shape so that vLLM's ``NVLM_D`` loader and the HF remote code can read what we save.
-Spec: NVLM_SPEC.md sections 2, 4 and 9.
+The named presets are in ``nvlm.presets``; the NVLM-D-72B ``config.json`` mapping (``from_hf`` / ``to_hf``) is in
+``nvlm.hf_config``. Spec: NVLM_SPEC.md sections 2, 4 and 9.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -182,7 +179,7 @@ class NVLMConfig:
         if lm.dynamic_rope:
             rs = lm.rope_scaling if isinstance(lm.rope_scaling, dict) else {}
             kind, factor = rs.get("rope_type", rs.get("type")), rs.get("factor")
-            if kind != "dynamic" or not (_is_number(factor) and factor >= 1):
+            if kind != "dynamic" or not (is_number(factor) and factor >= 1):
                 problems.append(
                     f"dynamic_rope needs rope_scaling {{'type': 'dynamic', 'factor' >= 1}}, not {lm.rope_scaling!r}"
                 )
@@ -203,198 +200,16 @@ class NVLMConfig:
             raise ConfigError("invalid NVLM config: " + "; ".join(problems))
         return self
 
-    # ---------------------------------------------------------------- HF config.json (NVLM-D-72B layout)
-
-    @classmethod
-    def from_hf(cls, cfg: dict[str, Any]) -> "NVLMConfig":
-        """Read a released-style ``config.json`` dict (NVLM_D, or our NVLM_X / NVLM_H). ``architectures`` names
-        the model (``NVLM_D``, or ``NVLM_D_Model`` as the released remote code's ``save_pretrained`` writes it,
-        with ``model_type: NVLM_D``); without it, ``model_type`` does."""
-        try:
-            arch_name = (cfg.get("architectures") or [cfg.get("model_type", "")])[0]
-            # "NVLM_D_Model": the class name that the released remote code's save_pretrained writes
-            arch = {"NVLM_D": "D", "NVLM_D_Model": "D", "NVLM_X": "X", "NVLM_H": "H"}.get(arch_name)
-            if arch is None:
-                raise ConfigError(f"architectures {cfg.get('architectures')!r} is not NVLM_D, NVLM_X or NVLM_H")
-            vc, lc = cfg["vision_config"], cfg["llm_config"]
-            if not isinstance(vc, dict) or not isinstance(lc, dict):
-                raise ConfigError("vision_config and llm_config must be JSON objects")
-            vision = VisionConfig(
-                hidden_size=vc["hidden_size"],
-                num_layers=vc["num_hidden_layers"],
-                num_heads=vc["num_attention_heads"],
-                intermediate_size=vc["intermediate_size"],
-                image_size=cfg.get("force_image_size") or vc["image_size"],
-                patch_size=vc["patch_size"],
-                norm_eps=vc.get("layer_norm_eps", 1e-6),
-                qk_norm=vc.get("qk_normalization", True),
-                qkv_bias=vc.get("qkv_bias", False),
-                layer_scale_init=vc.get("initializer_factor", 0.1),
-            )
-            if vc.get("norm_type", "rms_norm") != "rms_norm":
-                raise ConfigError(f"vision_config.norm_type {vc['norm_type']!r}: NVLM's InternViT uses rms_norm")
-            lm_arch = (lc.get("architectures") or [""])[0]
-            if lm_arch.startswith("Qwen2") or lc.get("model_type") == "qwen2":
-                family: LLMFamily = "qwen2"
-            elif lm_arch.startswith("Llama") or lc.get("model_type") == "llama":
-                family = "llama"
-            else:
-                raise ConfigError(f"llm_config architectures {lc.get('architectures')!r}: need Qwen2 or Llama")
-            if family == "llama" and lc.get("attention_bias"):
-                raise ConfigError("llm_config: a Llama-family LLM with attention_bias is not supported")
-            kv_heads = lc.get("num_key_value_heads")  # absent or null: as many as the query heads (HF's rule)
-            llm = LLMConfig(
-                family=family,
-                vocab_size=lc["vocab_size"],
-                hidden_size=lc["hidden_size"],
-                intermediate_size=lc["intermediate_size"],
-                num_layers=lc["num_hidden_layers"],
-                num_heads=lc["num_attention_heads"],
-                num_kv_heads=lc["num_attention_heads"] if kv_heads is None else kv_heads,
-                rope_theta=float(lc.get("rope_theta", 10000.0)),
-                rms_norm_eps=lc.get("rms_norm_eps", 1e-6),
-                max_position_embeddings=lc.get("max_position_embeddings", 32768),
-                tie_word_embeddings=lc.get("tie_word_embeddings", False),
-                bos_token_id=lc.get("bos_token_id"),
-                eos_token_id=lc.get("eos_token_id"),
-                rope_scaling=lc.get("rope_scaling"),
-                dynamic_rope=lc.get("dynamic_rope", False),
-            )
-            ratio = cfg.get("downsample_ratio", 0.5)
-            if not (_is_number(ratio) and 0 < ratio <= 1):
-                raise ConfigError(f"downsample_ratio must be in (0, 1], not {ratio!r}")
-            projector = replace(_default_projector(vision, llm, ratio, arch), **cfg.get("projector_config", {}))
-            xattn = (
-                replace(default_xattn(llm), **cfg.get("xattn_config", {})) if arch != "D" else CrossAttentionConfig()
-            )
-            extra = {f.name: cfg[f.name] for f in fields(cls) if f.name in _TOP_LEVEL_OURS and f.name in cfg}
-            return cls(
-                arch=arch,
-                vision=vision,
-                llm=llm,
-                projector=projector,
-                xattn=xattn,
-                select_layer=cfg.get("select_layer", -1),
-                downsample_ratio=ratio,
-                ps_version=cfg.get("ps_version", "v1"),
-                min_tiles=cfg.get("min_dynamic_patch", 1),
-                max_tiles=cfg.get("max_dynamic_patch", 6),
-                use_thumbnail=cfg.get("use_thumbnail", False),
-                template=cfg.get("template", "chatml"),
-                torch_dtype=cfg.get("torch_dtype") or "bfloat16",
-                **extra,
-            ).validate()
-        except ConfigError:
-            raise
-        except KeyError as e:
-            raise ConfigError(f"config.json lacks the key {e.args[0]!r}") from None
-        except (TypeError, AttributeError, ValueError) as e:
-            raise ConfigError(f"config.json has a value of the wrong type: {e}") from None
-
     def with_arch(self, arch: Arch) -> "NVLMConfig":
         """The same vision path and LLM as another architecture: its projector and cross-attention defaults."""
         if arch == self.arch:
             return self
         v, lm = self.vision, self.llm
-        projector = _default_projector(v, lm, self.downsample_ratio, arch)
+        projector = default_projector(v, lm, self.downsample_ratio, arch)
         if arch != "X" and self.projector.num_layers == 2:
             projector = self.projector  # D <-> H share the two-layer projector
         xattn = CrossAttentionConfig() if arch == "D" else default_xattn(lm)
         return replace(self, arch=arch, projector=projector, xattn=xattn).validate()
-
-    def to_hf(self) -> dict[str, Any]:
-        """The ``config.json`` dict in the NVLM-D-72B layout (vision_config / llm_config nested)."""
-        v, lm = self.vision, self.llm
-        name = f"NVLM_{self.arch}"
-        out: dict[str, Any] = {
-            "architectures": [name],
-            "model_type": name,
-            "downsample_ratio": self.downsample_ratio,
-            "dynamic_image_size": True,
-            "force_image_size": v.image_size,
-            "max_dynamic_patch": self.max_tiles,
-            "min_dynamic_patch": self.min_tiles,
-            "ps_version": self.ps_version,
-            "select_layer": self.select_layer,
-            "template": self.template,
-            "torch_dtype": self.torch_dtype,
-            "use_backbone_lora": 0,
-            "use_llm_lora": 0,
-            "use_thumbnail": self.use_thumbnail,
-            "llm_config": {
-                "architectures": ["Qwen2ForCausalLM" if lm.family == "qwen2" else "LlamaForCausalLM"],
-                "model_type": "llama",  # as released, even for Qwen2
-                "attention_bias": lm.qkv_bias,
-                "bos_token_id": lm.bos_token_id,
-                "eos_token_id": lm.eos_token_id,
-                "hidden_act": "silu",
-                "hidden_size": lm.hidden_size,
-                "intermediate_size": lm.intermediate_size,
-                "max_position_embeddings": lm.max_position_embeddings,
-                "num_attention_heads": lm.num_heads,
-                "num_hidden_layers": lm.num_layers,
-                "num_key_value_heads": lm.num_kv_heads,
-                "rms_norm_eps": lm.rms_norm_eps,
-                "rope_scaling": lm.rope_scaling,
-                **({"dynamic_rope": True} if lm.dynamic_rope else {}),
-                "rope_theta": lm.rope_theta,
-                "tie_word_embeddings": lm.tie_word_embeddings,
-                "torch_dtype": self.torch_dtype,
-                "vocab_size": lm.vocab_size,
-            },
-            "vision_config": {
-                "architectures": ["InternVisionModel"],
-                "model_type": "intern_vit_6b",
-                "hidden_act": "gelu",
-                "hidden_size": v.hidden_size,
-                "image_size": v.image_size,
-                "initializer_factor": v.layer_scale_init,
-                "intermediate_size": v.intermediate_size,
-                "layer_norm_eps": v.norm_eps,
-                "norm_type": "rms_norm",
-                "num_attention_heads": v.num_heads,
-                "num_channels": 3,
-                "num_hidden_layers": v.num_layers,
-                "patch_size": v.patch_size,
-                "qk_normalization": v.qk_norm,
-                "qkv_bias": v.qkv_bias,
-                "torch_dtype": self.torch_dtype,
-                "use_flash_attn": False,
-            },
-        }
-        if self.arch == "D":
-            out["auto_map"] = {
-                "AutoConfig": "configuration_nvlm_d.NVLM_D_Config",
-                "AutoModel": "modeling_nvlm_d.NVLM_D_Model",
-                "AutoModelForCausalLM": "modeling_nvlm_d.NVLM_D_Model",
-            }
-        defaults = NVLMConfig()
-        for name_ in _TOP_LEVEL_OURS:
-            if getattr(self, name_) != getattr(defaults, name_):
-                out[name_] = getattr(self, name_)
-        if self.projector != _default_projector(v, lm, self.downsample_ratio, self.arch):
-            out["projector_config"] = asdict(self.projector)
-        if self.arch != "D":
-            out["xattn_config"] = asdict(self.xattn)
-        return out
-
-    @classmethod
-    def from_json_file(cls, path: str | Path) -> "NVLMConfig":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no config.json there") from None
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a JSON object was expected")
-        try:
-            return cls.from_hf(data)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
 
 
 # Upper bounds far above any released model (NVLM-D-72B: 80 layers of width 8192, FFN 29568, 152k tokens; the
@@ -417,14 +232,14 @@ def _field_problems(cfg: "NVLMConfig") -> list[str]:
             limit = LIMITS.get(name, LIMITS.get(f.name))
             if f.type == "int" and not (_is_int(value) and 1 <= value <= limit):
                 out.append(f"{name} must be an integer in [1, {limit}], not {value!r}")
-            elif f.type == "float" and not (_is_number(value) and 0 < value < math.inf):
+            elif f.type == "float" and not (is_number(value) and 0 < value < math.inf):
                 out.append(f"{name} must be a positive number, not {value!r}")
             elif f.type == "bool" and not isinstance(value, bool):
                 out.append(f"{name} must be true or false, not {value!r}")
     for name in ("select_layer", "min_tiles", "max_tiles", "image_token_id"):
         if not _is_int(getattr(cfg, name)):
             out.append(f"{name} must be an integer, not {getattr(cfg, name)!r}")
-    if not (_is_number(cfg.downsample_ratio) and 0 < cfg.downsample_ratio <= 1):
+    if not (is_number(cfg.downsample_ratio) and 0 < cfg.downsample_ratio <= 1):
         out.append(f"downsample_ratio must be in (0, 1], not {cfg.downsample_ratio!r}")
     if not isinstance(cfg.use_thumbnail, bool):
         out.append(f"use_thumbnail must be true or false, not {cfg.use_thumbnail!r}")
@@ -447,11 +262,11 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _is_number(x: Any) -> bool:
+def is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _default_projector(
+def default_projector(
     vision: VisionConfig, llm: LLMConfig, downsample_ratio: float, arch: Arch = "D"
 ) -> ProjectorConfig:
     """The released rule: ViT width x (1/ratio)^2 -> the LLM's FFN size -> the LLM's width (one layer for X)."""
@@ -466,94 +281,3 @@ def default_xattn(llm: LLMConfig) -> CrossAttentionConfig:
     """The paper's 10 blocks spread evenly (every 8th of 80 layers, every 6th of 60), FFN of the LLM's width."""
     count = min(10, llm.num_layers)
     return CrossAttentionConfig(count, llm.num_layers // count, llm.intermediate_size)
-
-
-# Our own top-level keys (tag strings): written only when they differ from NVLM-D's.
-_TOP_LEVEL_OURS = ("image_token", "image_token_id", "image_start", "image_end", "tile_tag", "thumbnail_tag")
-
-
-# ------------------------------------------------------------------------------------------- presets
-
-
-def _tiny(arch: Arch, family: LLMFamily = "qwen2") -> NVLMConfig:
-    """A few-hundred-kB model for tests and the CPU demo: 56-px tiles (4 tokens each), 2 layers each."""
-    vision = VisionConfig(hidden_size=40, num_layers=2, num_heads=5, intermediate_size=80, image_size=56)
-    llm = LLMConfig(
-        family=family,
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        rope_theta=10000.0,
-        max_position_embeddings=4096,
-        bos_token_id=None,
-        eos_token_id=491,  # <|im_end|> of nvlm.tokenizer.build_tiny_tokenizer()
-    )
-    projector = ProjectorConfig(input_size=160, hidden_size=128, output_size=64)
-    cfg = NVLMConfig(
-        arch="D", vision=vision, llm=llm, projector=projector, torch_dtype="float32",
-        image_token_id=500,  # <|vision_pad|> of build_tiny_tokenizer()
-    )  # fmt: skip
-    return cfg.with_arch(arch)
-
-
-def _demo(arch: Arch) -> NVLMConfig:
-    """The CPU demo's model (~1M parameters): the tiny preset with its tiles cut into 7-px patches (16 tokens
-    per tile, fine enough to read a digit), a 64-wide ViT and a 128-wide LLM (2 layers each)."""
-    tiny = _tiny("D")
-    vision = replace(tiny.vision, hidden_size=64, num_heads=4, intermediate_size=128, patch_size=7)
-    llm = replace(tiny.llm, hidden_size=128, intermediate_size=256)
-    projector = ProjectorConfig(input_size=256, hidden_size=256, output_size=128)
-    return replace(tiny, vision=vision, llm=llm, projector=projector).with_arch(arch)
-
-
-def _nvlm_d_72b() -> NVLMConfig:
-    return NVLMConfig(arch="D", llm=LLMConfig(rope_scaling={"factor": 3.0, "type": "dynamic"}))
-
-
-def _nvlm_d_34b() -> NVLMConfig:
-    llm = LLMConfig(
-        family="llama",
-        vocab_size=64000,
-        hidden_size=7168,
-        intermediate_size=20480,
-        num_layers=60,
-        num_heads=56,
-        num_kv_heads=8,
-        rope_theta=5_000_000.0,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=4096,
-        bos_token_id=1,
-        eos_token_id=7,
-    )
-    return NVLMConfig(
-        arch="D", llm=llm, projector=ProjectorConfig(hidden_size=20480, output_size=7168), thumbnail_tag="<tile_global>"
-    )
-
-
-PRESETS = {
-    "nvlm-d-72b": _nvlm_d_72b,
-    "nvlm-x-72b": lambda: _nvlm_d_72b().with_arch("X"),  # 1-layer projector, 10 blocks every 8th layer
-    "nvlm-h-72b": lambda: _nvlm_d_72b().with_arch("H"),
-    "nvlm-d-34b": _nvlm_d_34b,
-    "nvlm-x-34b": lambda: _nvlm_d_34b().with_arch("X"),  # 10 blocks every 6th of 60 layers
-    "nvlm-h-34b": lambda: _nvlm_d_34b().with_arch("H"),
-    "tiny-d": lambda: _tiny("D"),
-    "tiny-x": lambda: _tiny("X"),  # 2 blocks, before both decoder layers
-    "tiny-h": lambda: _tiny("H"),
-    "tiny-d-llama": lambda: _tiny("D", "llama"),
-    "demo-d": lambda: _demo("D"),
-    "demo-x": lambda: _demo("X"),
-    "demo-h": lambda: _demo("H"),
-    "demo-d-untagged": lambda: replace(_demo("D"), tile_tag="", thumbnail_tag=""),  # the no-tag ablation
-}
-
-
-def preset(name: str) -> NVLMConfig:
-    """A named config: ``nvlm-d-72b`` (the released model's exact dimensions), ``tiny-d``, ..."""
-    try:
-        return copy.deepcopy(PRESETS[name]().validate())
-    except KeyError:
-        raise KeyError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None

@@ -1,9 +1,10 @@
-"""``nvlm demo``: the whole system on a laptop CPU in minutes, through the public commands.
+"""``nvlm demo``: the whole system on a laptop CPU in minutes, through what the public commands run.
 
     nvlm demo [--out runs/demo] [--arch D|X|H] [--scale 1.0]
     nvlm demo --ablation [--out runs/ablation]
 
-The demo runs, printing each command as a user would type it:
+The demo runs, printing each step as the command a user would type for it (and calling what that command
+calls: ``nvlm.data.cli.synth``, ``nvlm.train.cli.run``, ``nvlm.eval.cli.run``):
 
 1. ``nvlm data synth``: the synthetic images, captions, questions, text-only arithmetic, held-out skills, and a
    tokenizer trained on their text;
@@ -29,20 +30,31 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from nvlm.data.synth import HELDOUT
+from nvlm.chat import Chat
+from nvlm.data.cli import synth
+from nvlm.data.synth import HELDOUT, SynthConfig
+from nvlm.demo_report import answer_grid, loss_curves, read_losses
+from nvlm.eval.cli import run as run_eval
+from nvlm.eval.runner import EvalConfig
+from nvlm.pretrained import NVLM
+from nvlm.processor import Processor
+from nvlm.train.cli import run as run_training
+from nvlm.train.config import TrainConfig
 
 CHANCE = {"read_number": 1 / 90, "read_small": 1 / 90, "read_word": 1 / 20, "chart": 1 / 9, "shapes": 1 / 6}
 # Steps of the demo, aimed at 4 minutes on two quiet CPU cores (``--scale`` multiplies them).
 STAGE1_STEPS, STAGE2_STEPS = 600, 1000
 
 
-def _run(argv: Sequence[str]) -> None:
-    from nvlm.cli import main
-
+def _show(argv: Sequence[str]) -> None:
+    """Print the ``nvlm`` command that does the next step, as a user would type it."""
     print(f"\n$ nvlm {' '.join(shlex.quote(a) for a in argv)}", flush=True)
-    code = main(list(argv))
-    if code:
-        raise RuntimeError(f"`nvlm {argv[0]}` failed (exit {code})")
+
+
+def _synth(data: Path, train: int, test: int) -> None:
+    """``nvlm data synth`` into ``data``."""
+    _show(["data", "synth", "--out", str(data), "--train", str(train), "--test", str(test)])
+    synth(data, SynthConfig(train=train, test=test))
 
 
 def _train(out: Path, name: str, args: list[str]) -> Path:
@@ -51,7 +63,9 @@ def _train(out: Path, name: str, args: list[str]) -> Path:
     if (model / "config.json").is_file():
         print(f"\n{model}: trained already", flush=True)
         return model
-    _run(["train", "--out_dir", str(out / name), "--device", "cpu", "--log_every", "100", *args])
+    overrides = ["--out_dir", str(out / name), "--device", "cpu", "--log_every", "100", *args]
+    _show(["train", *overrides])
+    run_training(TrainConfig.load(None, overrides))
     return model
 
 
@@ -99,8 +113,11 @@ def _evaluate(model: Path, data: Path, out: Path, skills: Sequence[str], blind: 
     files = [data / "heldout" / f"{s}.jsonl" for s in skills]
     if blind:
         files += [_blind(f) for f in files]
-    _run(["eval", "--model", str(model), "--tasks", ",".join(f"jsonl:{f}" for f in files), "--out", str(out),
-          "--batch-size", "32", "--max-new-tokens", "8"])  # fmt: skip
+    tasks = [f"jsonl:{f}" for f in files]
+    _show(["eval", "--model", str(model), "--tasks", ",".join(tasks), "--out", str(out), "--batch-size", "32",
+           "--max-new-tokens", "8"])  # fmt: skip
+    if run_eval(EvalConfig(model=str(model), tasks=tasks, out=str(out), batch_size=32, max_new_tokens=8)):
+        raise RuntimeError("`nvlm eval` failed (exit 1)")
     results = json.loads((out / "results.json").read_text())["tasks"]
     table = {}
     for s in skills:
@@ -112,10 +129,6 @@ def _evaluate(model: Path, data: Path, out: Path, skills: Sequence[str], blind: 
 
 
 def _chat(model: Path, data: Path) -> str:
-    from nvlm import Chat
-    from nvlm.models.nvlm import NVLM
-    from nvlm.processor import Processor
-
     record = json.loads((data / "heldout" / "read_number.jsonl").read_text().splitlines()[0])
     image = data / "heldout" / record["image"]
     print(f"\n$ nvlm chat --model {model} --image {image} {shlex.quote(record['question'])}", flush=True)
@@ -154,8 +167,6 @@ def _predictions(eval_dir: Path, skill: str) -> dict[str, str]:
 def _pictures(out: Path, data: Path, per_skill: int = 2) -> list[Path]:
     """``loss.png`` (both stages' loss curves) and ``answers.png`` (``per_skill`` held-out images of every
     skill with the question, the model's answer and the truth), in ``out``."""
-    from nvlm.demo_report import answer_grid, loss_curves, read_losses
-
     curves = {f"stage {k}: {what}": read_losses(out / f"stage{k}" / "metrics.jsonl")
               for k, what in ((1, "captions, loss by step"), (2, "questions, loss by step"))}  # fmt: skip
     items = []
@@ -171,7 +182,7 @@ def demo(out: Path, arch: str = "D", scale: float = 1.0, train: int = 6000, test
     results table, the two pictures and the seconds of each step run (reused steps count as 0)."""
     start = time.perf_counter()
     data = out / "data"
-    _run(["data", "synth", "--out", str(data), "--train", str(train), "--test", str(test)])
+    _synth(data, train, test)
     times = {"data": time.perf_counter() - start}
     model = _stages(out, data, f"demo-{arch.lower()}", scale, times=times)
     final = out / "model"
@@ -204,7 +215,7 @@ PAPER_TABLE1 = {"Low-res": (64.8, 52.9, 622), "DHR, no tag": (76.1, 80.2, 728), 
 def ablation(out: Path, scale: float = 1.0, train: int = 6000, test: int = 200) -> Path:
     """The same NVLM-D trained three times on the reading skills: low resolution, tiles untagged, 1-D tags."""
     data = out / "data"
-    _run(["data", "synth", "--out", str(data), "--train", str(train), "--test", str(test)])
+    _synth(data, train, test)
     skills = ["read_number", "read_small"]
     variants = {
         "Low-res": ("low-res", "demo-d", ["--max_tiles", "1"]),

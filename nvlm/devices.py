@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 DeviceMap = dict[str, Any]  # module-name prefix -> device (int = CUDA ordinal, or str / torch.device)
+DeviceLookup = Callable[[str], torch.device]  # parameter name -> its device
 
 
 def split_model(num_layers: int, num_gpus: int) -> DeviceMap:
@@ -41,9 +42,7 @@ def _as_device(d: Any) -> torch.device:
     return torch.device("cuda", d) if isinstance(d, int) else torch.device(d)
 
 
-def resolve_device_map(
-    model: torch.nn.Module, device: str | torch.device | DeviceMap | None
-) -> Callable[[str], torch.device]:
+def resolve_device_map(model: torch.nn.Module, device: str | torch.device | DeviceMap | None) -> DeviceLookup:
     """A function from parameter name to its device.
 
     ``None``/"cpu": everything on the CPU. A device: everything there. "auto": split across all visible

@@ -25,19 +25,17 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
 
 from nvlm.models.cache import KVCache
 from nvlm.models.llm import position_ids_from_mask
+from nvlm.models.nvlm import NVLMModel
+from nvlm.processor import Encoded, Processor
 from nvlm.sampling import SamplingParams, no_placeholder, penalize_repetition, sample
 from nvlm.tokenizer import StreamDecoder
-
-if TYPE_CHECKING:
-    from nvlm.models.nvlm import NVLM
-    from nvlm.processor import Encoded, Processor
 
 _ids = itertools.count()
 
@@ -87,7 +85,7 @@ class _Group:
 
 
 class Engine:
-    def __init__(self, model: "NVLM", processor: "Processor | None" = None, max_batch: int = 32) -> None:
+    def __init__(self, model: NVLMModel, processor: "Processor | None" = None, max_batch: int = 32) -> None:
         self.model, self.processor, self.max_batch = model, processor, max_batch
         self.waiting: deque[_Group] = deque()
         self.running: list[Sequence] = []

@@ -7,20 +7,18 @@ into (B, n) new-token ids. The settings are ``nvlm.sampling.SamplingParams``' fi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import torch
 
 from nvlm.engine import Engine, first_error
 from nvlm.models.cache import MEMORY_INPUTS
+from nvlm.models.nvlm import NVLMModel
 from nvlm.sampling import SamplingParams
-
-if TYPE_CHECKING:
-    from nvlm.models.nvlm import NVLM
 
 
 def stream(
-    model: "NVLM",
+    model: NVLMModel,
     input_ids: torch.Tensor,  # (B, T), left-padded
     pixel_values: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,  # (B, T)
@@ -49,7 +47,7 @@ def stream(
 
 
 def generate(
-    model: "NVLM",
+    model: NVLMModel,
     input_ids: torch.Tensor,
     pixel_values: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,

@@ -26,6 +26,7 @@ import torch
 from tokenizers import normalizers
 
 from nvlm.config import ConfigError, NVLMConfig, read_json_object
+from nvlm.hf_config import from_json_file, model_dir
 from nvlm.image import ImageProcessor, load_image
 from nvlm.template import IMAGE_PLACEHOLDER, PromptError, Rendered, check_text, render
 from nvlm.tokenizer import Tokenizer
@@ -78,10 +79,8 @@ class Processor:
         ``chat_template`` None: the directory's own prompt format (``nvlm_prompt_format`` in
         preprocessor_config.json, "checkpoint" for a model converted from Megatron-Core), else "nvlm".
         """
-        from nvlm.checkpoint import model_dir
-
         path = model_dir(path)
-        cfg = NVLMConfig.from_json_file(path / "config.json")
+        cfg = from_json_file(path / "config.json")
         tiling = {"max_tiles": cfg.max_tiles, "min_tiles": cfg.min_tiles, "use_thumbnail": cfg.use_thumbnail}
         pre = path / "preprocessor_config.json"
         data: dict[str, Any] = read_json_object(pre) if pre.is_file() else {}

@@ -31,6 +31,13 @@ TEMPLATE = "template"  # the role of scaffolding text
 IMAGE_PLACEHOLDER = "<image>"
 NVLM_SYSTEM = "Answer the questions."
 END_OF_TURN = "<|im_end|>"
+# Megatron's qwen2p0 chat format (EVAL_SPEC 1.1), used by eval's nvlm profile and by a model converted from
+# Megatron-Core: a newline after every <|im_end|>, unlike the released chat() format (the processor's "nvlm"
+# template) that the official profile uses.
+MEGATRON_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 class PromptError(ValueError):

@@ -8,6 +8,8 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/reference/* are importab
 
 from reference.hf_nvlm_d import Reference, write_nvlm_d_checkpoint  # noqa: E402
 
+from nvlm.hf_config import to_hf
+
 IMAGE_TOKEN_ID = 500  # a tiny vocabulary's image placeholder id, for tests that build input ids by hand
 
 torch.set_num_threads(2)
@@ -44,11 +46,11 @@ def tiny_d_config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory with the tiny-d preset's config.json and the tiny tokenizer, no weights: enough for a Processor."""
     import json
 
-    from nvlm.config import preset
+    from nvlm.presets import preset
     from nvlm.tokenizer import build_tiny_tokenizer
 
     d = tmp_path_factory.mktemp("tiny-d")
-    (d / "config.json").write_text(json.dumps(preset("tiny-d").to_hf()))
+    (d / "config.json").write_text(json.dumps(to_hf(preset("tiny-d"))))
     build_tiny_tokenizer().save(d)
     return d
 

@@ -14,15 +14,14 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from train_data import write_colors
 
 from nvlm import Processor
-from nvlm.config import preset
 from nvlm.data.blend import Source
 from nvlm.data.loader import Loader
 from nvlm.image import ImageProcessor
+from nvlm.presets import preset
 from nvlm.tokenizer import build_tiny_tokenizer
-
-from train_data import write_colors
 
 SEQ_LEN, ROWS = 96, 2
 

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nvlm.config import NVLMConfig, preset
+from nvlm.config import NVLMConfig
+from nvlm.presets import preset
 
 Ranks = dict[tuple[int, int], dict[str, Any]]  # (tp rank, pp rank) -> the rank's "model" dict
 

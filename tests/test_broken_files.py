@@ -219,7 +219,8 @@ def test_a_hugging_face_cache_snapshot_with_links_into_its_blobs_loads(tiny_mode
 def test_absurd_sizes_are_refused_by_validate_before_anything_is_built():
     from dataclasses import replace
 
-    from nvlm.config import LIMITS, preset
+    from nvlm.config import LIMITS
+    from nvlm.presets import preset
 
     tiny = preset("tiny-d")
     for bad in (replace(tiny, llm=replace(tiny.llm, num_layers=10**7)),

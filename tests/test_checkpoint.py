@@ -7,15 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import IMAGE_TOKEN_ID
+from reference.hf_nvlm_d import released_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import IMAGE_TOKEN_ID
-from nvlm import NVLMConfig, preset
+from nvlm import preset
 from nvlm.checkpoint import CheckpointError
 from nvlm.config import ConfigError
-from nvlm.models.nvlm import NVLM
-from reference.hf_nvlm_d import released_config
+from nvlm.hf_config import from_hf, from_json_file, to_hf
+from nvlm.pretrained import NVLM
 
 
 def _all_tensors(path):
@@ -38,7 +39,7 @@ def test_released_config_reads_to_the_preset():
                              bos_token_id=151643, eos_token_id=151645)  # fmt: skip
     cfg["torch_dtype"] = "bfloat16"
     del cfg["image_token_id"]
-    assert NVLMConfig.from_hf(cfg) == preset("nvlm-d-72b")
+    assert from_hf(cfg) == preset("nvlm-d-72b")
     assert preset("nvlm-d-72b").tokens_per_tile == 256
     assert preset("nvlm-d-72b").projector.hidden_size == 29568
 
@@ -153,7 +154,7 @@ def test_unparsable_config_and_no_weights(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         NVLM.from_pretrained(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps(preset("tiny-d").to_hf()))
+    (tmp_path / "config.json").write_text(json.dumps(to_hf(preset("tiny-d"))))
     with pytest.raises(CheckpointError, match="no model.safetensors.index.json"):
         NVLM.from_pretrained(tmp_path)
 
@@ -170,7 +171,7 @@ RELEASED = Path(__file__).parent / "fixtures" / "nvlm-d-72b"
 
 
 def test_from_hf_on_the_released_config_json():
-    cfg = NVLMConfig.from_json_file(RELEASED / "config.json")
+    cfg = from_json_file(RELEASED / "config.json")
     assert cfg == preset("nvlm-d-72b")
     assert cfg.llm.rope_scaling == {"factor": 3.0, "type": "dynamic"} and not cfg.llm.dynamic_rope
 
@@ -179,7 +180,7 @@ def test_released_index_names_exactly_the_model_tensors():
     """Every tensor name of the 46-shard index is a tensor of the 72B model built on meta, and back."""
     index = json.loads((RELEASED / "model.safetensors.index.json").read_text())
     with torch.device("meta"):
-        model = NVLM(NVLMConfig.from_json_file(RELEASED / "config.json"))
+        model = NVLM(from_json_file(RELEASED / "config.json"))
     assert set(index["weight_map"]) == set(model.state_dict())
     assert len(set(index["weight_map"].values())) == 46
 
@@ -189,7 +190,7 @@ def test_checkpoint_chat_template_is_the_released_one(tmp_path):
     from nvlm.processor import Processor
     from nvlm.tokenizer import build_tiny_tokenizer
 
-    (tmp_path / "config.json").write_text(json.dumps(preset("tiny-d").to_hf()))
+    (tmp_path / "config.json").write_text(json.dumps(to_hf(preset("tiny-d"))))
     build_tiny_tokenizer().save(tmp_path)
     shutil.copy(RELEASED / "tokenizer_config.json", tmp_path / "tokenizer_config.json")
     processor = Processor.from_pretrained(tmp_path, chat_template="checkpoint")

@@ -72,7 +72,7 @@ def test_nvlm_chat_answers_from_the_trained_model(run):
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
     from nvlm import Chat
-    from nvlm.models.nvlm import NVLM
+    from nvlm.pretrained import NVLM
     from nvlm.processor import Processor
 
     model = run / "model"

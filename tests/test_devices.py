@@ -6,11 +6,11 @@ from dataclasses import replace
 
 import pytest
 import torch
-
 from conftest import open_gates
+
 from nvlm import preset
 from nvlm.devices import resolve_device_map, split_model
-from nvlm.models.nvlm import NVLM
+from nvlm.pretrained import NVLM
 
 LAYERS, GPUS = 8, 3
 

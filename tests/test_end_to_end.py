@@ -5,12 +5,13 @@ import sys
 
 import pytest
 import torch
+from conftest import IMAGE_TOKEN_ID
 from PIL import Image
 
-from conftest import IMAGE_TOKEN_ID
 from nvlm import preset
 from nvlm.chat import Chat
-from nvlm.models.nvlm import ImageTokenMismatch, NVLM
+from nvlm.models.nvlm import ImageTokenMismatch
+from nvlm.pretrained import NVLM
 from nvlm.processor import Processor
 from nvlm.tokenizer import build_tiny_tokenizer
 

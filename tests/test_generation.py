@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-
 from conftest import IMAGE_TOKEN_ID
+
 from nvlm.generation import stream
-from nvlm.sampling import SamplingParams, sample
 from nvlm.models.cache import KVCache
-from nvlm.models.nvlm import NVLM
+from nvlm.pretrained import NVLM
+from nvlm.sampling import SamplingParams, sample
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from reference.model_card import dynamic_preprocess, find_closest_aspect_ratio  
 from reference.model_card import load_image as card_load_image  # noqa: E402
 
 import nvlm.image as nvlm_image  # noqa: E402
-from nvlm.config import preset  # noqa: E402
+from nvlm.presets import preset  # noqa: E402
 from nvlm.image import DEFAULT_MAX_PIXELS, ImageError, ImageProcessor, load_image  # noqa: E402
 
 RNG = np.random.default_rng(1234)

@@ -10,15 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from mcore_fixtures import megatron_logits, megatron_tensors, read_megatron, save_megatron, tiny_config, write_megatron
 from PIL import Image
 
-from mcore_fixtures import megatron_logits, megatron_tensors, read_megatron, save_megatron, tiny_config, write_megatron
 from nvlm.checkpoint import CheckpointError, iter_checkpoint
 from nvlm.cli import main
-from nvlm.eval.tasks.base import MEGATRON_TEMPLATE
+from nvlm.hf_config import to_hf
 from nvlm.mcore import convert_to_hf, convert_to_mcore
-from nvlm.models.nvlm import NVLM
+from nvlm.pretrained import NVLM
 from nvlm.processor import Processor
+from nvlm.template import MEGATRON_TEMPLATE
 from nvlm.tokenizer import Tokenizer, build_tiny_tokenizer
 
 CFG = tiny_config()
@@ -35,7 +36,7 @@ def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def cfg_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
     f = tmp_path_factory.mktemp("cfg") / "config.json"
-    f.write_text(json.dumps(CFG.to_hf()))
+    f.write_text(json.dumps(to_hf(CFG)))
     return f
 
 

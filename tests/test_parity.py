@@ -1,9 +1,9 @@
 """NVLM-D against an independent reference: transformers' Qwen2ForCausalLM and InternVL vision tower."""
 
 import torch
-
 from conftest import IMAGE_TOKEN_ID
-from nvlm.models.nvlm import NVLM
+
+from nvlm.pretrained import NVLM
 
 T = 4  # image tokens per 56-px crop
 

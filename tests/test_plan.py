@@ -16,14 +16,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nvlm import NVLM
 from nvlm.cli import main
-from nvlm.config import preset
 from nvlm.data.labels import IGNORE, encode_example
 from nvlm.data.packing import collate
+from nvlm.hf_config import to_hf
 from nvlm.image import ImageProcessor
+from nvlm.presets import preset
 from nvlm.processor import Processor
 from nvlm.tokenizer import build_tiny_tokenizer
 from nvlm.train.config import TrainConfig
-from nvlm.train.plan import CPU, GPU, resolved, count_activations, meta_model, plan, smallest_fit
+from nvlm.train.plan import CPU, GPU, count_activations, meta_model, plan, resolved, smallest_fit
 from nvlm.train.stages import set_trainable
 
 ROOT = Path(__file__).parent.parent
@@ -150,7 +151,7 @@ def test_checkpointing_keeps_far_fewer_activations():
 def test_cli_plans_from_a_config_json_alone(tmp_path, capsys):
     init = tmp_path / "model"
     init.mkdir()
-    (init / "config.json").write_text(json.dumps(preset("tiny-d").to_hf()))  # no weights, no tokenizer
+    (init / "config.json").write_text(json.dumps(to_hf(preset("tiny-d"))))  # no weights, no tokenizer
     args = ["train", "--config", str(RECIPES / "tiny-d-sft.yaml"), "--init", str(init), "--plan"]
     assert main(args) == 0
     out = capsys.readouterr().out

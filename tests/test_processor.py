@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from nvlm.config import ConfigError, preset
+from nvlm.config import ConfigError
+from nvlm.presets import preset
 from nvlm.processor import Processor
 from nvlm.template import PromptError
 
@@ -181,7 +182,7 @@ def test_save_and_reload(proc: Processor, model_dir: Path, tmp_path: Path) -> No
 
 
 def test_inputs_drive_the_model(proc: Processor) -> None:
-    from nvlm.models.nvlm import NVLM
+    from nvlm.pretrained import NVLM
 
     torch.manual_seed(0)
     model = NVLM(replace(preset("tiny-d"), image_token_id=proc.image_token_id)).eval()

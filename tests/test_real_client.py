@@ -10,6 +10,7 @@ import nvlm.chat
 from nvlm import preset
 from nvlm.chat import Chat
 from nvlm.engine import Sequence, Update
+from nvlm.hf_config import from_hf, to_hf
 from nvlm.models.llm import LanguageModel
 from nvlm.processor import Processor
 from nvlm.tokenizer import StreamDecoder
@@ -102,4 +103,4 @@ def test_dynamic_rope_needs_a_dynamic_rope_scaling():
     with pytest.raises(ConfigError, match="dynamic_rope needs rope_scaling"):
         replace(preset("tiny-d"), llm=replace(preset("tiny-d").llm, dynamic_rope=True)).validate()
     cfg = replace(preset("nvlm-d-72b"), llm=replace(preset("nvlm-d-72b").llm, dynamic_rope=True)).validate()
-    assert type(cfg).from_hf(cfg.to_hf()) == cfg  # kept in config.json's llm_config
+    assert from_hf(to_hf(cfg)) == cfg  # kept in config.json's llm_config

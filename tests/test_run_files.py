@@ -83,7 +83,7 @@ def test_a_failed_final_save_leaves_the_previous_model_whole(tiny, tmp_path, mon
             f.write(b"\0" * 100)  # a shard cut short
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("nvlm.checkpoint.save_file", full_disk)
+    monkeypatch.setattr("nvlm.pretrained.save_file", full_disk)
     with pytest.raises(OSError, match="No space left"):
         _save_final(changed, processor, path, rank=0)
     monkeypatch.undo()

@@ -11,17 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from train_data import COLORS, write_colors
 
 from nvlm import NVLM, Processor
-from nvlm.checkpoint import load_parts
-from nvlm.config import preset
 from nvlm.data.labels import IGNORE, encode_example
 from nvlm.data.packing import collate
 from nvlm.data.records import to_messages
+from nvlm.hf_config import from_hf
+from nvlm.presets import preset
+from nvlm.pretrained import load_parts
 from nvlm.train.config import TrainConfig
 from nvlm.train.loop import train
 from nvlm.train.stages import set_trainable
-from train_data import COLORS, write_colors
 
 PY = sys.executable
 
@@ -126,11 +127,11 @@ def test_a_recipe_can_name_what_trains_instead_of_the_stage():
 
 def test_training_from_random_weights_draws_the_llm_as_transformers_does():
     """initializer_range 0.02 for every linear and embedding weight (PyTorch's embeddings have std 1)."""
+    import tempfile
+
+    from nvlm.tokenizer import build_tiny_tokenizer
     from nvlm.train.config import TrainConfig
     from nvlm.train.loop import build
-    from nvlm.tokenizer import build_tiny_tokenizer
-
-    import tempfile
 
     with tempfile.TemporaryDirectory() as tok:
         build_tiny_tokenizer().save(tok)
@@ -197,10 +198,9 @@ def test_start_from_a_vit_and_an_llm_checkpoint(reference, tmp_path):
     (tmp_path / "vit").mkdir()
     (tmp_path / "vit.safetensors").rename(tmp_path / "vit" / "model.safetensors")
     from reference.hf_nvlm_d import released_config
-    from nvlm.config import NVLMConfig
 
     for arch in "DXH":
-        cfg = NVLMConfig.from_hf(released_config(500)).with_arch(arch)
+        cfg = from_hf(released_config(500)).with_arch(arch)
         model = load_parts(cfg, tmp_path / "vit", tmp_path / "llm")
         ours = model.state_dict()
         for k, v in sd.items():
@@ -217,6 +217,7 @@ def test_activation_checkpointing_keeps_loss_and_gradients(tiny_model_dir):
     """NVLM-X with images in its cross-attention memory (gates open, so the blocks shape the output): the same
     loss and gradients with activation checkpointing, the cross-attention blocks' own gradients included."""
     from conftest import open_gates
+
     from nvlm.train.distributed import apply_activation_checkpointing
 
     torch.manual_seed(0)

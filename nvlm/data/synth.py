@@ -23,12 +23,12 @@ import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from PIL import Image, ImageDraw, ImageFont
 
-if TYPE_CHECKING:
-    from nvlm.tokenizer import Tokenizer
+from nvlm.data.records import CAPTION_PROMPT, VQA_PROMPT
+from nvlm.tokenizer import _TINY_CORPUS, TINY_BASE_VOCAB, Tokenizer, train_tokenizer
 
 COLORS = {"red": (210, 30, 30), "green": (30, 150, 40), "blue": (30, 60, 210), "black": (15, 15, 15),
           "orange": (235, 130, 20), "purple": (130, 40, 170)}  # fmt: skip
@@ -277,15 +277,11 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), progress: Callab
 def train_demo_tokenizer(out: str | Path) -> "Tokenizer":
     """A tokenizer trained on the data set's text (plus a little general English and the tile tags), with
     the tiny presets' ids for ``<|im_end|>`` (491) and the image placeholder ``<|vision_pad|>`` (500)."""
-    from nvlm.tokenizer import _TINY_CORPUS, TINY_BASE_VOCAB, train_tokenizer
-
     return train_tokenizer(corpus(out) + _TINY_CORPUS.splitlines(), TINY_BASE_VOCAB)
 
 
 def corpus(out: str | Path) -> list[str]:
     """Every text of the data set (prompts, captions, answers), for training its tokenizer."""
-    from nvlm.data.records import CAPTION_PROMPT, VQA_PROMPT
-
     out = Path(out)
     lines = [CAPTION_PROMPT, VQA_PROMPT, READ_NUMBER, READ_WORD]
     for name in ("pretrain.jsonl", "sft.jsonl", "text.jsonl"):

@@ -9,13 +9,12 @@ import argparse
 import logging
 import sys
 
+from nvlm.eval.runner import EvalConfig, evaluate, markdown, rank_world
+from nvlm.eval.tasks import TASKS, get_task
 from nvlm.quant import add_quantize_argument
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from nvlm.eval.runner import EvalConfig, evaluate, markdown, rank_world
-    from nvlm.eval.tasks import TASKS, get_task
-
     if args.list_tasks:
         for name, task in TASKS.items():
             print(f"{name:20s} {task.dirname}/  ({task.split})")
@@ -26,17 +25,22 @@ def _eval(args: argparse.Namespace) -> int:
     names: list[str] = []
     for t in (t.strip() for t in args.tasks.split(",")):
         names += list(TASKS) if t == "all" else [t] if t else []
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="nvlm eval: %(message)s", stream=sys.stderr)
     cfg = EvalConfig(model=args.model, tasks=names, data=args.data, out=args.out, limit=args.limit,
                      profile=args.profile, max_tiles=args.max_tiles, dtype=args.dtype, device=args.device,
                      quantize=args.quantize, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                      merge_timeout=args.merge_timeout)  # fmt: skip
+    return run(cfg)
+
+
+def run(cfg: EvalConfig) -> int:
+    """``nvlm eval`` of ``cfg``: evaluate, print the results table (rank 0); 1 when a task failed, else 0."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="nvlm eval: %(message)s", stream=sys.stderr)
     results = evaluate(cfg)
     if rank_world()[0] != 0:
         return 0
     print(markdown(results), end="")
-    failed = [n for n in names if "error" in results["tasks"].get(get_task(n).name, {})]
+    failed = [n for n in cfg.tasks if "error" in results["tasks"].get(get_task(n).name, {})]
     return 1 if failed else 0
 
 

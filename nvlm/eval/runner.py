@@ -24,16 +24,20 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
+import torch
+
+from nvlm.engine import Engine, first_error
 from nvlm.eval.paper import COLUMNS, PAPER
 from nvlm.eval.tasks import PROFILES, ParquetImage, Prompt, Sample, Task, get_task
-from nvlm.eval.tasks.base import MEGATRON_TEMPLATE, DataError, resolve_image
-from nvlm.image import ImageError
-
-if TYPE_CHECKING:
-    from nvlm.models.nvlm import NVLM
-    from nvlm.processor import Processor
+from nvlm.eval.tasks.base import DataError, resolve_image
+from nvlm.hf_config import model_dir
+from nvlm.image import ImageError, ImageProcessor, load_image
+from nvlm.pretrained import NVLM
+from nvlm.processor import Processor
+from nvlm.sampling import SamplingParams
+from nvlm.template import MEGATRON_TEMPLATE
 
 log = logging.getLogger("nvlm.eval")
 
@@ -82,8 +86,6 @@ def shard(samples: Sequence[Sample], rank: int, world: int) -> list[Sample]:
 
 def model_fingerprint(path: str | Path) -> str:
     """The model directory and its files' names, sizes and modification times."""
-    from nvlm.checkpoint import model_dir
-
     path = model_dir(path).resolve()
     h = hashlib.sha256(str(path).encode())
     for f in sorted(path.iterdir()):
@@ -214,10 +216,6 @@ def generate_batch(
     A prompt with several images gives each ``max(1, max_tiles // n)`` tiles, as Megatron's multi-image
     MMMU path does, so that seven images do not make a 12k-token prompt.
     """
-    from nvlm.engine import Engine, first_error
-    from nvlm.image import load_image
-    from nvlm.sampling import SamplingParams
-
     rows, pixels = [], []
     for p in prompts:
         text = processor.render(_messages(p), chat_template=template).text if p.chat else p.text
@@ -242,7 +240,6 @@ def _tiler(processor: "Processor", n_images: int) -> Any:
     base = processor.image_processor
     if n_images <= 1:
         return base
-    from nvlm.image import ImageProcessor
 
     tiles = max(1, base.max_tiles // n_images)
     return ImageProcessor(base.tile_size, tiles, base.use_thumbnail, min(base.min_tiles, tiles))
@@ -518,11 +515,6 @@ def _dtype_name(model: "NVLM") -> str:
 
 
 def load(cfg: EvalConfig) -> tuple["NVLM", "Processor"]:
-    import torch
-
-    from nvlm.models.nvlm import NVLM
-    from nvlm.processor import Processor
-
     device = cfg.device
     if device is None and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"

@@ -10,11 +10,10 @@ import argparse
 from typing import Any
 
 from nvlm.checkpoint import CheckpointError, model_dir
+from nvlm.mcore import convert_to_hf, convert_to_mcore, is_mcore
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from nvlm.mcore import convert_to_hf, convert_to_mcore, is_mcore
-
     src_format = "mcore" if is_mcore(args.src) else "hf"
     if src_format == "hf":
         model_dir(args.src)  # a clear error when it is no directory at all

@@ -19,13 +19,19 @@ from typing import Any, Iterator
 
 import torch
 
-from nvlm.checkpoint import CheckpointError, VIT_ATTENTION, pad_vit_attention
-from nvlm.config import NVLMConfig, PRESETS, preset
+from nvlm.checkpoint import VIT_ATTENTION, CheckpointError, pad_vit_attention
+from nvlm.config import NVLMConfig
+from nvlm.hf_config import from_json_file, to_hf
+from nvlm.image import ImageProcessor
 from nvlm.mcore.args import config_from_args
 from nvlm.mcore.layout import scan
 from nvlm.mcore.names import Geometry, Rule, merge_into, rules
 from nvlm.mcore.pickle import RankFile, TensorRef
 from nvlm.mcore.shards import write_sharded
+from nvlm.mcore.vocab import for_megatron_model
+from nvlm.models.nvlm import NVLMModel
+from nvlm.presets import PRESETS, preset
+from nvlm.processor import Processor
 
 NUM_LM_PREFIX = "language_model.decoder.layers."
 LM_LAYER = re.compile(rf"^{re.escape(NUM_LM_PREFIX)}(\d+)\.(.+)$")
@@ -39,7 +45,7 @@ def base_config(config: str | Path | NVLMConfig | None) -> NVLMConfig:
     if config is None or str(config) in PRESETS:
         return preset(str(config or DEFAULT_CONFIG))
     path = Path(config)
-    return NVLMConfig.from_json_file(path / "config.json" if path.is_dir() else path)
+    return from_json_file(path / "config.json" if path.is_dir() else path)
 
 
 class McoreCheckpoint:
@@ -199,8 +205,6 @@ class McoreCheckpoint:
 def prepare_tokenizer(path: str | Path, cfg: NVLMConfig) -> tuple[Any, NVLMConfig]:
     """The tokenizer of ``path`` made ready for the converted model (see ``nvlm.mcore.vocab``), and ``cfg`` with
     its image token's id."""
-    from nvlm.mcore.vocab import for_megatron_model
-
     tok = for_megatron_model(path, cfg)
     return tok, replace(cfg, image_token_id=tok.token_to_id(cfg.image_token)).validate()
 
@@ -208,46 +212,11 @@ def prepare_tokenizer(path: str | Path, cfg: NVLMConfig) -> tuple[Any, NVLMConfi
 # ----------------------------------------------------------------------------------------- outputs
 
 
-def load_mcore(
-    path: str | Path,
-    tokenizer: str | Path | None = None,
-    config: str | Path | NVLMConfig | None = None,
-    dtype: torch.dtype | str | None = None,
-    device: Any = None,
-    arch: str | None = None,
-) -> torch.nn.Module:
-    """An ``NVLM`` built from a Megatron-Core checkpoint in memory (tensor by tensor into a meta-device model).
-    ``tokenizer`` (a directory) sets the image token's id as ``convert_to_hf`` would write it."""
-    from nvlm.checkpoint import _empty, _finish, _place, _resolve_dtype
-
-    if arch not in (None, "D"):
-        raise CheckpointError(f"{path}: a Megatron-Core NVLM is an NVLM-D; convert it, then load it with arch={arch!r}")
-
-    ckpt = McoreCheckpoint(path, config)
-    try:
-        cfg = ckpt.config if tokenizer is None else prepare_tokenizer(tokenizer, ckpt.config)[1]
-        torch_dtype = _resolve_dtype(dtype, cfg)
-        model, device_map, params = _empty(cfg, device)
-        loaded: set[str] = set()
-        for rule, tensors in ckpt.tensors():
-            for name, t in zip(rule.ours, tensors):
-                _place(model, params[name], name, t, device_map(name), torch_dtype, ckpt.layout.root)
-                loaded.add(name)
-        _finish(model, params, loaded, (), device_map, torch_dtype, ckpt.layout.root)
-    finally:
-        ckpt.close()
-    model.name_or_path = str(path)
-    return model.eval()
-
-
 def convert_to_hf(src: str | Path, dst: str | Path, tokenizer: str | Path, config: str | Path | NVLMConfig | None = None,
                   max_shard_size: int = 5 * 1024**3) -> NVLMConfig:  # fmt: skip
     """Write ``dst`` in the NVLM-D-72B layout (config, sharded safetensors + index, tokenizer, preprocessor)
     from the Megatron checkpoint ``src``, streaming one tensor at a time. Everything is checked before ``dst``
     is touched; ``dst`` must be new or empty."""
-    from nvlm.image import ImageProcessor
-    from nvlm.processor import Processor
-
     dst = Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise CheckpointError(f"{dst}: exists and is not an empty directory; give a new one")
@@ -258,7 +227,7 @@ def convert_to_hf(src: str | Path, dst: str | Path, tokenizer: str | Path, confi
         dst.mkdir(parents=True, exist_ok=True)
         try:
             write_sharded(groups, dst, max_shard_size)
-            (dst / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
+            (dst / "config.json").write_text(json.dumps(to_hf(cfg), indent=2) + "\n")
             images = ImageProcessor(tile_size=cfg.tile_size, max_tiles=cfg.max_tiles, min_tiles=cfg.min_tiles,
                                     use_thumbnail=cfg.use_thumbnail)  # fmt: skip
             Processor(tok, images, cfg, chat_template="checkpoint").save_pretrained(dst)  # Megatron's format
@@ -273,10 +242,8 @@ def convert_to_hf(src: str | Path, dst: str | Path, tokenizer: str | Path, confi
 def _groups(ckpt: McoreCheckpoint, cfg: NVLMConfig) -> list[Any]:
     """Per rule: our tensors' names, shapes (ViT attention with its dummy heads, as released) and dtype, and
     the function that merges and converts them."""
-    from nvlm.models.nvlm import NVLM
-
     with torch.device("meta"):
-        shapes = {n: p for n, p in NVLM(cfg).named_parameters()}
+        shapes = {n: p for n, p in NVLMModel(cfg).named_parameters()}
     head_dim = cfg.vision.head_dim
 
     def released(name: str, t: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, pre_tokenizers
 
 from nvlm.config import NVLMConfig
-from nvlm.eval.tasks.base import MEGATRON_TEMPLATE
+from nvlm.template import MEGATRON_TEMPLATE
 from nvlm.tokenizer import Tokenizer, TokenizerError
 
 

@@ -13,23 +13,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from nvlm.config import NVLMConfig
-from nvlm.generation import generate
 from nvlm.models.cache import KVCache, Memory, assemble_memory
 from nvlm.models.llm import LanguageModel, attention_mask_4d, position_ids_from_mask
 from nvlm.models.projector import Projector, pixel_shuffle
 from nvlm.models.vision import InternViT
 from nvlm.models.xattn import GatedCrossAttentionBlock
-from nvlm.quant import QuantConfig
-
-if TYPE_CHECKING:
-    from nvlm.processor import Processor
 
 
 class ImageTokenMismatch(ValueError):
@@ -41,10 +34,11 @@ class NVLMOutput:
     logits: torch.Tensor  # (B, T, vocab)
 
 
-# The processor's outputs that feed the cross-attention memory (NVLM-X and NVLM-H).
+class NVLMModel(nn.Module):
+    """The network: the vision path, the LLM and (X, H) the cross-attention blocks, under the released
+    checkpoint's module names. Its public face, with ``from_pretrained`` and ``generate``, is ``nvlm.NVLM``
+    (``nvlm.pretrained``), a subclass; this module imports nothing above the model."""
 
-
-class NVLM(nn.Module):
     def __init__(self, config: NVLMConfig) -> None:
         super().__init__()
         self.config = config.validate()
@@ -55,8 +49,6 @@ class NVLM(nn.Module):
             blocks = config.xattn.layer_indices()
             self.xattn_layers = nn.ModuleList(GatedCrossAttentionBlock(config.llm, config.xattn) for _ in blocks)
             self._block_before = {layer: i for i, layer in enumerate(blocks)}  # decoder layer -> block
-        self.name_or_path: str | None = None  # the directory it was loaded from, if any
-        self.quantization: QuantConfig | None = None  # set when loaded with ``quantize=`` (nvlm.quant)
         # Training under FSDP2: every rank must run every sharded module in every step, or the ranks' gathers
         # fall out of step. Then a batch without images runs the vision path on one blank crop whose result
         # nothing reads (NVLM-D: weighted by zero; X/H: a memory no token attends), and NVLM-H's thumbnails
@@ -206,47 +198,3 @@ class NVLM(nn.Module):
         if memory.keep_kv:
             memory.kv[i] = (k, v)
         return x
-
-    @torch.inference_mode()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        **sampling: Any,
-    ) -> torch.Tensor:
-        """New token ids only, (B, n); finished rows are padded. See ``nvlm.generation.generate``."""
-        return generate(self, input_ids, pixel_values, attention_mask, **sampling)
-
-    # ----------------------------------------------------------------------------- checkpoints
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        dtype: torch.dtype | str | None = None,
-        device: str | torch.device | dict[str, Any] | None = None,
-        arch: str | None = None,
-        quantize: "str | QuantConfig | None" = None,
-        tokenizer: str | Path | None = None,
-        config: Any = None,
-    ) -> "NVLM":
-        """Load a directory in the NVLM-D-72B layout (config.json + sharded safetensors; ours for X and H).
-
-        ``arch="X"`` or ``"H"`` on an NVLM-D checkpoint builds that architecture from it, new modules fresh.
-        ``quantize="int8"``, ``"int4"`` or ``"fp8"`` (torchao, the ``quant`` extra) quantizes the decoder's and
-        cross-attention blocks' linears as they load; see ``nvlm.quant`` for what and where.
-        A Megatron-Core checkpoint directory loads too, with ``tokenizer`` (a directory) and ``config`` (its
-        ViT: a preset name or config.json, default ``nvlm-d-72b``): see ``nvlm.mcore``.
-        """
-        from nvlm.checkpoint import load_pretrained
-
-        return load_pretrained(path, dtype=dtype, device=device, arch=arch, quantize=quantize, tokenizer=tokenizer,
-                               config=config)  # fmt: skip
-
-    def save_pretrained(self, path: str | Path, processor: "Processor | None" = None, **kwargs: Any) -> None:
-        """Write the NVLM-D-72B layout (``architectures: ["NVLM_X"]``/``["NVLM_H"]`` for X and H), with the
-        tokenizer and processor files beside it."""
-        from nvlm.checkpoint import save_pretrained
-
-        save_pretrained(self, path, processor=processor, **kwargs)

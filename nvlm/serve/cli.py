@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from nvlm.pretrained import NVLM
+from nvlm.processor import Processor
 from nvlm.quant import add_quantize_argument
+from nvlm.serve.engine import EngineThread
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -15,9 +18,6 @@ def _serve(args: argparse.Namespace) -> int:
         from nvlm.serve.app import Limits, create_app
     except ImportError:
         raise ImportError("nvlm serve needs the server extra: pip install 'nvlm[server]'") from None
-    from nvlm.models.nvlm import NVLM
-    from nvlm.processor import Processor
-    from nvlm.serve.engine import EngineThread
 
     model = NVLM.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     processor = Processor.from_pretrained(args.model, max_tiles=args.max_tiles)

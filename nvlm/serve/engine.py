@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 
 from nvlm.engine import Engine, Sequence
+from nvlm.pretrained import NVLM
 from nvlm.processor import Encoded, Processor
 from nvlm.sampling import SamplingParams
-
-if TYPE_CHECKING:
-    from nvlm.models.nvlm import NVLM
 
 Emit = Callable[[str, Any], None]
 

@@ -7,35 +7,38 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import TYPE_CHECKING
+from pathlib import Path
 
-if TYPE_CHECKING:
-    from nvlm.train.config import TrainConfig
+from nvlm.train.config import TrainConfig
+from nvlm.train.distributed import teardown
+from nvlm.train.loop import train
+from nvlm.train.plan import format_table, model_config, plan, smallest_fit
 
 PLAN_FLAGS = ("devices", "device_memory", "devices_per_node", "hsdp", "json")
 
 
 def _train(args: argparse.Namespace) -> int:
-    from nvlm.train.config import TrainConfig
-
     cfg = TrainConfig.load(args.config, args.overrides)
     if args.plan:
         return _plan(cfg, args)
     given = [f"--{k.replace('_', '-')}" for k in PLAN_FLAGS if getattr(args, k) not in (None, False)]
     if given:
         raise ValueError(f"{', '.join(given)}: only with --plan")
-    from nvlm.train.distributed import teardown
-    from nvlm.train.loop import train
 
-    path = train(cfg)
-    teardown()
-    print(f"model saved to {path}")
+    run(cfg)
     return 0
 
 
-def _plan(cfg: "TrainConfig", args: argparse.Namespace) -> int:
-    from nvlm.train.plan import format_table, model_config, plan, smallest_fit
+def run(cfg: TrainConfig) -> Path:
+    """``nvlm train`` without ``--plan``: the training run of ``cfg``, its process group torn down after;
+    returns the directory of the saved model."""
+    path = train(cfg)
+    teardown()
+    print(f"model saved to {path}")
+    return path
 
+
+def _plan(cfg: "TrainConfig", args: argparse.Namespace) -> int:
     config = model_config(cfg)
     per_node = args.devices_per_node if args.devices_per_node is not None else 8
     memory = args.device_memory if args.device_memory is not None else 80.0

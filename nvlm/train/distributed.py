@@ -18,6 +18,9 @@ import resource
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed._composable import checkpoint
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
 def setup(device: str | None) -> tuple[int, int, torch.device]:
@@ -43,8 +46,6 @@ def teardown() -> None:
 
 def device_mesh(device: torch.device, shard_size: int | None):
     """The FSDP mesh: 1-D over all ranks, or 2-D (replicate, shard) for HSDP when ``shard_size`` is smaller."""
-    from torch.distributed.device_mesh import init_device_mesh
-
     world = dist.get_world_size()
     shard = shard_size or world
     if shard < 1 or world % shard:
@@ -70,7 +71,6 @@ def parallelize(model: nn.Module, mesh, compute_dtype: torch.dtype | None, activ
             block.compile()
     if mesh is None:
         return
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = (
         MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
@@ -95,8 +95,6 @@ def units(model: nn.Module) -> list[list[nn.Module]]:
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each block's activations in the backward pass instead of keeping them (the composable
     ``checkpoint``: module hooks, so names, ``forward`` and FSDP2 units are untouched)."""
-    from torch.distributed._composable import checkpoint
-
     for block in blocks(model):
         checkpoint(block)
 

@@ -10,6 +10,7 @@ as Megatron's ``calculate_per_token_loss``. Frozen parameters never reach the op
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from nvlm.data.loader import Loader, reshard
 from nvlm.data.packing import padding_fraction
 from nvlm.devices import return_freed_memory
 from nvlm.image import ImageProcessor
-from nvlm.models.nvlm import NVLM
+from nvlm.pretrained import NVLM
 from nvlm.processor import Processor
 from nvlm.tokenizer import Tokenizer
 from nvlm.train import distributed, state
@@ -213,8 +214,6 @@ class Metrics:
     """
 
     def __init__(self, out: Path, step: int, active: bool) -> None:
-        import os
-
         self.active = active
         if not active:
             return
@@ -242,9 +241,6 @@ class Metrics:
             self.tb = None
 
     def __call__(self, record: dict[str, Any], verbose: bool) -> None:
-        import errno
-        import os
-
         if not self.active:
             return
         data = (json.dumps(record) + "\n").encode()

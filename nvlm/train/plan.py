@@ -39,8 +39,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from nvlm.config import NVLMConfig, preset
+from nvlm.config import NVLMConfig
+from nvlm.hf_config import from_json_file, model_dir
+from nvlm.presets import preset
+from nvlm.pretrained import NVLM
 from nvlm.train.config import TrainConfig
+from nvlm.train.distributed import units
+from nvlm.train.stages import set_trainable
 
 GIB = 2**30
 _F32 = 4
@@ -126,13 +131,11 @@ class MemoryPlan:
 def model_config(train: TrainConfig) -> NVLMConfig:
     """The starting point's config: ``init``'s config.json (nothing else is read), else ``preset``; then
     ``arch``. An ``init`` that does not exist yet (the model of an earlier stage) needs ``preset`` to name it."""
-    from nvlm.checkpoint import model_dir
-
     config = None
     if train.init:
         path = Path(train.init)
         if path.is_dir():
-            config = NVLMConfig.from_json_file(model_dir(path) / "config.json")
+            config = from_json_file(model_dir(path) / "config.json")
         elif not train.preset:
             raise ValueError(f"{path}: no such directory (not trained yet?): name its model with --preset NAME")
     if config is None:
@@ -144,9 +147,6 @@ def model_config(train: TrainConfig) -> NVLMConfig:
 
 def meta_model(config: NVLMConfig, train: TrainConfig) -> nn.Module:
     """The model on the meta device (no memory, no weights) with the recipe's trainable set marked."""
-    from nvlm.models.nvlm import NVLM
-    from nvlm.train.stages import set_trainable
-
     with torch.device("meta"):
         model = NVLM(config)
     set_trainable(model, train.stage, train.trainable)
@@ -166,8 +166,6 @@ _Shapes = list[tuple[str, list[tuple[int, int, bool]]]]  # per unit: (dim-0 rows
 
 
 def _shapes(model: nn.Module) -> _Shapes:
-    from nvlm.train.distributed import units
-
     def rows(params: Any) -> list[tuple[int, int, bool]]:
         return [(p.shape[0] if p.dim() else 1, p.numel(), p.requires_grad) for p in params]
 

@@ -24,10 +24,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from nvlm.checkpoint import VIT_ATTENTION, CheckpointError, read_config, tensor_index, unpad_vit_attention
-from nvlm.config import NVLMConfig, preset
-from nvlm.models.nvlm import NVLM
+from nvlm.config import NVLMConfig
+from nvlm.presets import preset
+from nvlm.pretrained import NVLM
 from nvlm.tokenizer import Tokenizer
 from nvlm.train.config import TrainConfig
 
@@ -124,8 +126,6 @@ def set_dtypes(model: nn.Module, frozen: torch.dtype) -> None:
 
 def _rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The tensor this rank fills and the first global row it holds (FSDP2 shards dim 0 in ceil-sized chunks)."""
-    from torch.distributed.tensor import DTensor
-
     if not isinstance(param, DTensor):
         return param.data, 0
     local, start = param.to_local(), 0

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import csv
 import functools
+import gzip
 import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
+
+from nvlm.eval.metrics import first_line
 
 PROFILES = ("official", "nvlm")
 NVLM_SYSTEM = "Answer the questions."  # Megatron NVLM-1.0, every task
@@ -27,12 +30,6 @@ FOLLOW_SYSTEM = "Follow the user's instruction and answer questions."  # Megatro
 VQA_SUFFIX = "Answer the question using a single word or phrase."
 NUMBER_SUFFIX = "Answer the question using a single word, phrase, or number."
 LETTER_SUFFIX = "Answer with the option's letter from the given choices directly."
-# Megatron's qwen2p0 chat format (EVAL_SPEC 1.1), used by the nvlm profile: a newline after every <|im_end|>,
-# unlike the released chat() format (the processor's "nvlm" template) that the official profile uses.
-MEGATRON_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 class DataError(ValueError):
@@ -110,8 +107,6 @@ class Task:
     def postprocess(self, raw: str, profile: str) -> str:
         """The prediction kept from the raw decoded answer (first line only for the nvlm profile)."""
         if profile == "nvlm" and self.first_line:
-            from nvlm.eval.metrics import first_line
-
             return first_line(raw)
         return raw.strip()
 
@@ -244,8 +239,6 @@ def read_json(path: Path) -> Any:
 
 def read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     """(where, record) per non-empty line; ``.gz`` files are decompressed."""
-    import gzip
-
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         for n, line in enumerate(f, 1):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from nvlm.eval.metrics import cider
 from nvlm.eval.tasks.base import (
     NVLM_SYSTEM, DataError, Prompt, Sample, Task, check_unique, need, parquet_files, read_json, read_parquet,
 )  # fmt: skip
@@ -88,8 +89,6 @@ class Caption(Task):
         return text.rstrip(".").lower() if profile == "nvlm" else text
 
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
-        from nvlm.eval.metrics import cider
-
         value, _ = cider(list(predictions), [s.fields["references"] for s in samples])
         return {"CIDEr": 100.0 * value}
 

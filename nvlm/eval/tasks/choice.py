@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from nvlm.eval.metrics import choice_correct, normalize_vqa
 from nvlm.eval.tasks.base import (
     FOLLOW_SYSTEM, LETTER_SUFFIX, NVLM_SYSTEM, DataError, Prompt, Sample, Task, check_unique, letters, mean, need,
     options_block, parquet_files, read_parquet,
@@ -35,8 +36,6 @@ class _Choice(Task):
         return Prompt(self.system(profile), f"<image>\n{text}", list(sample.images))
 
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
-        from nvlm.eval.metrics import choice_correct
-
         return {"accuracy": mean([float(choice_correct(p, s.fields["answer"], options=s.fields["options"],
                                                        profile=profile))
                                   for p, s in zip(predictions, samples)])}  # fmt: skip
@@ -113,8 +112,6 @@ class RealWorldQA(_Choice):
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
         """Letter answers as multiple choice; other answers by exact match (VQA-normalised for nvlm, as
         Megatron HEAD; lower-cased without a final '.' for official, as lmms-eval)."""
-        from nvlm.eval.metrics import choice_correct, normalize_vqa
-
         hits = []
         for p, s in zip(predictions, samples):
             answer = s.fields["answer"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from nvlm.eval.metrics import normalize_vqa, vqa_accuracy
 from nvlm.eval.tasks.base import (
     NVLM_SYSTEM,
     DataError,
@@ -78,8 +79,6 @@ class JsonlTask(Task):
         return Prompt(NVLM_SYSTEM, text, list(sample.images))
 
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
-        from nvlm.eval.metrics import normalize_vqa, vqa_accuracy
-
         exact = [float(normalize_vqa(p) in {normalize_vqa(a) for a in s.fields["answers"]})
                  for p, s in zip(predictions, samples)]  # fmt: skip
         out = {"exact_match": mean(exact)}

@@ -26,6 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
+from nvlm.eval.metrics import MMMU_DOMAINS, mathvista_correct, mmmu_correct, mmmu_parse_choice
 from nvlm.eval.tasks.base import (
     LETTER_SUFFIX, NVLM_SYSTEM, VQA_SUFFIX, DataError, Prompt, Sample, Task, check_unique, letters, mean, need,
     options_block,
@@ -92,8 +93,6 @@ or data/validation-*.parquet, data/test-*.parquet          (HF lmms-lab/MMMU, al
         return Prompt(NVLM_SYSTEM, text, images)
 
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
-        from nvlm.eval.metrics import MMMU_DOMAINS, mmmu_correct
-
         rng = random.Random(42)  # MMMU seeds its random fallback once, then parses in order
         hits = [float(mmmu_correct(p, s.fields["question_type"], s.fields["answer"], s.fields["options"], rng=rng,
                                    profile=profile)) for p, s in zip(predictions, samples)]  # fmt: skip
@@ -108,7 +107,6 @@ or data/validation-*.parquet, data/test-*.parquet          (HF lmms-lab/MMMU, al
         """``{id: answer}`` as MMMU's EvalAI server takes it: the parsed letter for multiple choice."""
         if self.has_answers:
             return None
-        from nvlm.eval.metrics import mmmu_parse_choice
 
         rng, out = random.Random(42), {}
         for p, s in zip(predictions, samples):
@@ -162,8 +160,6 @@ class MathVista(Task):
         return Prompt(NVLM_SYSTEM if profile == "nvlm" else MATH_SYSTEM, f"<image>\n{text}", list(sample.images))
 
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
-        from nvlm.eval.metrics import mathvista_correct
-
         rng, hits = random.Random(42), []  # the nvlm profile's MMMU choice parser falls back at random
         for p, s in zip(predictions, samples):
             f = s.fields

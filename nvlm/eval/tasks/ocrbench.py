@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from nvlm.eval.metrics import ocrbench_match, ocrbench_totals
 from nvlm.eval.tasks.base import (
     FOLLOW_SYSTEM, NVLM_SYSTEM, DataError, Prompt, Sample, Task, check_unique, need, read_json,
 )  # fmt: skip
@@ -48,8 +49,6 @@ or data/test-*.parquet                           (HF echo840/OCRBench)"""
         return Prompt(system, f"<image>\n{sample.fields['question']}", list(sample.images))
 
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
-        from nvlm.eval.metrics import ocrbench_match, ocrbench_totals
-
         scores = [ocrbench_match(p, s.fields["answers"], s.fields["dataset_name"], profile=profile)
                   for p, s in zip(predictions, samples)]  # fmt: skip
         return {k: float(v) for k, v in ocrbench_totals(scores, [s.fields["type"] for s in samples]).items()}

@@ -16,6 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
+from nvlm.eval.metrics import choice_correct, gsm8k_correct, math_correct
+from nvlm.eval.sandbox import evaluate_humaneval
 from nvlm.eval.tasks.base import (
     LETTER_SUFFIX, NVLM_SYSTEM, DataError, Prompt, Sample, Task, check_unique, mean, need, options_block,
     parquet_files, read_csv, read_json, read_jsonl, read_parquet,
@@ -73,8 +75,6 @@ or all/test-*.parquet                            (HF cais/mmlu, config all: ques
         return Prompt(NVLM_SYSTEM, text)
 
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
-        from nvlm.eval.metrics import choice_correct
-
         return {"accuracy": mean([float(choice_correct(p, s.fields["answer"], options=s.fields["options"],
                                                        profile="official"))
                                   for p, s in zip(predictions, samples)])}  # fmt: skip
@@ -108,8 +108,6 @@ or main/test-*.parquet                           (HF openai/gsm8k, config main)"
         return Prompt(NVLM_SYSTEM, f"{sample.fields['question']}\n{BOXED}")
 
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
-        from nvlm.eval.metrics import gsm8k_correct
-
         return _solved(gsm8k_correct, predictions, samples)
 
 
@@ -142,8 +140,6 @@ or <config>/test-*.parquet                       (HF EleutherAI/hendrycks_math, 
         return Prompt(NVLM_SYSTEM, f"{sample.fields['problem']}\n{BOXED}")
 
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
-        from nvlm.eval.metrics import math_correct
-
         return _solved(math_correct, predictions, samples)
 
 
@@ -177,8 +173,6 @@ or openai_humaneval/test-*.parquet               (HF openai/openai_humaneval)"""
         return raw  # the completion's indentation matters
 
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
-        from nvlm.eval.sandbox import evaluate_humaneval
-
         result = evaluate_humaneval([s.fields for s in samples], [(s.id, p) for p, s in zip(predictions, samples)])
         return {"pass@1": 100.0 * result["pass@1"]}
 

@@ -14,6 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
+from nvlm.eval.metrics import anls, relaxed_accuracy, textvqa_accuracy, vqa_accuracy
 from nvlm.eval.tasks.base import (
     FOLLOW_SYSTEM, NUMBER_SUFFIX, NVLM_SYSTEM, VQA_SUFFIX, DataError, Prompt, Sample, Task, check_unique, mean,
     need, parquet_files, read_json, read_parquet,
@@ -95,8 +96,6 @@ or the official release (visualqa.org):
         return check_unique(out, str(d / questions))
 
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
-        from nvlm.eval.metrics import vqa_accuracy
-
         acc = [vqa_accuracy(p, s.fields["answers"], profile=profile) for p, s in zip(predictions, samples)]
         out = {"accuracy": mean(acc)}
         by_type: dict[str, list[float]] = defaultdict(list)
@@ -140,8 +139,6 @@ or the official release (textvqa.org):
         return check_unique(out, str(d))
 
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
-        from nvlm.eval.metrics import textvqa_accuracy
-
         return {"accuracy": mean([textvqa_accuracy(p, s.fields["answers"], profile=profile)
                                   for p, s in zip(predictions, samples)])}  # fmt: skip
 
@@ -197,8 +194,6 @@ or the RRC release (rrc.cvc.uab.es, Single Page DocVQA):
         return check_unique(out, str(path))
 
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
-        from nvlm.eval.metrics import anls
-
         return {"anls": mean([anls(p, s.fields["answers"], profile=profile) for p, s in zip(predictions, samples)])}
 
     def submission(self, predictions: Sequence[str], samples: Sequence[Sample]) -> tuple[str, str] | None:
@@ -238,8 +233,6 @@ or the original release (github.com/vis-nlp/ChartQA):
         return out
 
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
-        from nvlm.eval.metrics import relaxed_accuracy
-
         acc = [relaxed_accuracy(p, s.fields["answer"], profile=profile) for p, s in zip(predictions, samples)]
         out = {"relaxed_overall": mean(acc)}
         for kind in ("human", "augmented"):
