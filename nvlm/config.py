@@ -12,7 +12,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-Arch = Literal["D", "X", "H"]
+from nvlm.arch import ARCHITECTURES, Arch, Architecture, architecture
+
 LLMFamily = Literal["qwen2", "llama"]
 
 
@@ -143,6 +144,11 @@ class NVLMConfig:
     torch_dtype: str = "bfloat16"
 
     @property
+    def architecture(self) -> Architecture:
+        """What this architecture does with a prompt's image (``nvlm.arch``)."""
+        return ARCHITECTURES[self.arch]
+
+    @property
     def tile_size(self) -> int:
         return self.vision.image_size
 
@@ -158,7 +164,7 @@ class NVLMConfig:
         if problems:
             raise ConfigError("invalid NVLM config: " + "; ".join(problems))
         v, lm, p = self.vision, self.llm, self.projector
-        if self.arch not in ("D", "X", "H"):
+        if self.arch not in ARCHITECTURES:
             problems.append(f"arch must be D, X or H, not {self.arch!r}")
         if v.hidden_size % v.num_heads:
             problems.append(f"vision hidden_size {v.hidden_size} is not divisible by num_heads {v.num_heads}")
@@ -193,7 +199,9 @@ class NVLMConfig:
         if p.num_layers not in (1, 2):
             problems.append(f"projector num_layers must be 1 or 2, not {p.num_layers}")
         x = self.xattn
-        if self.arch != "D" and (x.num_layers < 1 or x.interval < 1 or x.layer_indices()[-1] >= lm.num_layers):
+        if ARCHITECTURES[self.arch].cross_attention and (
+            x.num_layers < 1 or x.interval < 1 or x.layer_indices()[-1] >= lm.num_layers
+        ):
             problems.append(f"{x.num_layers} cross-attention blocks every {x.interval} layers do not fit "
                             f"the LLM's {lm.num_layers} layers")  # fmt: skip
         if problems:
@@ -206,9 +214,10 @@ class NVLMConfig:
             return self
         v, lm = self.vision, self.llm
         projector = default_projector(v, lm, self.downsample_ratio, arch)
-        if arch != "X" and self.projector.num_layers == 2:
+        new = architecture(arch)
+        if new.projector_layers == 2 == self.projector.num_layers:
             projector = self.projector  # D <-> H share the two-layer projector
-        xattn = CrossAttentionConfig() if arch == "D" else default_xattn(lm)
+        xattn = default_xattn(lm) if new.cross_attention else CrossAttentionConfig()
         return replace(self, arch=arch, projector=projector, xattn=xattn).validate()
 
 
@@ -271,7 +280,7 @@ def default_projector(
 ) -> ProjectorConfig:
     """The released rule: ViT width x (1/ratio)^2 -> the LLM's FFN size -> the LLM's width (one layer for X)."""
     scale = round(1 / downsample_ratio)
-    layers = 1 if arch == "X" else 2
+    layers = architecture(arch).projector_layers
     return ProjectorConfig(
         vision.hidden_size * scale * scale, llm.intermediate_size, llm.hidden_size, num_layers=layers
     )

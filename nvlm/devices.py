@@ -55,7 +55,7 @@ def resolve_device_map(model: torch.nn.Module, device: str | torch.device | Devi
         single = _as_device(device or "cpu")
         return lambda name: single
     entries = sorted(((k, _as_device(v)) for k, v in device.items()), key=lambda kv: -len(kv[0]))
-    if model.config.arch != "D":  # a cross-attention block sits with the decoder layer it precedes
+    if model.config.architecture.cross_attention:  # a cross-attention block sits with the decoder layer it precedes
         layer_device = dict(entries)
         for i, layer in enumerate(model.config.xattn.layer_indices()):
             block, home = f"xattn_layers.{i}", f"language_model.model.layers.{layer}"

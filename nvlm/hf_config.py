@@ -13,6 +13,7 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
+from nvlm.arch import ARCHITECTURES, BY_HF_NAME
 from nvlm.config import (
     ConfigError,
     CrossAttentionConfig,
@@ -49,8 +50,7 @@ def from_hf(cfg: dict[str, Any]) -> NVLMConfig:
     with ``model_type: NVLM_D``); without it, ``model_type`` does."""
     try:
         arch_name = (cfg.get("architectures") or [cfg.get("model_type", "")])[0]
-        # "NVLM_D_Model": the class name that the released remote code's save_pretrained writes
-        arch = {"NVLM_D": "D", "NVLM_D_Model": "D", "NVLM_X": "X", "NVLM_H": "H"}.get(arch_name)
+        arch = BY_HF_NAME.get(arch_name)
         if arch is None:
             raise ConfigError(f"architectures {cfg.get('architectures')!r} is not NVLM_D, NVLM_X or NVLM_H")
         vc, lc = cfg["vision_config"], cfg["llm_config"]
@@ -101,7 +101,11 @@ def from_hf(cfg: dict[str, Any]) -> NVLMConfig:
         if not (is_number(ratio) and 0 < ratio <= 1):
             raise ConfigError(f"downsample_ratio must be in (0, 1], not {ratio!r}")
         projector = replace(default_projector(vision, llm, ratio, arch), **cfg.get("projector_config", {}))
-        xattn = replace(default_xattn(llm), **cfg.get("xattn_config", {})) if arch != "D" else CrossAttentionConfig()
+        xattn = (
+            replace(default_xattn(llm), **cfg.get("xattn_config", {}))
+            if ARCHITECTURES[arch].cross_attention
+            else CrossAttentionConfig()
+        )
         extra = {f.name: cfg[f.name] for f in fields(NVLMConfig) if f.name in TOP_LEVEL_OURS and f.name in cfg}
         return NVLMConfig(
             arch=arch,
@@ -130,7 +134,7 @@ def from_hf(cfg: dict[str, Any]) -> NVLMConfig:
 def to_hf(config: NVLMConfig) -> dict[str, Any]:
     """The ``config.json`` dict in the NVLM-D-72B layout (vision_config / llm_config nested)."""
     v, lm = config.vision, config.llm
-    name = f"NVLM_{config.arch}"
+    name = config.architecture.hf_names[0]
     out: dict[str, Any] = {
         "architectures": [name],
         "model_type": name,
@@ -187,7 +191,7 @@ def to_hf(config: NVLMConfig) -> dict[str, Any]:
             "use_flash_attn": False,
         },
     }
-    if config.arch == "D":
+    if config.architecture.released:  # the released remote code
         out["auto_map"] = {
             "AutoConfig": "configuration_nvlm_d.NVLM_D_Config",
             "AutoModel": "modeling_nvlm_d.NVLM_D_Model",
@@ -199,7 +203,7 @@ def to_hf(config: NVLMConfig) -> dict[str, Any]:
             out[name_] = getattr(config, name_)
     if config.projector != default_projector(v, lm, config.downsample_ratio, config.arch):
         out["projector_config"] = asdict(config.projector)
-    if config.arch != "D":
+    if config.architecture.cross_attention:
         out["xattn_config"] = asdict(config.xattn)
     return out
 

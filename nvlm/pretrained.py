@@ -155,11 +155,11 @@ def load_mcore(
 ) -> NVLM:
     """An ``NVLM`` built from a Megatron-Core checkpoint in memory (tensor by tensor into a meta-device model).
     ``tokenizer`` (a directory) sets the image token's id as ``convert_to_hf`` would write it."""
-    if arch not in (None, "D"):
-        raise CheckpointError(f"{path}: a Megatron-Core NVLM is an NVLM-D; convert it, then load it with arch={arch!r}")
-
     ckpt = McoreCheckpoint(path, config)
     try:
+        if arch is not None and arch != ckpt.config.arch:
+            raise CheckpointError(f"{path}: a Megatron-Core NVLM is an NVLM-{ckpt.config.arch}; convert it, then load "
+                                  f"it with arch={arch!r}")  # fmt: skip
         cfg = ckpt.config if tokenizer is None else prepare_tokenizer(tokenizer, ckpt.config)[1]
         torch_dtype = resolve_dtype(dtype, cfg)
         model, device_map, params = build_empty(NVLM, cfg, device)

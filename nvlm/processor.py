@@ -136,22 +136,17 @@ class Processor:
 
     def memory_crops(self, n_crops: int) -> int:
         """How many of an image's crops go to the cross-attention memory."""
-        return {"D": 0, "X": n_crops, "H": n_crops - 1}[self.config.arch]
+        return self.config.architecture.memory_crops(n_crops)
 
     def _image_pieces(self, n_crops: int) -> list[tuple[str, int | None]]:
         """An image's text as pieces, each with the memory crop (of this image) that only it reads, or None."""
-        c, tags = self.config, self.tags(n_crops)
-        pad = c.image_token * c.tokens_per_tile
-        if c.arch == "D":
-            return [(c.image_start + "".join(tag + pad for tag in tags) + c.image_end, None)]
-        if c.arch == "X":
-            return [(c.image_start, None), *((tag, k) for k, tag in enumerate(tags)), (c.image_end, None)]
-        return [(c.image_start + c.thumbnail_tag + pad + c.image_end, None)]  # H
+        c = self.config
+        return c.architecture.image_pieces(self.tags(n_crops), c.image_start, c.image_end,
+                                           c.image_token * c.tokens_per_tile)  # fmt: skip
 
     def _image_tokens(self, n_crops: int) -> int:
         """How many image tokens the string of an image with ``n_crops`` crops holds."""
-        c = self.config
-        return {"D": n_crops * c.tokens_per_tile, "X": 0, "H": c.tokens_per_tile}[c.arch]
+        return self.config.architecture.sequence_crops(n_crops) * self.config.tokens_per_tile
 
     @property
     def reserved(self) -> tuple[str, ...]:
@@ -214,7 +209,7 @@ class Processor:
         if self.tokenizer.add_bos_token and (not ids or ids[0] != bos):
             ids, offsets = [bos] + ids, [(0, 0)] + offsets
         xmask = None
-        if self.config.arch != "D":
+        if self.config.architecture.cross_attention:
             xmask = torch.zeros(len(ids), seen, dtype=torch.bool)
             for t, (s, e) in enumerate(offsets):
                 last = max(e - 1, s)  # reads grow along the text: the last char reads the most
@@ -260,12 +255,7 @@ class Processor:
 
     def split_crops(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """An image's crops (n, 3, S, S) -> (in the sequence, in the cross-attention memory), by architecture."""
-        arch = self.config.arch
-        if arch == "D":
-            return crops, crops[:0]
-        if arch == "X":
-            return crops[:0], crops
-        return crops[-1:], crops[:-1]  # H: the thumbnail (or a lone crop) in the sequence, the tiles in memory
+        return self.config.architecture.split_crops(crops)
 
     def add_images(
         self,
@@ -300,7 +290,7 @@ class Processor:
         batch["memory_pixel_values"] = torch.cat([m for ms in memory for m in ms]).float()
         batch["memory_crops"] = torch.tensor(counts, dtype=torch.long)
         batch["cross_attention_mask"] = xmask
-        if self.config.arch == "H":
+        if self.config.architecture.tags_in_memory:
             batch["memory_tag_ids"] = self._tag_ids([n for row in tiles for n in row])
         return batch
 

@@ -115,6 +115,11 @@ def test_settings_import_no_torch(module: str) -> None:
     assert run.returncode == 0, run.stderr.strip().splitlines()[-1]
 
 
+def test_every_module_is_in_one_layer() -> None:
+    for mod in MODULES:
+        _layer_of(mod)
+
+
 def test_no_import_cycle() -> None:
     graph, state, cycles = _graph(), {}, []
 
@@ -155,6 +160,31 @@ def test_function_level_imports_only_of_extras() -> None:
     found = [f"{file.relative_to(ROOT)}:{line}: {target}" for mod, file in MODULES.items()
              for line, target in _imports(file)[1] if not is_extra(target) and target not in gated]  # fmt: skip
     assert not found, f"{len(found)} imports inside functions:\n" + "\n".join(found)
+
+
+def test_architectures_are_told_apart_only_in_arch_py() -> None:
+    """No comparison with "D", "X" or "H" and no table keyed by them outside ``nvlm/arch.py``: the rest of the
+    package reads the per-architecture object (``config.architecture``). ``nvlm/eval/paper.py`` is exempt: its
+    table holds the paper's numbers per model, no behaviour."""
+    names = {"D", "X", "H"}
+    found = []
+    for mod, file in MODULES.items():
+        if mod in ("nvlm.arch", "nvlm.eval.paper"):
+            continue
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                values = [s.value for s in sides if isinstance(s, ast.Constant)]
+                values += [e.value for s in sides if isinstance(s, (ast.Tuple, ast.List, ast.Set)) for e in s.elts
+                           if isinstance(e, ast.Constant)]  # fmt: skip
+                hit = names & set(values)
+            elif isinstance(node, ast.Dict):
+                hit = names & {k.value for k in node.keys if isinstance(k, ast.Constant)}
+            else:
+                continue
+            if len(hit) > (0 if isinstance(node, ast.Compare) else 1):
+                found.append(f"{file.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)[:80]}")
+    assert not found, "architecture tests outside nvlm/arch.py:\n" + "\n".join(found)
 
 
 def test_the_package_names_resolve() -> None:

@@ -94,7 +94,7 @@ def check_geometry(cfg: NVLMConfig, geo: Geometry) -> None:
     if geo.padded_vocab < lm.vocab_size or geo.vit_heads < v.num_heads:
         raise CheckpointError(f"the Megatron layout has {geo.padded_vocab} vocabulary rows and {geo.vit_heads} ViT "
                               f"heads; the config needs {lm.vocab_size} and {v.num_heads}")  # fmt: skip
-    if cfg.arch != "D" or cfg.projector.num_layers != 2:
+    if not cfg.architecture.released or cfg.projector.num_layers != 2:
         raise CheckpointError(f"NVLM-{cfg.arch}: only NVLM-D has a Megatron-Core layout (examples/multimodal)")
 
 

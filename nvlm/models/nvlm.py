@@ -17,6 +17,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from nvlm.arch import Architecture
 from nvlm.config import NVLMConfig
 from nvlm.models.cache import KVCache, Memory, assemble_memory
 from nvlm.models.llm import LanguageModel, attention_mask_4d, position_ids_from_mask
@@ -45,7 +46,7 @@ class NVLMModel(nn.Module):
         self.vision_model = InternViT(config.vision, config.select_layer)
         self.mlp1 = Projector(config.projector)
         self.language_model = LanguageModel(config.llm)
-        if config.arch != "D":
+        if config.architecture.cross_attention:
             blocks = config.xattn.layer_indices()
             self.xattn_layers = nn.ModuleList(GatedCrossAttentionBlock(config.llm, config.xattn) for _ in blocks)
             self._block_before = {layer: i for i, layer in enumerate(blocks)}  # decoder layer -> block
@@ -54,6 +55,11 @@ class NVLMModel(nn.Module):
         # nothing reads (NVLM-D: weighted by zero; X/H: a memory no token attends), and NVLM-H's thumbnails
         # and tiles go through the ViT together in one pass (as they always do).
         self.run_every_module = False
+
+    @property
+    def architecture(self) -> Architecture:
+        """What this model's architecture does with an image (``nvlm.arch``)."""
+        return self.config.architecture
 
     @property
     def device(self) -> torch.device:
@@ -122,14 +128,15 @@ class NVLMModel(nn.Module):
         memory_tag_ids: torch.Tensor | None = None,  # H: (N_mem, L_tag) tag token ids, -1 = padding
     ) -> NVLMOutput:
         b, t = input_ids.shape
-        if self.config.arch == "X" and pixel_values is not None:
+        arch = self.architecture
+        if not arch.sequence_images and pixel_values is not None:
             raise ImageTokenMismatch("NVLM-X puts no image in its sequence: pass crops as memory_pixel_values")
         blank = self.run_every_module and cache is None
-        if blank and self.config.arch != "D" and memory_pixel_values is None:  # X/H: a memory no token reads
+        if blank and arch.cross_attention and memory_pixel_values is None:  # X/H: a memory no token reads
             memory_pixel_values, memory_crops = self._blank_crop(), torch.tensor([1] + [0] * (b - 1))
-            memory_tag_ids = torch.full((1, 1), -1) if self.config.arch == "H" else None
+            memory_tag_ids = torch.full((1, 1), -1) if arch.tags_in_memory else None
             cross_attention_mask = torch.zeros(b, t, 1, dtype=torch.bool)
-        if blank and self.config.arch == "D" and pixel_values is None:  # D: features weighted by zero
+        if blank and not arch.cross_attention and pixel_values is None:  # D: features weighted by zero
             seq_feats, mem_feats = None, None
             unread = self.extract_features(self._blank_crop())  # first, as with images: FSDP2 gathers in call order
             embeds = self.embed(input_ids) + 0 * unread.sum().to(self.device)
@@ -148,7 +155,7 @@ class NVLMModel(nn.Module):
             if position_ids is None:
                 position_ids = position_ids_from_mask(attention_mask)[:, -t:]
         cross_attend = None
-        if self.config.arch != "D":
+        if arch.cross_attention:
             memory = self.memory(mem_feats, memory_crops, memory_tag_ids, cache)
             if memory is not None:
                 if cross_attention_mask is None and (cache is None or mem_feats is not None):
@@ -172,7 +179,7 @@ class NVLMModel(nn.Module):
         if memory_crops is None:
             raise ValueError("memory_pixel_values need memory_crops (the number of memory crops of each row)")
         valid = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
-        if self.config.arch == "H":  # each tile is preceded by its tag's text embeddings
+        if self.architecture.tags_in_memory:  # each tile is preceded by its tag's text embeddings
             if memory_tag_ids is None:
                 raise ValueError("NVLM-H needs memory_tag_ids (each tile's tag tokens) with memory_pixel_values")
             tags = memory_tag_ids.to(self.device)

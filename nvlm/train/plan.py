@@ -242,14 +242,15 @@ def count_activations(model: nn.Module, train: TrainConfig, layout: Layout) -> A
     tokens = rows * t
     math = layout.masked_gqa_math and h != lm.num_kv_heads
     crops = train.max_tiles + (1 if config.use_thumbnail and train.max_tiles > 1 else 0)
-    seq_crops, mem_crops = {"D": (crops, 0), "X": (0, crops), "H": (1, crops - 1)}[config.arch]
+    arch = config.architecture
+    seq_crops, mem_crops = arch.sequence_crops(crops), arch.memory_crops(crops)
     per_crop = config.tokens_per_tile
-    mem = mem_crops * (per_crop + (_TAG_TOKENS if config.arch == "H" else 0))  # memory tokens per row
+    mem = mem_crops * (per_crop + (_TAG_TOKENS if arch.tags_in_memory else 0))  # memory tokens per row
     llm = model.language_model
     projector_trains = _trains(model.mlp1)
     # gradients reach a block when it or anything before it trains; only then does it save anything
     flows = _trains(llm.model.embed_tokens) or (projector_trains and seq_crops > 0)
-    before = dict(zip(config.xattn.layer_indices(), getattr(model, "xattn_layers", []))) if config.arch != "D" else {}
+    before = dict(zip(config.xattn.layer_indices(), getattr(model, "xattn_layers", []))) if arch.cross_attention else {}
     blocks, working, boundaries = [], [], []
     root = rows * t * t  # the boolean causal/document mask, built once
     fx = config.xattn.intermediate_size
