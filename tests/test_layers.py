@@ -23,7 +23,19 @@ PACKAGE = ROOT / "nvlm"
 
 # Lowest first. An entry is a file of nvlm/ or a folder ("models/": every module under it).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("settings", ("config.py", "presets.py", "hf_config.py", "arch.py", "template.py", "sampling.py", "devices.py")),
+    (
+        "settings",
+        (
+            "config.py",
+            "presets.py",
+            "hf_config.py",
+            "arch.py",
+            "options.py",
+            "template.py",
+            "sampling.py",
+            "devices.py",
+        ),
+    ),
     ("inputs", ("tokenizer.py", "image.py", "processor.py")),
     ("model", ("models/",)),
     ("generation", ("engine.py", "generation.py")),

@@ -34,6 +34,7 @@ from nvlm.eval.tasks import PROFILES, ParquetImage, Prompt, Sample, Task, get_ta
 from nvlm.eval.tasks.base import DataError, resolve_image
 from nvlm.hf_config import model_dir
 from nvlm.image import ImageError, ImageProcessor, load_image
+from nvlm.options import option
 from nvlm.pretrained import NVLM
 from nvlm.processor import Processor
 from nvlm.sampling import SamplingParams
@@ -44,19 +45,23 @@ log = logging.getLogger("nvlm.eval")
 
 @dataclass
 class EvalConfig:
-    model: str
-    tasks: list[str]
-    data: str | None = None  # the directory holding one folder per benchmark (not needed for jsonl:PATH)
-    out: str | None = None  # default runs/eval/<model directory name>
-    limit: int | None = None  # the first N samples of each task
-    profile: str = "official"
-    max_tiles: int | None = None  # default: the checkpoint's (6 + thumbnail for NVLM-D-72B)
-    dtype: str | None = None
-    device: str | None = None
+    """An evaluation run. The fields with help are ``nvlm eval``'s options (``nvlm.options``); ``--tasks`` is
+    the comma-separated form of ``tasks``, ``--quantize`` is ``nvlm.quant``'s option."""
+
+    model: str = option(help="checkpoint directory (NVLM-D, -X or -H)")
+    tasks: list[str]  # task names, or jsonl:PATH
+    data: str | None = option(None, "directory holding one folder per benchmark (not needed for jsonl:PATH)")
+    out: str | None = option(None, "output directory (default runs/eval/<model name>)")
+    limit: int | None = option(None, "only the first N samples of each task")
+    profile: str = option("official", "official: NVLM prompts + official scoring; nvlm: Megatron NVLM-1.0 prompts "
+                          "and scoring", choices=PROFILES)  # fmt: skip
+    batch_size: int = option(8, "prompts generated together")
+    max_new_tokens: int | None = option(None, "override every task's token budget")
+    max_tiles: int | None = option(None, "tiles per image (default: the checkpoint's, 6)")
+    dtype: str | None = option(None, "e.g. bfloat16 (default: the checkpoint's)")
+    device: str | None = option(None, "cpu, cuda, cuda:1 or auto (default: cuda:LOCAL_RANK if any)")
     quantize: str | None = None  # "int8", "int4" or "fp8": nvlm.quant, while loading
-    batch_size: int = 8
-    max_new_tokens: int | None = None  # overrides every task's own budget
-    merge_timeout: float = 24 * 3600.0  # how long rank 0 waits for the other ranks' predictions
+    merge_timeout: float = option(24 * 3600.0, "seconds rank 0 waits for the other ranks' predictions")
     poll_s: float = 5.0  # how often rank 0 rereads the shard files while it waits
 
     def __post_init__(self) -> None:

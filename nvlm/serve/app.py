@@ -16,7 +16,6 @@ import binascii
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -33,21 +32,8 @@ from nvlm.serve.body import BodyLimit
 from nvlm.engine import Sequence
 from nvlm.serve.engine import EngineThread, Job, QueueFull
 from nvlm.serve.fetch import FETCH_FAILED, FetchError, fetch
+from nvlm.serve.limits import Limits
 from nvlm.template import Rendered
-
-
-@dataclass
-class Limits:
-    max_body_bytes: int = 20 * 2**20  # counted as received, chunked bodies too
-    max_images: int = 8  # per request
-    max_image_pixels: int = 25_000_000  # per image, checked from the header before decoding
-    max_queue: int = 256  # waiting sequences; beyond it, 429
-    timeout_s: float = 600.0  # per request
-    default_max_tokens: int = 1024
-    allow_remote_images: bool = False  # fetch http(s) image URLs (public addresses only; see fetch.py)
-    fetch_timeout_s: float = 10.0  # per request, for all its remote images together
-    fetch_workers: int = 4  # the fetch pool's threads (its own: slow hosts hold nothing else)
-    local_image_dir: str | None = None  # file:// and paths only under this directory
 
 
 def create_app(engine: EngineThread, model_name: str, limits: Limits | None = None) -> FastAPI:

@@ -8,24 +8,23 @@ from pathlib import Path
 from nvlm.pretrained import NVLM
 from nvlm.processor import Processor
 from nvlm.quant import add_quantize_argument
-from nvlm.serve.engine import EngineThread
+from nvlm.options import add_options, from_args
+from nvlm.serve.engine import MAX_BATCH, EngineThread
+from nvlm.serve.limits import MIB, Limits
 
 
 def _serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from nvlm.serve.app import Limits, create_app
+        from nvlm.serve.app import create_app
     except ImportError:
         raise ImportError("nvlm serve needs the server extra: pip install 'nvlm[server]'") from None
 
     model = NVLM.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     processor = Processor.from_pretrained(args.model, max_tiles=args.max_tiles)
     engine = EngineThread(model, processor, max_batch=args.max_batch, max_waiting=args.max_queue)
-    limits = Limits(max_body_bytes=args.max_body_mb * 2**20, max_images=args.max_images,
-                    max_image_pixels=args.max_image_pixels, max_queue=args.max_queue, timeout_s=args.timeout,
-                    allow_remote_images=args.allow_remote_images, fetch_timeout_s=args.fetch_timeout,
-                    local_image_dir=args.image_dir)  # fmt: skip
+    limits = from_args(Limits, args, max_body_bytes=args.max_body_mb * MIB)
     name = args.served_model_name or Path(args.model).resolve().name
     uvicorn.run(create_app(engine, name, limits), host=args.host, port=args.port, log_level="info")
     engine.shutdown()
@@ -42,13 +41,7 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto")
     add_quantize_argument(p)
     p.add_argument("--max-tiles", type=int, default=None)
-    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together")
-    p.add_argument("--max-queue", type=int, default=256, help="waiting sequences before 429")
-    p.add_argument("--max-images", type=int, default=8, help="images per request")
-    p.add_argument("--max-image-pixels", type=int, default=25_000_000)
-    p.add_argument("--max-body-mb", type=int, default=20)
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (public hosts only)")
-    p.add_argument("--fetch-timeout", type=float, default=10.0, help="seconds for all remote images of a request")
-    p.add_argument("--image-dir", default=None, help="serve file:// images from under this directory")
+    p.add_argument("--max-batch", type=int, default=MAX_BATCH, help="sequences decoded together")
+    p.add_argument("--max-body-mb", type=int, default=Limits.max_body_bytes // MIB, help="request body size limit")
+    add_options(p, Limits)
     p.set_defaults(func=_serve)

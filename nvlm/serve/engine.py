@@ -18,8 +18,11 @@ from nvlm.engine import Engine, Sequence
 from nvlm.pretrained import NVLM
 from nvlm.processor import Encoded, Processor
 from nvlm.sampling import SamplingParams
+from nvlm.serve.limits import Limits
 
 Emit = Callable[[str, Any], None]
+MAX_BATCH = 32  # sequences decoded together
+MAX_WAITING = Limits.max_queue  # waiting sequences before a new one is refused
 
 
 class QueueFull(RuntimeError):
@@ -37,7 +40,9 @@ class Job:
 
 
 class EngineThread:
-    def __init__(self, model: "NVLM", processor: Processor, max_batch: int = 32, max_waiting: int = 256) -> None:
+    def __init__(
+        self, model: "NVLM", processor: Processor, max_batch: int = MAX_BATCH, max_waiting: int = MAX_WAITING
+    ) -> None:
         self.engine = Engine(model, processor, max_batch)
         self.model, self.processor, self.max_waiting = model, processor, max_waiting
         self._lock = threading.Lock()
