@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import MISSING, Field, field, fields
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 _TYPES: dict[str, type] = {"int": int, "float": float, "str": str}
 
 
