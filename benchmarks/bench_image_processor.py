@@ -26,9 +26,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from reference.model_card import load_image as card_load_image  # noqa: E402
+from reference.model_card import load_image as card_load_image
 
-from nvlm.image import ImageProcessor, load_image  # noqa: E402
+from nvlm.image import ImageProcessor, load_image
 
 SIZES = [(640, 480), (1024, 768), (1920, 1080), (3000, 2000), (800, 2400), (448, 448)]
 
@@ -62,9 +62,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args()
     proc = ImageProcessor()
-    print(f"{platform.machine()}, nproc {os.cpu_count()}, torch {torch.__version__} ({torch.get_num_threads()} "
-          f"threads), Pillow {PIL.__version__}, numpy {np.__version__}, Python {platform.python_version()}; "
-          f"median of {args.repeats}\n")  # fmt: skip
+    print(
+        f"{platform.machine()}, nproc {os.cpu_count()}, torch {torch.__version__} ({torch.get_num_threads()} "
+        f"threads), Pillow {PIL.__version__}, numpy {np.__version__}, Python {platform.python_version()}; "
+        f"median of {args.repeats}\n"
+    )
     print("| input | size | crops | card load_image (ms) | ImageProcessor (ms) | speed-up |")
     print("|---|---|---|---|---|---|")
     total_card = total_ours = 0.0

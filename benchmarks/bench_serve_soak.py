@@ -28,7 +28,8 @@ import sys
 import threading
 import time
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 from PIL import Image
@@ -54,8 +55,9 @@ def serve(port: int, ready: Any) -> None:
     processor = Processor(build_tiny_tokenizer(), ImageProcessor(tile_size=56), model.config)
     engine = EngineThread(model, processor, max_batch=32)
     limits = Limits(max_body_bytes=BODY_LIMIT, allow_remote_images=True, fetch_timeout_s=2.0)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, "soak", limits), host="127.0.0.1", port=port,
-                                           log_level="error"))  # fmt: skip
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(engine, "soak", limits), host="127.0.0.1", port=port, log_level="error")
+    )
     threading.Thread(target=lambda: (_wait_started(server), ready.set()), daemon=True).start()
     server.run()
 
@@ -82,12 +84,15 @@ def good_requests() -> Goods:
     out = []
     for i in range(16):
         if i % 4 == 0:
-            content: Any = [{"type": "image_url", "image_url": {"url": png((40 + 15 * i, 60), (10 * i, 90, 200))}},
-                            {"type": "text", "text": f"what is image {i}?"}]  # fmt: skip
+            content: Any = [
+                {"type": "image_url", "image_url": {"url": png((40 + 15 * i, 60), (10 * i, 90, 200))}},
+                {"type": "text", "text": f"what is image {i}?"},
+            ]
         else:
             content = f"question {i}: " + "tell me more " * (i % 5)
-        out.append({"model": "soak", "messages": [{"role": "user", "content": content}], "max_tokens": 8,
-                    "temperature": 0})  # fmt: skip
+        out.append(
+            {"model": "soak", "messages": [{"role": "user", "content": content}], "max_tokens": 8, "temperature": 0}
+        )
     return out
 
 
@@ -124,8 +129,9 @@ def hostile_requests(loopback_port: int) -> Bads:
     ]
 
 
-def soak(url: str, base: str, goods: Goods, solo: list[str], bads: Bads, clients: int, seconds: float,
-         bad: float) -> tuple[Counter[str], list[float], float]:  # fmt: skip
+def soak(
+    url: str, base: str, goods: Goods, solo: list[str], bads: Bads, clients: int, seconds: float, bad: float
+) -> tuple[Counter[str], list[float], float]:
     """``clients`` threads for ``seconds``: (outcome counts, /health latencies, seconds taken)."""
     counts: Counter[str] = Counter()
     lock = threading.Lock()

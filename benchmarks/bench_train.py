@@ -27,12 +27,22 @@ from nvlm.train.stages import set_trainable
 def config(name: str, arch: str):
     base = preset("tiny-d")
     if name != "tiny":
-        h, layers, ffn, vocab = {"1b": (2048, 16, 5504, 152064), "250m": (1024, 12, 2816, 152064),
-                                 "300m": (1024, 20, 2816, 32000),
-                                 "330m": (1024, 28, 2816, 4096),
-                                 "400m": (1024, 36, 2816, 4096)}[name]  # fmt: skip
-        llm = replace(base.llm, hidden_size=h, intermediate_size=ffn, num_layers=layers, num_heads=16, num_kv_heads=4,
-                      vocab_size=vocab)  # fmt: skip
+        h, layers, ffn, vocab = {
+            "1b": (2048, 16, 5504, 152064),
+            "250m": (1024, 12, 2816, 152064),
+            "300m": (1024, 20, 2816, 32000),
+            "330m": (1024, 28, 2816, 4096),
+            "400m": (1024, 36, 2816, 4096),
+        }[name]
+        llm = replace(
+            base.llm,
+            hidden_size=h,
+            intermediate_size=ffn,
+            num_layers=layers,
+            num_heads=16,
+            num_kv_heads=4,
+            vocab_size=vocab,
+        )
         base = replace(base, llm=llm, projector=replace(base.projector, hidden_size=ffn, output_size=h))
     return base.with_arch(arch)
 

@@ -6,7 +6,8 @@ generates the assistant's answer, which joins the history.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from nvlm.engine import Engine, first_error
 from nvlm.sampling import SamplingParams
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
 
 
 class Chat:
-    def __init__(self, model: "NVLM", processor: "Processor", system: str | None = None, **sampling: Any) -> None:
+    def __init__(self, model: NVLM, processor: Processor, system: str | None = None, **sampling: Any) -> None:
         self.model, self.processor = model, processor
         self.system = system
         self.sampling = {"max_new_tokens": 1024, **sampling}

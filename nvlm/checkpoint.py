@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -327,7 +328,7 @@ def load_pretrained(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | dict[str, Any] | None = None,
     arch: str | None = None,
-    quantize: "str | QuantConfig | None" = None,
+    quantize: str | QuantConfig | None = None,
     tokenizer: str | Path | None = None,
     config: Any = None,
 ) -> torch.nn.Module:
@@ -478,10 +479,10 @@ __all__ = [
     "ConfigError",
     "init_modules",
     "iter_checkpoint",
-    "read_config",
-    "tensor_index",
     "load_parts",
     "load_pretrained",
     "model_dir",
+    "read_config",
     "save_pretrained",
+    "tensor_index",
 ]

@@ -153,7 +153,7 @@ class NVLMConfig:
     def tokens_per_tile(self) -> int:
         return int(self.vision.num_patches * self.downsample_ratio**2)
 
-    def validate(self) -> "NVLMConfig":
+    def validate(self) -> NVLMConfig:
         """The config itself, or ``ConfigError`` listing every problem. Types and ranges are checked first (every
         size and count an integer in ``[1, LIMITS[name]]``, every float finite and positive, flags booleans, the
         dtype a floating one), so the relations after them never divide by zero and no absurd model is built."""
@@ -206,7 +206,7 @@ class NVLMConfig:
     # ---------------------------------------------------------------- HF config.json (NVLM-D-72B layout)
 
     @classmethod
-    def from_hf(cls, cfg: dict[str, Any]) -> "NVLMConfig":
+    def from_hf(cls, cfg: dict[str, Any]) -> NVLMConfig:
         """Read a released-style ``config.json`` dict (NVLM_D, or our NVLM_X / NVLM_H). ``architectures`` names
         the model (``NVLM_D``, or ``NVLM_D_Model`` as the released remote code's ``save_pretrained`` writes it,
         with ``model_type: NVLM_D``); without it, ``model_type`` does."""
@@ -291,7 +291,7 @@ class NVLMConfig:
         except (TypeError, AttributeError, ValueError) as e:
             raise ConfigError(f"config.json has a value of the wrong type: {e}") from None
 
-    def with_arch(self, arch: Arch) -> "NVLMConfig":
+    def with_arch(self, arch: Arch) -> NVLMConfig:
         """The same vision path and LLM as another architecture: its projector and cross-attention defaults."""
         if arch == self.arch:
             return self
@@ -379,7 +379,7 @@ class NVLMConfig:
         return out
 
     @classmethod
-    def from_json_file(cls, path: str | Path) -> "NVLMConfig":
+    def from_json_file(cls, path: str | Path) -> NVLMConfig:
         path = Path(path)
         try:
             data = json.loads(path.read_text())
@@ -407,7 +407,7 @@ LIMITS = {
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
-def _field_problems(cfg: "NVLMConfig") -> list[str]:
+def _field_problems(cfg: NVLMConfig) -> list[str]:
     """Type and range problems of the part configs' fields and the top-level numbers, flags and strings."""
     out = []
     for part in ("vision", "llm", "projector", "xattn"):

@@ -9,8 +9,8 @@ agree, red when not). Both write a PNG and return its path.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -81,13 +82,13 @@ class Update:
 @dataclass
 class _Group:
     seqs: list[Sequence]
-    prompts: list["Encoded"] | None = None  # collated with the other groups of prompts admitted together
+    prompts: list[Encoded] | None = None  # collated with the other groups of prompts admitted together
     pixels: list[list[torch.Tensor]] | None = None
     batch: dict[str, Any] | None = None  # or pre-collated model inputs, prefilled as they are
 
 
 class Engine:
-    def __init__(self, model: "NVLM", processor: "Processor | None" = None, max_batch: int = 32) -> None:
+    def __init__(self, model: NVLM, processor: Processor | None = None, max_batch: int = 32) -> None:
         self.model, self.processor, self.max_batch = model, processor, max_batch
         self.waiting: deque[_Group] = deque()
         self.running: list[Sequence] = []
@@ -103,8 +104,13 @@ class Engine:
 
     # ------------------------------------------------------------------------------------ clients
 
-    def add(self, prompts: list["Encoded"], pixels: list[list[torch.Tensor]], params: list[SamplingParams],
-            tags: list[Any] | None = None) -> list[Sequence]:  # fmt: skip
+    def add(
+        self,
+        prompts: list[Encoded],
+        pixels: list[list[torch.Tensor]],
+        params: list[SamplingParams],
+        tags: list[Any] | None = None,
+    ) -> list[Sequence]:
         """Prompts from ``processor.encode``, each with its images' crops (each (n_crops, 3, S, S)), admitted
         together (and collated with the other prompts admitted in the same step). ``tags``: the client's
         handle of each sequence (``Sequence.tag``). Safe to call while another thread steps the engine."""
@@ -122,8 +128,10 @@ class Engine:
         mask = torch.ones_like(ids) if mask is None else mask.reshape(ids.shape)
         batch = {**batch, "input_ids": ids, "attention_mask": mask.long()}
         if isinstance(params, SamplingParams):
-            params = [params if params.seed is None or i == 0 else replace(params, seed=params.seed + i)
-                      for i in range(ids.shape[0])]  # fmt: skip
+            params = [
+                params if params.seed is None or i == 0 else replace(params, seed=params.seed + i)
+                for i in range(ids.shape[0])
+            ]
         prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
         seqs = self._new(prompts, params)
         self.waiting.append(_Group(seqs, batch=batch))
@@ -201,8 +209,13 @@ class Engine:
         prompt_groups = [g for g in groups if g.prompts is not None]
         jobs: list[_Group] = [g for g in groups if g.batch is not None]
         if prompt_groups:
-            jobs.append(_Group([s for g in prompt_groups for s in g.seqs], [p for g in prompt_groups for p in g.prompts],
-                               [x for g in prompt_groups for x in g.pixels]))  # fmt: skip
+            jobs.append(
+                _Group(
+                    [s for g in prompt_groups for s in g.seqs],
+                    [p for g in prompt_groups for p in g.prompts],
+                    [x for g in prompt_groups for x in g.pixels],
+                )
+            )
         for job in jobs:
             try:
                 state = self._prefill(job)
@@ -225,12 +238,20 @@ class Engine:
         mask = batch.pop("attention_mask")
         cache = KVCache(self.model.config.llm.num_layers, mask.shape[1])
         positions = position_ids_from_mask(mask)
-        logits = self.model(**batch, attention_mask=mask, position_ids=positions, cache=cache,
-                            num_logits_to_keep=1).logits[:, -1]  # fmt: skip
+        logits = self.model(
+            **batch, attention_mask=mask, position_ids=positions, cache=cache, num_logits_to_keep=1
+        ).logits[:, -1]
         return cache, mask, positions[:, -1] + 1, self._sample(job.seqs, logits)
 
-    def _merge(self, new: list[Sequence], cache: KVCache, mask: torch.Tensor, next_pos: torch.Tensor,
-               first: torch.Tensor, updates: list[Update]) -> None:  # fmt: skip
+    def _merge(
+        self,
+        new: list[Sequence],
+        cache: KVCache,
+        mask: torch.Tensor,
+        next_pos: torch.Tensor,
+        first: torch.Tensor,
+        updates: list[Update],
+    ) -> None:
         """Join prefilled rows to the running batch (left-padding the shorter side), then deliver their first tokens."""
         caches = [c for c in (self.cache, cache) if c is not None]
         length = max(c.length for c in caches)
@@ -245,8 +266,13 @@ class Engine:
 
     def _decode(self, updates: list[Update]) -> None:
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        logits = self.model(self.last[:, None], attention_mask=self.mask, position_ids=self.positions[:, None],
-                            cache=self.cache, num_logits_to_keep=1).logits[:, -1]  # fmt: skip
+        logits = self.model(
+            self.last[:, None],
+            attention_mask=self.mask,
+            position_ids=self.positions[:, None],
+            cache=self.cache,
+            num_logits_to_keep=1,
+        ).logits[:, -1]
         self.positions = self.positions + 1
         self.last = self._sample(self.running, logits)
         self._deliver(self.running, self.last, updates)

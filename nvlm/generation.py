@@ -7,7 +7,8 @@ into (B, n) new-token ids. The settings are ``nvlm.sampling.SamplingParams``' fi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 
 
 def stream(
-    model: "NVLM",
+    model: NVLM,
     input_ids: torch.Tensor,  # (B, T), left-padded
     pixel_values: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,  # (B, T)
@@ -31,8 +32,12 @@ def stream(
     ``params`` are ``SamplingParams`` fields, plus NVLM-X/H's memory inputs from the processor; the
     cross-attention keys and values are computed once at prefill and kept in the cache.
     """
-    batch = {"input_ids": input_ids, "pixel_values": pixel_values, "attention_mask": attention_mask,
-             **{k: params.pop(k) for k in MEMORY_INPUTS if k in params}}  # fmt: skip
+    batch = {
+        "input_ids": input_ids,
+        "pixel_values": pixel_values,
+        "attention_mask": attention_mask,
+        **{k: params.pop(k) for k in MEMORY_INPUTS if k in params},
+    }
     p = SamplingParams(**params)  # type: ignore[arg-type]
     engine = Engine(model, max_batch=max(1, input_ids.shape[0] if input_ids.dim() == 2 else 1))
     seqs = engine.add_batch(batch, p)
@@ -49,7 +54,7 @@ def stream(
 
 
 def generate(
-    model: "NVLM",
+    model: NVLM,
     input_ids: torch.Tensor,
     pixel_values: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,

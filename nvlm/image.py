@@ -27,9 +27,10 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -155,13 +156,18 @@ class ImageProcessor:
         # The card's candidate order: a set sorted by tile count (a stable sort, so equal counts keep the
         # set's iteration order, which is fixed for small int tuples: built the same way, it is the same).
         self.grids: list[tuple[int, int]] = sorted(
-            {(i, j) for n in range(min_tiles, max_tiles + 1) for i in range(1, n + 1) for j in range(1, n + 1)
-             if min_tiles <= i * j <= max_tiles},
+            {
+                (i, j)
+                for n in range(min_tiles, max_tiles + 1)
+                for i in range(1, n + 1)
+                for j in range(1, n + 1)
+                if min_tiles <= i * j <= max_tiles
+            },
             key=lambda g: g[0] * g[1],
-        )  # fmt: skip
+        )
 
     @classmethod
-    def from_config(cls, cfg: NVLMConfig) -> "ImageProcessor":
+    def from_config(cls, cfg: NVLMConfig) -> ImageProcessor:
         return cls(cfg.tile_size, cfg.max_tiles, cfg.use_thumbnail, cfg.min_tiles)
 
     def grid(self, width: int, height: int) -> tuple[int, int]:
@@ -294,9 +300,20 @@ _ORDER_RULES: tuple[Callable[[int, int, int, int], bool], ...] = (
     lambda W, H, w, h: H > 100 * W and h < H,  # Pillow 12.x (Python code, PR #9524: very tall images)
     lambda W, H, w, h: False,  # older Pillow: horizontal first, always
 )
-_PROBES = [((40, 40), (25, 9)), ((40, 40), (30, 19)), ((40, 40), (30, 20)), ((40, 40), (30, 21)),
-           ((30, 60), (50, 20)), ((60, 30), (20, 50)), ((31, 17), (70, 45)), ((50, 50), (20, 7)),
-           ((23, 80), (9, 31)), ((3, 337), (1, 18)), ((3, 400), (1, 397)), ((2, 300), (5, 150))]  # fmt: skip
+_PROBES = [
+    ((40, 40), (25, 9)),
+    ((40, 40), (30, 19)),
+    ((40, 40), (30, 20)),
+    ((40, 40), (30, 21)),
+    ((30, 60), (50, 20)),
+    ((60, 30), (20, 50)),
+    ((31, 17), (70, 45)),
+    ((50, 50), (20, 7)),
+    ((23, 80), (9, 31)),
+    ((3, 337), (1, 18)),
+    ((3, 400), (1, 397)),
+    ((2, 300), (5, 150)),
+]
 _order: list[Callable[[int, int, int, int], bool] | None] = []
 
 

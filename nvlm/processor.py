@@ -18,9 +18,10 @@ from __future__ import annotations
 import base64
 import json
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from tokenizers import normalizers
@@ -40,7 +41,7 @@ PROMPT_FORMAT_KEY = "nvlm_prompt_format"  # preprocessor_config.json: the prompt
 class BatchInputs(dict):
     """The model's keyword arguments; a dict, so ``model(**inputs)`` works, plus ``to(device)``."""
 
-    def to(self, device: torch.device | str) -> "BatchInputs":
+    def to(self, device: torch.device | str) -> BatchInputs:
         return BatchInputs({k: v.to(device) for k, v in self.items()})
 
 
@@ -70,7 +71,7 @@ class Processor:
     @classmethod
     def from_pretrained(
         cls, path: str | Path, chat_template: str | None = None, max_tiles: int | None = None
-    ) -> "Processor":
+    ) -> Processor:
         """Read config.json, the tokenizer files and (optionally) preprocessor_config.json.
 
         config.json fixes the tile size; ``max_dynamic_patch`` / ``min_dynamic_patch`` / ``use_thumbnail`` in

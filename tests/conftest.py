@@ -6,7 +6,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/reference/* are importable as `reference.*`
 
-from reference.hf_nvlm_d import Reference, write_nvlm_d_checkpoint  # noqa: E402
+from reference.hf_nvlm_d import Reference, write_nvlm_d_checkpoint
 
 IMAGE_TOKEN_ID = 500  # a tiny vocabulary's image placeholder id, for tests that build input ids by hand
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from train_data import write_colors
 
 from nvlm import Processor
 from nvlm.config import preset
@@ -21,8 +22,6 @@ from nvlm.data.blend import Source
 from nvlm.data.loader import Loader
 from nvlm.image import ImageProcessor
 from nvlm.tokenizer import build_tiny_tokenizer
-
-from train_data import write_colors
 
 SEQ_LEN, ROWS = 96, 2
 
@@ -41,8 +40,10 @@ class FailingImages(ImageProcessor):
 def write_data(root: Path, n: int = 120) -> list[Source]:
     """Wide images (2 tiles + thumbnail), ``n`` distinct text records and two unusable lines."""
     write_colors(root, wide=True)
-    lines = [json.dumps({"messages": [{"role": "user", "content": f"{a}+1?"}, {"role": "assistant", "content": str(a + 1)}]})
-             for a in range(n)]  # fmt: skip
+    lines = [
+        json.dumps({"messages": [{"role": "user", "content": f"{a}+1?"}, {"role": "assistant", "content": str(a + 1)}]})
+        for a in range(n)
+    ]
     lines[3], lines[10] = "{not json", json.dumps({"messages": []})
     (root / "numbers.jsonl").write_text("".join(x + "\n" for x in lines))
     return sources_in(root)

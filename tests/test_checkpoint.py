@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import IMAGE_TOKEN_ID
+from reference.hf_nvlm_d import released_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import IMAGE_TOKEN_ID
 from nvlm import NVLMConfig, preset
 from nvlm.checkpoint import CheckpointError
 from nvlm.config import ConfigError
 from nvlm.models.nvlm import NVLM
-from reference.hf_nvlm_d import released_config
 
 
 def _all_tensors(path):
@@ -33,9 +33,18 @@ def test_released_config_reads_to_the_preset():
     cfg["vision_config"].update(
         hidden_size=3200, num_hidden_layers=45, num_attention_heads=25, intermediate_size=12800, image_size=448
     )
-    cfg["llm_config"].update(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
-                             num_key_value_heads=8, rope_theta=1000000.0, vocab_size=152064, max_position_embeddings=32768,
-                             bos_token_id=151643, eos_token_id=151645)  # fmt: skip
+    cfg["llm_config"].update(
+        hidden_size=8192,
+        intermediate_size=29568,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        rope_theta=1000000.0,
+        vocab_size=152064,
+        max_position_embeddings=32768,
+        bos_token_id=151643,
+        eos_token_id=151645,
+    )
     cfg["torch_dtype"] = "bfloat16"
     del cfg["image_token_id"]
     assert NVLMConfig.from_hf(cfg) == preset("nvlm-d-72b")

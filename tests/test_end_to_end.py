@@ -5,12 +5,12 @@ import sys
 
 import pytest
 import torch
+from conftest import IMAGE_TOKEN_ID
 from PIL import Image
 
-from conftest import IMAGE_TOKEN_ID
 from nvlm import preset
 from nvlm.chat import Chat
-from nvlm.models.nvlm import ImageTokenMismatch, NVLM
+from nvlm.models.nvlm import NVLM, ImageTokenMismatch
 from nvlm.processor import Processor
 from nvlm.tokenizer import build_tiny_tokenizer
 
@@ -38,9 +38,16 @@ def test_tiny_preset_matches_the_tiny_tokenizer():
 
 
 def test_chat_template_inputs_feed_model_and_generate(model, processor, reference):
-    messages = [{"role": "user", "content": [
-        {"type": "image", "image": _image(120, 60)}, {"type": "image", "image": _image(40, 40, 1)},
-        {"type": "text", "text": "What differs between these?"}]}]  # fmt: skip
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": _image(120, 60)},
+                {"type": "image", "image": _image(40, 40, 1)},
+                {"type": "text", "text": "What differs between these?"},
+            ],
+        }
+    ]
     inputs = processor.apply_chat_template(messages, add_generation_prompt=True)
     assert set(inputs) == {"input_ids", "attention_mask", "pixel_values"}
     n_crops = inputs["pixel_values"].shape[0]

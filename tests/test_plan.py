@@ -23,7 +23,7 @@ from nvlm.image import ImageProcessor
 from nvlm.processor import Processor
 from nvlm.tokenizer import build_tiny_tokenizer
 from nvlm.train.config import TrainConfig
-from nvlm.train.plan import CPU, GPU, resolved, count_activations, meta_model, plan, smallest_fit
+from nvlm.train.plan import CPU, GPU, count_activations, meta_model, plan, resolved, smallest_fit
 from nvlm.train.stages import set_trainable
 
 ROOT = Path(__file__).parent.parent
@@ -116,8 +116,16 @@ def test_activation_count_matches_what_autograd_saves(arch, stage, kind):
     processor = Processor(
         build_tiny_tokenizer(), ImageProcessor(tile_size=56, max_tiles=2, min_tiles=1, use_thumbnail=True), cfg
     )
-    messages = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (112, 56), (200, 10, 10))},
-                                             {"type": "text", "text": "Color?"}]}, {"role": "assistant", "content": "red"}]  # fmt: skip
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": Image.new("RGB", (112, 56), (200, 10, 10))},
+                {"type": "text", "text": "Color?"},
+            ],
+        },
+        {"role": "assistant", "content": "red"},
+    ]
     batch = collate(processor, [[encode_example(processor, messages, 96)]] * 2, 96)
     targets = batch.pop("targets")
     for key in ("pixel_values", "memory_pixel_values"):
@@ -184,9 +192,28 @@ def test_measured_cpu_peak_agrees_with_the_plan(tmp_path):
     NVLM(cfg).save_pretrained(tmp_path / "model")
     build_tiny_tokenizer().save(tmp_path / "model")
     data = write_data(tmp_path / "data")
-    args = ["--init", str(tmp_path / "model"), "--stage", "2", "--data", json.dumps([{"path": str(data)}]),
-            "--device", "cpu", "--steps", "2", "--seq_len", "256", "--max_tiles", "2", "--micro_batch_size", "1",
-            "--warmup_steps", "1", "--save_every", "1000000"]  # fmt: skip
+    args = [
+        "--init",
+        str(tmp_path / "model"),
+        "--stage",
+        "2",
+        "--data",
+        json.dumps([{"path": str(data)}]),
+        "--device",
+        "cpu",
+        "--steps",
+        "2",
+        "--seq_len",
+        "256",
+        "--max_tiles",
+        "2",
+        "--micro_batch_size",
+        "1",
+        "--warmup_steps",
+        "1",
+        "--save_every",
+        "1000000",
+    ]
     measured = run(1, args, tmp_path / "run", {**os.environ, "OMP_NUM_THREADS": "2"})["train"] - baseline_mib()
     predicted = plan(cfg, TrainConfig.load(None, args), 1, 24).total / 2**20
     assert measured == pytest.approx(predicted, rel=0.25)

@@ -43,10 +43,16 @@ def test_tiny_is_deterministic_across_processes(tok: Tokenizer) -> None:
     code = "from nvlm.tokenizer import build_tiny_tokenizer as b; print(b().backend.to_str())"
     root = Path(__file__).resolve().parents[1]
     outs = {
-        subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
-                       env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout.strip()
+        subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PYTHONHASHSEED": seed, "PATH": ""},
+        ).stdout.strip()
         for seed in ("1", "2")
-    }  # fmt: skip
+    }
     assert outs == {tok.backend.to_str()}
 
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 import random
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from nvlm.data.labels import Example, encode_example
 from nvlm.data.records import JsonlFile, RecordError
@@ -43,8 +44,15 @@ class DataError(ValueError):
 
 
 class Blend:
-    def __init__(self, processor: Processor, sources: Sequence[Source], max_len: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1) -> None:  # fmt: skip
+    def __init__(
+        self,
+        processor: Processor,
+        sources: Sequence[Source],
+        max_len: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         if not sources:
             raise ValueError("no data sources")
         if any(s.weight < 0 for s in sources) or not sum(s.weight for s in sources) > 0:
@@ -126,8 +134,10 @@ class Blend:
                 self._usable = True
                 return
         counts = ", ".join(f"{r} {n}" for r, n in reasons.most_common())
-        raise DataError(f"no usable training record in {', '.join(s.path for _, s in used)} "
-                        f"(max_len {self.max_len}); skipped: {counts}")  # fmt: skip
+        raise DataError(
+            f"no usable training record in {', '.join(s.path for _, s in used)} "
+            f"(max_len {self.max_len}); skipped: {counts}"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"position": self.position, "drawn": list(self.drawn), "skipped": dict(self.skipped)}

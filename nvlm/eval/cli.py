@@ -28,10 +28,21 @@ def _eval(args: argparse.Namespace) -> int:
         names += list(TASKS) if t == "all" else [t] if t else []
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="nvlm eval: %(message)s", stream=sys.stderr)
-    cfg = EvalConfig(model=args.model, tasks=names, data=args.data, out=args.out, limit=args.limit,
-                     profile=args.profile, max_tiles=args.max_tiles, dtype=args.dtype, device=args.device,
-                     quantize=args.quantize, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                     merge_timeout=args.merge_timeout)  # fmt: skip
+    cfg = EvalConfig(
+        model=args.model,
+        tasks=names,
+        data=args.data,
+        out=args.out,
+        limit=args.limit,
+        profile=args.profile,
+        max_tiles=args.max_tiles,
+        dtype=args.dtype,
+        device=args.device,
+        quantize=args.quantize,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        merge_timeout=args.merge_timeout,
+    )
     results = evaluate(cfg)
     if rank_world()[0] != 0:
         return 0
@@ -41,23 +52,31 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def add_subcommand(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate on benchmarks (MMMU, DocVQA, ...) beside the paper's numbers",
-                       description="Each task reads DATA/<its folder> (see docs/EVAL.md, or --list-tasks); "
-                                   "predictions are cached in OUT/predictions, so a rerun resumes.")  # fmt: skip
+    p = sub.add_parser(
+        "eval",
+        help="evaluate on benchmarks (MMMU, DocVQA, ...) beside the paper's numbers",
+        description="Each task reads DATA/<its folder> (see docs/EVAL.md, or --list-tasks); "
+        "predictions are cached in OUT/predictions, so a rerun resumes.",
+    )
     p.add_argument("--model", help="checkpoint directory (NVLM-D, -X or -H)")
     p.add_argument("--tasks", help="comma-separated task names, 'all', or jsonl:PATH for your own data")
     p.add_argument("--data", default=None, help="directory holding one folder per benchmark")
     p.add_argument("--out", default=None, help="output directory (default runs/eval/<model name>)")
     p.add_argument("--limit", type=int, default=None, help="only the first N samples of each task")
-    p.add_argument("--profile", choices=["official", "nvlm"], default="official",
-                   help="official: NVLM prompts + official scoring; nvlm: Megatron NVLM-1.0 prompts and scoring")  # fmt: skip
+    p.add_argument(
+        "--profile",
+        choices=["official", "nvlm"],
+        default="official",
+        help="official: NVLM prompts + official scoring; nvlm: Megatron NVLM-1.0 prompts and scoring",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=None, help="override every task's token budget")
     p.add_argument("--max-tiles", type=int, default=None, help="tiles per image (default: the checkpoint's, 6)")
     p.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the checkpoint's)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto (default: cuda:LOCAL_RANK if any)")
     add_quantize_argument(p)
-    p.add_argument("--merge-timeout", type=float, default=24 * 3600.0,
-                   help="seconds rank 0 waits for the other ranks' predictions")  # fmt: skip
+    p.add_argument(
+        "--merge-timeout", type=float, default=24 * 3600.0, help="seconds rank 0 waits for the other ranks' predictions"
+    )
     p.add_argument("--list-tasks", action="store_true", help="list the tasks and their data folders")
     p.set_defaults(func=_eval)

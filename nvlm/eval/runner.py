@@ -22,9 +22,10 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from nvlm.eval.paper import COLUMNS, PAPER
 from nvlm.eval.tasks import PROFILES, ParquetImage, Prompt, Sample, Task, get_task
@@ -94,8 +95,14 @@ def model_fingerprint(path: str | Path) -> str:
 
 
 def prompt_hash(p: Prompt) -> str:
-    images = [f"{i.column}@{i.row_group}:{i.row}" if isinstance(i, ParquetImage) else
-              Path(i).name if isinstance(i, (str, Path)) else type(i).__name__ for i in p.images]  # fmt: skip
+    images = [
+        f"{i.column}@{i.row_group}:{i.row}"
+        if isinstance(i, ParquetImage)
+        else Path(i).name
+        if isinstance(i, (str, Path))
+        else type(i).__name__
+        for i in p.images
+    ]
     return hashlib.sha1(json.dumps([p.system, p.text, p.chat, images]).encode()).hexdigest()[:12]
 
 
@@ -136,7 +143,7 @@ class PredictionCache:
                 self.dropped[f.name] = bad
         return out
 
-    def writer(self, rank: int) -> "_Writer":
+    def writer(self, rank: int) -> _Writer:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.path(rank)
         if path.is_file():
@@ -174,7 +181,7 @@ class _Writer:
         self.fh.flush()
         os.fsync(self.fh.fileno())
 
-    def __enter__(self) -> "_Writer":
+    def __enter__(self) -> _Writer:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -200,8 +207,8 @@ def _trim_partial_line(path: Path) -> None:
 
 
 def generate_batch(
-    model: "NVLM",
-    processor: "Processor",
+    model: NVLM,
+    processor: Processor,
     prompts: Sequence[Prompt],
     max_new_tokens: int,
     stop: Sequence[str] = (),
@@ -238,7 +245,7 @@ def _messages(p: Prompt) -> list[dict[str, str]]:
     return system + [{"role": "user", "content": p.text}]
 
 
-def _tiler(processor: "Processor", n_images: int) -> Any:
+def _tiler(processor: Processor, n_images: int) -> Any:
     base = processor.image_processor
     if n_images <= 1:
         return base
@@ -291,7 +298,7 @@ class _Prepared:
 class Runner:
     """One model, many tasks; see the module docstring."""
 
-    def __init__(self, model: "NVLM", processor: "Processor", cfg: EvalConfig, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, model: NVLM, processor: Processor, cfg: EvalConfig, rank: int = 0, world: int = 1) -> None:
         self.model, self.processor, self.cfg = model, processor, cfg
         self.rank, self.world = rank, world
         self.out = Path(cfg.out or Path("runs/eval") / Path(cfg.model).resolve().name)
@@ -334,9 +341,16 @@ class Runner:
         hashes = {s.id: prompt_hash(task.prompt(s, profile)) for s in samples}
         max_new = self.cfg.max_new_tokens or task.max_new_tokens(profile)
         ip = self.processor.image_processor
-        settings = {"model": self.model_fp, "task": task.name, "version": task.version, "profile": profile,
-                    "max_new_tokens": max_new, "tiles": [ip.max_tiles, ip.min_tiles, ip.use_thumbnail],
-                    "dtype": _dtype_name(self.model), "template": self.template or self.processor.chat_template}  # fmt: skip
+        settings = {
+            "model": self.model_fp,
+            "task": task.name,
+            "version": task.version,
+            "profile": profile,
+            "max_new_tokens": max_new,
+            "tiles": [ip.max_tiles, ip.min_tiles, ip.use_thumbnail],
+            "dtype": _dtype_name(self.model),
+            "template": self.template or self.processor.chat_template,
+        }
         fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
         cache = PredictionCache(self.pred_dir, task.key, fingerprint)
         return _Prepared(task, samples, n_total, hashes, cache, max_new)
@@ -359,19 +373,34 @@ class Runner:
                     ordered = sorted(chunk, key=lambda s: (-len(prompts[s.id].images), -len(prompts[s.id].text)))
                     for batch in _chunks(ordered, self.cfg.batch_size):
                         try:
-                            raws = generate_batch(self.model, self.processor, [prompts[s.id] for s in batch],
-                                                  p.max_new_tokens, task.stop, self.template)  # fmt: skip
+                            raws = generate_batch(
+                                self.model,
+                                self.processor,
+                                [prompts[s.id] for s in batch],
+                                p.max_new_tokens,
+                                task.stop,
+                                self.template,
+                            )
                         except ImageError as e:  # say which samples: the image error names only the file
                             raise DataError(f"{task.name}: samples {[s.id for s in batch]}: {e}") from None
-                        out.write([{"sample_id": s.id, "prompt_hash": p.hashes[s.id],
-                                    "prediction": task.postprocess(r, profile), "raw": r}
-                                   for s, r in zip(batch, raws)])  # fmt: skip
+                        out.write(
+                            [
+                                {
+                                    "sample_id": s.id,
+                                    "prompt_hash": p.hashes[s.id],
+                                    "prediction": task.postprocess(r, profile),
+                                    "raw": r,
+                                }
+                                for s, r in zip(batch, raws)
+                            ]
+                        )
                         p.generated += len(batch)
                         bar.update(len(batch))
         except Exception as e:
             if self.world > 1:
-                p.cache.error_path(self.rank).write_text(json.dumps({"fingerprint": p.cache.fingerprint,
-                                                                     "error": f"{type(e).__name__}: {e}"}))  # fmt: skip
+                p.cache.error_path(self.rank).write_text(
+                    json.dumps({"fingerprint": p.cache.fingerprint, "error": f"{type(e).__name__}: {e}"})
+                )
             raise
         finally:
             bar.close()
@@ -403,10 +432,17 @@ class Runner:
             predictions = self.merged(p)
             metrics = task.score(predictions, p.samples, self.cfg.profile) if task.has_answers else {}
             entry: dict[str, Any] = {
-                "split": task.split, "n": len(p.samples), "n_total": p.n_total, "limit": self.cfg.limit,
-                "max_new_tokens": p.max_new_tokens, "main_metric": task.main_metric if task.has_answers else None,
-                "metrics": metrics, "generated": p.generated, "cached": p.cached, "seconds": round(p.seconds, 2),
-            }  # fmt: skip
+                "split": task.split,
+                "n": len(p.samples),
+                "n_total": p.n_total,
+                "limit": self.cfg.limit,
+                "max_new_tokens": p.max_new_tokens,
+                "main_metric": task.main_metric if task.has_answers else None,
+                "metrics": metrics,
+                "generated": p.generated,
+                "cached": p.cached,
+                "seconds": round(p.seconds, 2),
+            }
             sub = task.submission(predictions, p.samples)
             if sub is not None:
                 name, content = sub
@@ -432,10 +468,16 @@ class Runner:
     # ---- results files
 
     def _load_results(self) -> dict[str, Any]:
-        head = {"model": str(Path(self.cfg.model).resolve()), "model_name": Path(self.cfg.model).resolve().name,
-                "model_fingerprint": self.model_fp, "arch": self.model.config.arch, "profile": self.cfg.profile,
-                "max_tiles": self.processor.image_processor.max_tiles, "dtype": _dtype_name(self.model).removeprefix("torch."),
-                "world_size": self.world}  # fmt: skip
+        head = {
+            "model": str(Path(self.cfg.model).resolve()),
+            "model_name": Path(self.cfg.model).resolve().name,
+            "model_fingerprint": self.model_fp,
+            "arch": self.model.config.arch,
+            "profile": self.cfg.profile,
+            "max_tiles": self.processor.image_processor.max_tiles,
+            "dtype": _dtype_name(self.model).removeprefix("torch."),
+            "world_size": self.world,
+        }
         old_path = self.out / "results.json"
         tasks: dict[str, Any] = {}
         if old_path.is_file():  # keep the other tasks of earlier runs of this same model, profile and dtype
@@ -472,9 +514,12 @@ def markdown(results: dict[str, Any]) -> str:
     """Our main metric per task beside the paper's NVLM-D/X/H 72B numbers (ours in its architecture's column)."""
     arch = results.get("arch", "D")
     cols = list(COLUMNS)
-    lines = [f"# {results['model_name']} (NVLM-{arch}), profile `{results['profile']}`", "",
-             "| Task | Metric | n | Ours | " + " | ".join(COLUMNS[c] for c in cols) + " | Notes |",
-             "|---|---|---|---|" + "---|" * len(cols) + "---|"]  # fmt: skip
+    lines = [
+        f"# {results['model_name']} (NVLM-{arch}), profile `{results['profile']}`",
+        "",
+        "| Task | Metric | n | Ours | " + " | ".join(COLUMNS[c] for c in cols) + " | Notes |",
+        "|---|---|---|---|" + "---|" * len(cols) + "---|",
+    ]
     details = []
     for name, r in results["tasks"].items():
         paper = PAPER.get(name)
@@ -496,9 +541,12 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {main or '–'} | {n} | {ours} | " + " | ".join(refs) + f" | {'; '.join(notes)} |")
         if len(r["metrics"]) > 1:
             details.append(f"- **{name}**: " + ", ".join(f"{k} {_fmt(v, count)}" for k, v in r["metrics"].items()))
-    lines += ["", "Paper: NVLM 1.0 (arXiv 2409.11402) Tables 7/8, 72B models; HF: the nvidia/NVLM-D-72B card. "
-              "The paper's VQAv2 is test-dev and its DocVQA test; MMMU test, VQAv2 test-dev and DocVQA test are "
-              "scored by their servers from the files in `submissions/`."]  # fmt: skip
+    lines += [
+        "",
+        "Paper: NVLM 1.0 (arXiv 2409.11402) Tables 7/8, 72B models; HF: the nvidia/NVLM-D-72B card. "
+        "The paper's VQAv2 is test-dev and its DocVQA test; MMMU test, VQAv2 test-dev and DocVQA test are "
+        "scored by their servers from the files in `submissions/`.",
+    ]
     if details:
         lines += ["", "## All metrics", "", *details]
     return "\n".join(lines) + "\n"
@@ -511,13 +559,13 @@ def _md(text: str) -> str:
 # -------------------------------------------------------------------------------------------- API
 
 
-def _dtype_name(model: "NVLM") -> str:
+def _dtype_name(model: NVLM) -> str:
     """The model's dtype, with its quantization ("torch.bfloat16+int8"): predictions are kept apart by it."""
     q = getattr(model, "quantization", None)
     return str(model.dtype) + (f"+{q.format}" if q is not None else "")
 
 
-def load(cfg: EvalConfig) -> tuple["NVLM", "Processor"]:
+def load(cfg: EvalConfig) -> tuple[NVLM, Processor]:
     import torch
 
     from nvlm.models.nvlm import NVLM

@@ -50,10 +50,11 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 import numpy as np
 
@@ -387,7 +388,7 @@ def _run(
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _wait(command: list[str], work: str, out: IO[bytes], timeout: float, uid: int | None) -> int | None | Outcome:
+def _wait(command: list[str], work: str, out: IO[bytes], timeout: float, uid: int | None) -> int | Outcome | None:
     """Run ``command`` (as ``uid`` when given) until it exits or ``timeout`` + 1 s; then nothing of it is left:
     its process group is killed, and every process of ``uid``. Returns the exit status (None: killed on time)."""
     env = {"PATH": _PATH, "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}

@@ -12,7 +12,12 @@ hook list refers to it. The program can see the harness's frame (``sys._getframe
 variables, and the token is not in this process until the harness reads it.
 """
 
-import os, posix, resource, signal, sys, traceback
+import os
+import posix
+import resource
+import signal
+import sys
+import traceback
 
 
 def install(workdir, readable, trusted, token_path, harness, blocked):

@@ -19,9 +19,9 @@ import torch
 from safetensors import safe_open
 
 from nvlm.checkpoint import (
+    NUM_DUMMY_HEADS,
     VIT_ATTENTION,
     CheckpointError,
-    NUM_DUMMY_HEADS,
     read_config,
     tensor_index,
     unpad_vit_attention,

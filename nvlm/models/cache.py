@@ -32,13 +32,13 @@ class Memory:
         b = self.key_mask.shape[0]
         return self.key_mask.view(b, -1, self.tokens_per_crop).any(-1)
 
-    def select(self, rows: torch.Tensor) -> "Memory":
+    def select(self, rows: torch.Tensor) -> Memory:
         """The memory of these batch rows only, block keys and values included."""
         kv = {i: (k[rows], v[rows]) for i, (k, v) in self.kv.items()}
         return Memory(self.embeds[rows], self.key_mask[rows], self.tokens_per_crop, kv, self.keep_kv)
 
     @staticmethod
-    def concat(memories: "list[Memory | None]", rows: list[int]) -> "Memory":
+    def concat(memories: list[Memory | None], rows: list[int]) -> Memory:
         """Stack rows of several batches (``None``: rows without images), padding to the most crops."""
         ref = next(m for m in memories if m is not None)
         size = max(m.key_mask.shape[1] for m in memories if m is not None)
@@ -67,8 +67,10 @@ class Memory:
         if cross_attention_mask is None:
             cross_attention_mask = crops[:, None, :].expand(-1, num_new, -1)
         elif cross_attention_mask.shape != (crops.shape[0], num_new, crops.shape[1]):
-            raise ValueError(f"cross_attention_mask has shape {tuple(cross_attention_mask.shape)}; the batch needs "
-                             f"(B, T, K) = {(crops.shape[0], num_new, crops.shape[1])}")  # fmt: skip
+            raise ValueError(
+                f"cross_attention_mask has shape {tuple(cross_attention_mask.shape)}; the batch needs "
+                f"(B, T, K) = {(crops.shape[0], num_new, crops.shape[1])}"
+            )
         tokens = cross_attention_mask.to(crops.device).bool().repeat_interleave(self.tokens_per_crop, dim=-1)
         return (tokens & self.key_mask[:, None, :])[:, None]
 
@@ -127,7 +129,7 @@ class KVCache:
         k = next((k for k in self.k if k is not None), None)
         return 0 if k is None else k.shape[0]
 
-    def select(self, rows: torch.Tensor) -> "KVCache":
+    def select(self, rows: torch.Tensor) -> KVCache:
         """A cache of only these batch rows, in this order (the cross-attention memory too)."""
         out = KVCache(len(self.k), self.max_len)
         out.length = self.length
@@ -136,7 +138,7 @@ class KVCache:
         out.memory = None if self.memory is None else self.memory.select(rows)
         return out
 
-    def realign(self, length: int, max_len: int) -> "KVCache":
+    def realign(self, length: int, max_len: int) -> KVCache:
         """The same rows right-aligned at ``length`` positions (left-padded with zeros, or their oldest
         columns dropped), in a buffer of ``max_len``. Padding columns must be masked out by the caller."""
         out = KVCache(len(self.k), max_len)
@@ -152,7 +154,7 @@ class KVCache:
         return out
 
     @staticmethod
-    def concat(caches: "list[KVCache]", max_len: int) -> "KVCache":
+    def concat(caches: list[KVCache], max_len: int) -> KVCache:
         """Stack the rows of several caches, right-aligned at the longest one's length."""
         caches = [c for c in caches if c.rows]
         length = max(c.length for c in caches)

@@ -7,7 +7,7 @@ HF checkpoints, RMSNorm, SwiGLU. Module names follow HF's ``Qwen2ForCausalLM`` s
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -227,10 +227,10 @@ class NVLM(nn.Module):
         dtype: torch.dtype | str | None = None,
         device: str | torch.device | dict[str, Any] | None = None,
         arch: str | None = None,
-        quantize: "str | QuantConfig | None" = None,
+        quantize: str | QuantConfig | None = None,
         tokenizer: str | Path | None = None,
         config: Any = None,
-    ) -> "NVLM":
+    ) -> NVLM:
         """Load a directory in the NVLM-D-72B layout (config.json + sharded safetensors; ours for X and H).
 
         ``arch="X"`` or ``"H"`` on an NVLM-D checkpoint builds that architecture from it, new modules fresh.
@@ -244,7 +244,7 @@ class NVLM(nn.Module):
         return load_pretrained(path, dtype=dtype, device=device, arch=arch, quantize=quantize, tokenizer=tokenizer,
                                config=config)  # fmt: skip
 
-    def save_pretrained(self, path: str | Path, processor: "Processor | None" = None, **kwargs: Any) -> None:
+    def save_pretrained(self, path: str | Path, processor: Processor | None = None, **kwargs: Any) -> None:
         """Write the NVLM-D-72B layout (``architectures: ["NVLM_X"]``/``["NVLM_H"]`` for X and H), with the
         tokenizer and processor files beside it."""
         from nvlm.checkpoint import save_pretrained

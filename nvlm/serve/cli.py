@@ -22,10 +22,16 @@ def _serve(args: argparse.Namespace) -> int:
     model = NVLM.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     processor = Processor.from_pretrained(args.model, max_tiles=args.max_tiles)
     engine = EngineThread(model, processor, max_batch=args.max_batch, max_waiting=args.max_queue)
-    limits = Limits(max_body_bytes=args.max_body_mb * 2**20, max_images=args.max_images,
-                    max_image_pixels=args.max_image_pixels, max_queue=args.max_queue, timeout_s=args.timeout,
-                    allow_remote_images=args.allow_remote_images, fetch_timeout_s=args.fetch_timeout,
-                    local_image_dir=args.image_dir)  # fmt: skip
+    limits = Limits(
+        max_body_bytes=args.max_body_mb * 2**20,
+        max_images=args.max_images,
+        max_image_pixels=args.max_image_pixels,
+        max_queue=args.max_queue,
+        timeout_s=args.timeout,
+        allow_remote_images=args.allow_remote_images,
+        fetch_timeout_s=args.fetch_timeout,
+        local_image_dir=args.image_dir,
+    )
     name = args.served_model_name or Path(args.model).resolve().name
     uvicorn.run(create_app(engine, name, limits), host=args.host, port=args.port, log_level="info")
     engine.shutdown()

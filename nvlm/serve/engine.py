@@ -9,8 +9,9 @@ engine's (see there); this thread only steps it while there is work, and sleeps 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -39,7 +40,7 @@ class Job:
 
 
 class EngineThread:
-    def __init__(self, model: "NVLM", processor: Processor, max_batch: int = 32, max_waiting: int = 256) -> None:
+    def __init__(self, model: NVLM, processor: Processor, max_batch: int = 32, max_waiting: int = 256) -> None:
         self.engine = Engine(model, processor, max_batch)
         self.model, self.processor, self.max_waiting = model, processor, max_waiting
         self._lock = threading.Lock()
@@ -54,8 +55,12 @@ class EngineThread:
             waiting = self.engine.num_waiting
             if waiting + len(requests) > self.max_waiting:
                 raise QueueFull(f"{waiting} sequences are already waiting")
-            seqs = self.engine.add([r.prompt for r in requests], [r.pixels for r in requests],
-                                   [r.params for r in requests], [r.emit for r in requests])  # fmt: skip
+            seqs = self.engine.add(
+                [r.prompt for r in requests],
+                [r.pixels for r in requests],
+                [r.params for r in requests],
+                [r.emit for r in requests],
+            )
         self._wake.set()
         return seqs
 

@@ -21,7 +21,7 @@ import ipaddress
 import socket
 import ssl
 import time
-from typing import Callable
+from collections.abc import Callable
 from urllib.parse import urljoin, urlsplit
 
 FETCH_FAILED = "could not fetch the image URL"
@@ -56,8 +56,14 @@ def resolve(host: str, port: int) -> list[str]:
     return sorted({info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
 
 
-def fetch(url: str, max_bytes: int, timeout_s: float, *, resolver: Resolver = resolve,
-          allowed: Callable[[Address], bool] = is_public) -> bytes:  # fmt: skip
+def fetch(
+    url: str,
+    max_bytes: int,
+    timeout_s: float,
+    *,
+    resolver: Resolver = resolve,
+    allowed: Callable[[Address], bool] = is_public,
+) -> bytes:
     """The body of an http(s) URL, under the guarantees in the module docstring."""
     deadline = time.monotonic() + timeout_s
     try:
@@ -73,8 +79,9 @@ def fetch(url: str, max_bytes: int, timeout_s: float, *, resolver: Resolver = re
         raise FetchError() from e
 
 
-def _get(url: str, max_bytes: int, deadline: float, resolver: Resolver,
-         allowed: Callable[[Address], bool]) -> tuple[int, str | None, bytes]:  # fmt: skip
+def _get(
+    url: str, max_bytes: int, deadline: float, resolver: Resolver, allowed: Callable[[Address], bool]
+) -> tuple[int, str | None, bytes]:
     """One GET: (status, redirect location or None, body)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:

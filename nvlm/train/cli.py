@@ -33,7 +33,7 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan(cfg: "TrainConfig", args: argparse.Namespace) -> int:
+def _plan(cfg: TrainConfig, args: argparse.Namespace) -> int:
     from nvlm.train.plan import format_table, model_config, plan, smallest_fit
 
     config = model_config(cfg)
@@ -51,8 +51,12 @@ def _plan(cfg: "TrainConfig", args: argparse.Namespace) -> int:
 
 
 def add_subcommand(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train an NVLM (stage 1 or 2) from a YAML recipe", allow_abbrev=False,
-                       description="Any recipe field can be overridden: --steps 100 --lr 1e-5 --data '[{path: a.jsonl}]'")  # fmt: skip
+    p = sub.add_parser(
+        "train",
+        help="train an NVLM (stage 1 or 2) from a YAML recipe",
+        allow_abbrev=False,
+        description="Any recipe field can be overridden: --steps 100 --lr 1e-5 --data '[{path: a.jsonl}]'",
+    )
     p.add_argument("--config", default=None, help="YAML recipe (see recipes/)")
     plan = p.add_argument_group("memory plan (no weights read, no step run)")
     plan.add_argument(

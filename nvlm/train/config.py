@@ -7,9 +7,10 @@ stage (``nvlm.train.stages.PAPER``), so a recipe states only what it changes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from nvlm.train.stages import PAPER
 
@@ -64,7 +65,7 @@ class TrainConfig:
                 except ValueError:
                     raise ValueError(f"{key}: {value!r} is not a number") from None
 
-    def resolve(self, arch: str) -> "TrainConfig":
+    def resolve(self, arch: str) -> TrainConfig:
         """Fill unset fields with the paper's values for (arch, stage)."""
         paper = PAPER[(arch, self.stage)]
         for key, value in paper.items():
@@ -76,7 +77,7 @@ class TrainConfig:
         return self
 
     @classmethod
-    def load(cls, path: str | Path | None = None, overrides: Sequence[str] = ()) -> "TrainConfig":
+    def load(cls, path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
         """A YAML recipe (optional) then ``--key value`` overrides (values parsed as YAML)."""
         yaml = _yaml()
         data: dict[str, Any] = {}

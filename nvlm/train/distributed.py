@@ -60,8 +60,9 @@ def blocks(model: nn.Module) -> list[nn.Module]:
     return out + list(getattr(model, "xattn_layers", []))
 
 
-def parallelize(model: nn.Module, mesh, compute_dtype: torch.dtype | None, activation_checkpointing: bool,
-                compile_blocks: bool) -> None:  # fmt: skip
+def parallelize(
+    model: nn.Module, mesh, compute_dtype: torch.dtype | None, activation_checkpointing: bool, compile_blocks: bool
+) -> None:
     """Activation checkpointing, ``torch.compile`` per block, then FSDP2 (``mesh`` None: one process, no FSDP)."""
     if activation_checkpointing:
         apply_activation_checkpointing(model)

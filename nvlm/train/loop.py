@@ -77,9 +77,14 @@ def cpu_threads(num_workers: int, ranks_here: int = 1) -> int:
 def make_optimizer(model: NVLM, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the trained parameters only (no weight decay on vectors: norms, biases, gates)."""
     trained = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW([{"params": [p for p in trained if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-                              {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0}],
-                             lr=cfg.lr, betas=cfg.betas)  # fmt: skip
+    return torch.optim.AdamW(
+        [
+            {"params": [p for p in trained if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=cfg.betas,
+    )
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -99,8 +104,12 @@ def train(cfg: TrainConfig) -> Path:
     model, tokenizer, export_dtype = build(cfg, device, world)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     c = model.config
-    images = ImageProcessor(tile_size=c.tile_size, max_tiles=cfg.max_tiles, min_tiles=min(c.min_tiles, cfg.max_tiles),
-                            use_thumbnail=c.use_thumbnail)  # fmt: skip
+    images = ImageProcessor(
+        tile_size=c.tile_size,
+        max_tiles=cfg.max_tiles,
+        min_tiles=min(c.min_tiles, cfg.max_tiles),
+        use_thumbnail=c.use_thumbnail,
+    )
     processor = Processor(tokenizer, images, c, chat_template=cfg.chat_template)
     sharded = world > 1 and cfg.fsdp
     params = dict(model.named_parameters())
@@ -123,8 +132,11 @@ def train(cfg: TrainConfig) -> Path:
         log = Metrics(out, step, rank == 0)
         use_amp = device.type == "cuda" and not sharded  # FSDP2 casts to bf16 itself (MixedPrecisionPolicy)
         n_params = sum(p.numel() for p in params.values())
-        peak = cfg.peak_tflops or (next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
-                                   if device.type == "cuda" else None)  # fmt: skip
+        peak = cfg.peak_tflops or (
+            next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+            if device.type == "cuda"
+            else None
+        )
         progress = _progress(cfg.steps, step, rank == 0)
         background = state.background_group() if cfg.async_save else None
         pending: state.Pending | None = None
@@ -154,10 +166,17 @@ def train(cfg: TrainConfig) -> Path:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             seconds = time.perf_counter() - t0
-            record = {"step": step, "loss": distributed.all_sum(loss_sum, device) / supervised, "lr": lr,
-                      "grad_norm": grad_norm, "tokens": int(tokens), "supervised_tokens": int(supervised),
-                      "tokens_per_s": tokens / seconds, "padding": sum(map(padding_fraction, micro)) / len(micro),
-                      "skipped": int(distributed.all_sum(sum(loader.skipped.values()), device))}  # fmt: skip
+            record = {
+                "step": step,
+                "loss": distributed.all_sum(loss_sum, device) / supervised,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": int(tokens),
+                "supervised_tokens": int(supervised),
+                "tokens_per_s": tokens / seconds,
+                "padding": sum(map(padding_fraction, micro)) / len(micro),
+                "skipped": int(distributed.all_sum(sum(loader.skipped.values()), device)),
+            }
             peaks = distributed.peak_memory_gib(device)
             record.update(peak_memory_gib=max(peaks), peak_memory_gib_per_rank=peaks)
             if peak:
@@ -167,8 +186,16 @@ def train(cfg: TrainConfig) -> Path:
             if step % cfg.save_every == 0 or step == cfg.steps:
                 if pending is not None:
                     pending.commit()  # the previous background save, before this one starts
-                pending = state.save(ckpt_root, step, model, optimizer, {"data": loader.state_dict()},
-                                     {"config": _jsonable(asdict(cfg))}, cfg.keep_last, background)  # fmt: skip
+                pending = state.save(
+                    ckpt_root,
+                    step,
+                    model,
+                    optimizer,
+                    {"data": loader.state_dict()},
+                    {"config": _jsonable(asdict(cfg))},
+                    cfg.keep_last,
+                    background,
+                )
         if pending is not None:
             pending.commit()
     return _save_final(model, processor, out / "model", rank, export_dtype)
@@ -229,8 +256,10 @@ class Metrics:
                 except (ValueError, KeyError, TypeError):
                     dropped += bool(line.strip())
             if dropped:
-                print(f"{self.path}: dropped {dropped} unreadable line(s), e.g. one cut short by a full disk",
-                      file=sys.stderr)  # fmt: skip
+                print(
+                    f"{self.path}: dropped {dropped} unreadable line(s), e.g. one cut short by a full disk",
+                    file=sys.stderr,
+                )
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.path)
@@ -256,8 +285,9 @@ class Metrics:
                     raise OSError(errno.ENOSPC, "short write")
             except OSError as e:
                 os.ftruncate(fd, size)
-                raise OSError(e.errno, f"{self.path}: metrics line of step {record.get('step')} not written "
-                                       f"({e.strerror})") from None  # fmt: skip
+                raise OSError(
+                    e.errno, f"{self.path}: metrics line of step {record.get('step')} not written ({e.strerror})"
+                ) from None
         finally:
             os.close(fd)
         if self.tb is not None:
@@ -265,8 +295,11 @@ class Metrics:
                 if k != "step":
                     self.tb.add_scalar(k, v, record["step"])
         if verbose:
-            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def _progress(total: int, start: int, active: bool):

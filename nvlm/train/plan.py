@@ -119,8 +119,13 @@ class MemoryPlan:
         return self.total <= self.usable
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "activations": self.activations, "total": self.total, "usable": self.usable,
-                "fits": self.fits}  # fmt: skip
+        return {
+            **asdict(self),
+            "activations": self.activations,
+            "total": self.total,
+            "usable": self.usable,
+            "fits": self.fits,
+        }
 
 
 def model_config(train: TrainConfig) -> NVLMConfig:
@@ -289,8 +294,9 @@ def count_activations(model: nn.Module, train: TrainConfig, layout: Layout) -> A
     vit = (
         crops * rows * (v.num_patches + 1) * (a * (2 * v.intermediate_size + 4 * v.hidden_size) + _F32 * v.hidden_size)
     )
-    return Activations(tuple(blocks), tuple(working), tuple(boundaries), root, a * vocab * tokens,
-                       2 * _F32 * vocab * tokens, vit)  # fmt: skip
+    return Activations(
+        tuple(blocks), tuple(working), tuple(boundaries), root, a * vocab * tokens, 2 * _F32 * vocab * tokens, vit
+    )
 
 
 def plan(
@@ -345,14 +351,23 @@ class _Counted:
     activations: dict[Layout, Activations]
 
     @classmethod
-    def of(cls, model: nn.Module, train: TrainConfig) -> "_Counted":
+    def of(cls, model: nn.Module, train: TrainConfig) -> _Counted:
         return cls(train, _shapes(model), {p: count_activations(model, train, p) for p in (CPU, GPU)})
 
-    def plan(self, devices: int, device_gib: float, devices_per_node: int, hsdp: bool, cpu: bool | None,
-             headroom: float | None) -> MemoryPlan:  # fmt: skip
+    def plan(
+        self,
+        devices: int,
+        device_gib: float,
+        devices_per_node: int,
+        hsdp: bool,
+        cpu: bool | None,
+        headroom: float | None,
+    ) -> MemoryPlan:
         if devices < 1 or devices_per_node < 1 or device_gib <= 0 or not 0 <= (headroom or 0) < 1:
-            raise ValueError(f"need devices >= 1, devices_per_node >= 1, device memory > 0 and 0 <= headroom < 1, "
-                             f"not {devices}, {devices_per_node}, {device_gib}, {headroom}")  # fmt: skip
+            raise ValueError(
+                f"need devices >= 1, devices_per_node >= 1, device memory > 0 and 0 <= headroom < 1, "
+                f"not {devices}, {devices_per_node}, {device_gib}, {headroom}"
+            )
         train = self.train
         cpu = (train.device or "").startswith("cpu") if cpu is None else cpu
         layout = CPU if cpu else GPU
@@ -362,8 +377,15 @@ class _Counted:
         trained = sum(u.trained_shard for u in units)
         frozen = sum(u.frozen_shard for u in units)
         acts = self.activations[layout]
-        largest = max((math.ceil(rows / group) * (numel // max(rows, 1)) for _, params in self.shapes
-                       for rows, numel, trains in params if trains), default=0)  # fmt: skip
+        largest = max(
+            (
+                math.ceil(rows / group) * (numel // max(rows, 1))
+                for _, params in self.shapes
+                for rows, numel, trains in params
+                if trains
+            ),
+            default=0,
+        )
         transients = 0
         if not (cpu and devices == 1):  # one CPU process runs the model as it is, unsharded
             c, r = layout.compute, layout.reduce
@@ -371,15 +393,22 @@ class _Counted:
             in_block = 2 * widest.total * c + 2 * r * widest.trained + c * root.trained
             transients = root.total * c + max(in_block, 2 * r * root.trained)
         return MemoryPlan(
-            devices=devices, shard_group=group, device_gib=device_gib, cpu=cpu,
+            devices=devices,
+            shard_group=group,
+            device_gib=device_gib,
+            cpu=cpu,
             activation_checkpointing=train.activation_checkpointing,
-            params_total=sum(u.total for u in units), params_trained=sum(u.trained for u in units),
+            params_total=sum(u.total for u in units),
+            params_trained=sum(u.trained for u in units),
             parameters=trained * layout.master + frozen * layout.frozen,
-            gradients=trained * _F32, optimizer=2 * trained * _F32,
-            activations_ac=acts.peak(True), activations_no_ac=acts.peak(False),
-            transients=transients, optimizer_step=_F32 * (trained if not cpu else 2 * largest),
+            gradients=trained * _F32,
+            optimizer=2 * trained * _F32,
+            activations_ac=acts.peak(True),
+            activations_no_ac=acts.peak(False),
+            transients=transients,
+            optimizer_step=_F32 * (trained if not cpu else 2 * largest),
             headroom=(0.0 if cpu else 0.1) if headroom is None else headroom,
-        )  # fmt: skip
+        )
 
 
 def resolved(config: NVLMConfig, train: TrainConfig) -> TrainConfig:
@@ -392,14 +421,24 @@ def format_table(p: MemoryPlan, fit: MemoryPlan | None, label: str) -> str:
     gib = lambda b: f"{b / GIB:,.1f}"  # noqa: E731
     kind = "CPU processes" if p.cpu else "GPUs"
     count = lambda n: f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"  # noqa: E731
-    lines = [f"{label}: {count(p.params_total)} parameters ({count(p.params_trained)} trained)",
-             f"{p.devices} {kind} of {p.device_gib:g} GiB (shard group {p.shard_group}), per device:", "",
-             "| | GiB |", "|---|---|"]  # fmt: skip
+    lines = [
+        f"{label}: {count(p.params_total)} parameters ({count(p.params_trained)} trained)",
+        f"{p.devices} {kind} of {p.device_gib:g} GiB (shard group {p.shard_group}), per device:",
+        "",
+        "| | GiB |",
+        "|---|---|",
+    ]
     ac = "with" if p.activation_checkpointing else "without"
-    rows = [("parameters", p.parameters), ("gradients", p.gradients), ("optimizer (AdamW)", p.optimizer),
-            ("activations, checkpointed", p.activations_ac), ("activations, not checkpointed", p.activations_no_ac),
-            ("transients (unsharded units)", p.transients), ("optimizer step temporaries", p.optimizer_step),
-            (f"**total** ({ac} activation checkpointing)", p.total)]  # fmt: skip
+    rows = [
+        ("parameters", p.parameters),
+        ("gradients", p.gradients),
+        ("optimizer (AdamW)", p.optimizer),
+        ("activations, checkpointed", p.activations_ac),
+        ("activations, not checkpointed", p.activations_no_ac),
+        ("transients (unsharded units)", p.transients),
+        ("optimizer step temporaries", p.optimizer_step),
+        (f"**total** ({ac} activation checkpointing)", p.total),
+    ]
     lines += [f"| {name} | {gib(b)} |" for name, b in rows]
     lines.append(f"| usable ({1 - p.headroom:.0%} of the device) | {gib(p.usable)} |")
     lines += ["", f"fits: {'yes' if p.fits else 'no'}"]

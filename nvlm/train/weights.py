@@ -152,8 +152,9 @@ def fill(model: NVLM, point: StartingPoint, seed: int) -> None:
             continue  # this rank holds no row of this parameter
         with safe_open(str(file), framework="pt", device="cpu") as f:
             if VIT_ATTENTION.match(name) and shape != tuple(params[name].shape):
-                full = unpad_vit_attention(name, f.get_tensor(key), model.config.vision.hidden_size,
-                                           model.config.vision.head_dim)  # fmt: skip
+                full = unpad_vit_attention(
+                    name, f.get_tensor(key), model.config.vision.hidden_size, model.config.vision.head_dim
+                )
                 rows = full[start : start + local.shape[0]]
             else:
                 rows = f.get_slice(key)[start : start + local.shape[0]]

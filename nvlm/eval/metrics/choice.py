@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import string
-from typing import Sequence
+from collections.abc import Sequence
 
 from ._util import check_profile
 from .vqa import normalize_vqa

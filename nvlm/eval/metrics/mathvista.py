@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from ._util import check_profile, levenshtein
 from .mmmu import mmmu_parse_choice

@@ -17,9 +17,10 @@ import csv
 import functools
 import json
 import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 PROFILES = ("official", "nvlm")
 NVLM_SYSTEM = "Answer the questions."  # Megatron NVLM-1.0, every task

@@ -12,13 +12,25 @@ import base64
 import csv
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from nvlm.eval.tasks.base import (
-    FOLLOW_SYSTEM, LETTER_SUFFIX, NVLM_SYSTEM, DataError, Prompt, Sample, Task, check_unique, letters, mean, need,
-    options_block, parquet_files, read_parquet,
-)  # fmt: skip
+    FOLLOW_SYSTEM,
+    LETTER_SUFFIX,
+    NVLM_SYSTEM,
+    DataError,
+    Prompt,
+    Sample,
+    Task,
+    check_unique,
+    letters,
+    mean,
+    need,
+    options_block,
+    parquet_files,
+    read_parquet,
+)
 
 
 class _Choice(Task):
@@ -37,9 +49,14 @@ class _Choice(Task):
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
         from nvlm.eval.metrics import choice_correct
 
-        return {"accuracy": mean([float(choice_correct(p, s.fields["answer"], options=s.fields["options"],
-                                                       profile=profile))
-                                  for p, s in zip(predictions, samples)])}  # fmt: skip
+        return {
+            "accuracy": mean(
+                [
+                    float(choice_correct(p, s.fields["answer"], options=s.fields["options"], profile=profile))
+                    for p, s in zip(predictions, samples)
+                ]
+            )
+        }
 
 
 class AI2D(_Choice):
@@ -59,8 +76,13 @@ class AI2D(_Choice):
                 letter = letters(len(options))[int(answer)]
             except (ValueError, IndexError):
                 raise DataError(f"{where}: answer {answer!r} is not an index into its {len(options)} options") from None
-            out.append(Sample(str(row.get("question_id", i)), [image],
-                              {"question": question, "options": list(options), "answer": letter}))  # fmt: skip
+            out.append(
+                Sample(
+                    str(row.get("question_id", i)),
+                    [image],
+                    {"question": question, "options": list(options), "answer": letter},
+                )
+            )
         return check_unique(out, str(d))
 
 
@@ -88,8 +110,13 @@ or VLMEvalKit's TSV:
             if list(opts) != list(letters(len(opts))) or answer not in opts:
                 raise DataError(f"{where}: options {list(opts)} with answer {answer!r}")
             hint = row.get("hint") if _present(row.get("hint")) else None
-            fields = {"question": question, "options": list(opts.values()), "answer": answer, "hint": hint,
-                      "category": row.get("category")}  # fmt: skip
+            fields = {
+                "question": question,
+                "options": list(opts.values()),
+                "answer": answer,
+                "hint": hint,
+                "category": row.get("category"),
+            }
             out.append(Sample(str(index), [image], fields))
         return check_unique(out, str(d))
 

@@ -11,8 +11,8 @@ is an error naming the file and line.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from nvlm.eval.tasks.base import (
     NVLM_SYSTEM,
@@ -80,10 +80,13 @@ class JsonlTask(Task):
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
         from nvlm.eval.metrics import normalize_vqa, vqa_accuracy
 
-        exact = [float(normalize_vqa(p) in {normalize_vqa(a) for a in s.fields["answers"]})
-                 for p, s in zip(predictions, samples)]  # fmt: skip
+        exact = [
+            float(normalize_vqa(p) in {normalize_vqa(a) for a in s.fields["answers"]})
+            for p, s in zip(predictions, samples)
+        ]
         out = {"exact_match": mean(exact)}
         if all(len(s.fields["answers"]) >= 3 for s in samples):
-            out["vqa_accuracy"] = mean([vqa_accuracy(p, s.fields["answers"], profile=profile)
-                                        for p, s in zip(predictions, samples)])  # fmt: skip
+            out["vqa_accuracy"] = mean(
+                [vqa_accuracy(p, s.fields["answers"], profile=profile) for p, s in zip(predictions, samples)]
+            )
         return out

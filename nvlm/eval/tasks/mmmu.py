@@ -23,13 +23,24 @@ import json
 import random
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from nvlm.eval.tasks.base import (
-    LETTER_SUFFIX, NVLM_SYSTEM, VQA_SUFFIX, DataError, Prompt, Sample, Task, check_unique, letters, mean, need,
+    LETTER_SUFFIX,
+    NVLM_SYSTEM,
+    VQA_SUFFIX,
+    DataError,
+    Prompt,
+    Sample,
+    Task,
+    check_unique,
+    letters,
+    mean,
+    need,
     options_block,
-)  # fmt: skip
+)
 
 MATH_SYSTEM = "You are math expert. Use your math knowledge to calculate the answer."
 _TAG = re.compile(r"<image (\d+)>")
@@ -59,8 +70,13 @@ or data/validation-*.parquet, data/test-*.parquet          (HF lmms-lab/MMMU, al
             except (ValueError, SyntaxError):
                 raise DataError(f"{where}: options {options!r} is not a list literal") from None
             images = {int(k.split("_")[1]): v for k, v in row.items() if re.fullmatch(r"image_\d+", k)}
-            fields = {"question": question, "options": [str(o) for o in opts], "question_type": qtype,
-                      "answer": row.get("answer"), "subject": _subject(sid, self.prefix)}  # fmt: skip
+            fields = {
+                "question": question,
+                "options": [str(o) for o in opts],
+                "question_type": qtype,
+                "answer": row.get("answer"),
+                "subject": _subject(sid, self.prefix),
+            }
             if self.has_answers and fields["answer"] is None:
                 raise DataError(f"{where}: no answer")
             out.append(Sample(sid, [images[k] for k in sorted(images)], fields))
@@ -95,8 +111,14 @@ or data/validation-*.parquet, data/test-*.parquet          (HF lmms-lab/MMMU, al
         from nvlm.eval.metrics import MMMU_DOMAINS, mmmu_correct
 
         rng = random.Random(42)  # MMMU seeds its random fallback once, then parses in order
-        hits = [float(mmmu_correct(p, s.fields["question_type"], s.fields["answer"], s.fields["options"], rng=rng,
-                                   profile=profile)) for p, s in zip(predictions, samples)]  # fmt: skip
+        hits = [
+            float(
+                mmmu_correct(
+                    p, s.fields["question_type"], s.fields["answer"], s.fields["options"], rng=rng, profile=profile
+                )
+            )
+            for p, s in zip(predictions, samples)
+        ]
         out = {"accuracy": mean(hits)}
         domains: dict[str, list[float]] = defaultdict(list)
         for h, s in zip(hits, samples):
@@ -147,9 +169,16 @@ class MathVista(Task):
             choices = list(row.get("choices") or [])
             if qtype == "multi_choice" and answer not in choices:
                 raise DataError(f"{where}: answer {answer!r} is not one of its choices {choices}")
-            fields = {"question": question, "query": row.get("query") or question, "question_type": qtype,
-                      "answer_type": row.get("answer_type"), "answer": answer, "choices": choices,
-                      "precision": row.get("precision"), "unit": row.get("unit")}  # fmt: skip
+            fields = {
+                "question": question,
+                "query": row.get("query") or question,
+                "question_type": qtype,
+                "answer_type": row.get("answer_type"),
+                "answer": answer,
+                "choices": choices,
+                "precision": row.get("precision"),
+                "unit": row.get("unit"),
+            }
             out.append(Sample(str(pid), [image], fields))
         return check_unique(out, str(d))
 
@@ -167,7 +196,18 @@ class MathVista(Task):
         rng, hits = random.Random(42), []  # the nvlm profile's MMMU choice parser falls back at random
         for p, s in zip(predictions, samples):
             f = s.fields
-            hits.append(float(mathvista_correct(p, question_type=f["question_type"], answer_type=f["answer_type"],
-                                                answer=f["answer"], choices=f["choices"], precision=f["precision"],
-                                                rng=rng, profile=profile)))  # fmt: skip
+            hits.append(
+                float(
+                    mathvista_correct(
+                        p,
+                        question_type=f["question_type"],
+                        answer_type=f["answer_type"],
+                        answer=f["answer"],
+                        choices=f["choices"],
+                        precision=f["precision"],
+                        rng=rng,
+                        profile=profile,
+                    )
+                )
+            )
         return {"accuracy": mean(hits)}

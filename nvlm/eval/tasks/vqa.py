@@ -11,13 +11,26 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from nvlm.eval.tasks.base import (
-    FOLLOW_SYSTEM, NUMBER_SUFFIX, NVLM_SYSTEM, VQA_SUFFIX, DataError, Prompt, Sample, Task, check_unique, mean,
-    need, parquet_files, read_json, read_parquet,
-)  # fmt: skip
+    FOLLOW_SYSTEM,
+    NUMBER_SUFFIX,
+    NVLM_SYSTEM,
+    VQA_SUFFIX,
+    DataError,
+    Prompt,
+    Sample,
+    Task,
+    check_unique,
+    mean,
+    need,
+    parquet_files,
+    read_json,
+    read_parquet,
+)
 
 
 class _VQA(Task):
@@ -49,10 +62,14 @@ or the official release (visualqa.org):
   v2_OpenEnded_mscoco_val2014_questions.json + v2_mscoco_val2014_annotations.json + val2014/*.jpg
   v2_OpenEnded_mscoco_test-dev2015_questions.json + test2015/*.jpg"""
     _official = {
-        "validation": ("v2_OpenEnded_mscoco_val2014_questions.json", "v2_mscoco_val2014_annotations.json",
-                       "val2014", "COCO_val2014_{:012d}.jpg"),
+        "validation": (
+            "v2_OpenEnded_mscoco_val2014_questions.json",
+            "v2_mscoco_val2014_annotations.json",
+            "val2014",
+            "COCO_val2014_{:012d}.jpg",
+        ),
         "testdev": ("v2_OpenEnded_mscoco_test-dev2015_questions.json", None, "test2015", "COCO_test2015_{:012d}.jpg"),
-    }  # fmt: skip
+    }
 
     def __init__(self, name: str, split: str) -> None:
         self.name, self.split = name, split
@@ -73,8 +90,9 @@ or the official release (visualqa.org):
             out.append(Sample(str(qid), [image], fields))
         return check_unique(out, str(d))
 
-    def _load_official(self, d: Path, questions: str, annotations: str | None, image_dir: str,
-                       image_name: str) -> list[Sample]:  # fmt: skip
+    def _load_official(
+        self, d: Path, questions: str, annotations: str | None, image_dir: str, image_name: str
+    ) -> list[Sample]:
         qs = read_json(d / questions)
         anns: dict[Any, dict] = {}
         if annotations:
@@ -142,8 +160,11 @@ or the official release (textvqa.org):
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
         from nvlm.eval.metrics import textvqa_accuracy
 
-        return {"accuracy": mean([textvqa_accuracy(p, s.fields["answers"], profile=profile)
-                                  for p, s in zip(predictions, samples)])}  # fmt: skip
+        return {
+            "accuracy": mean(
+                [textvqa_accuracy(p, s.fields["answers"], profile=profile) for p, s in zip(predictions, samples)]
+            )
+        }
 
 
 # ------------------------------------------------------------------------------------------ DocVQA
@@ -227,8 +248,7 @@ or the original release (github.com/vis-nlp/ChartQA):
                     where = f"{path}: record {i}"
                     imgname, query, label = need(r, where, "imgname", "query", "label")
                     image = _image_file(d / "test" / "png", imgname, where)
-                    out.append(Sample(f"{kind}_{i}", [image], {"question": query, "answer": str(label),
-                                                                "type": kind}))  # fmt: skip
+                    out.append(Sample(f"{kind}_{i}", [image], {"question": query, "answer": str(label), "type": kind}))
             return check_unique(out, str(d / "test"))
         out = []
         for i, (where, row) in enumerate(self.parquet_rows(d, "test-*.parquet or test/test_human.json")):
