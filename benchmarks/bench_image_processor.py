@@ -5,7 +5,8 @@
 Two rows per size: "PIL" starts both sides from the same decoded RGB image (the tiling and normalisation
 alone); "JPEG file" / "PNG file" starts from the file, so decoding is included (the card's
 ``Image.open(path).convert('RGB')`` against our ``load_image(path)``). The two are timed in alternating
-blocks (median of ``--repeats``), and the speed-up is the card's median time over ours. Prints a markdown table for docs/BENCHMARKS.md.
+blocks (median of ``--repeats``), and the speed-up is the card's median time over ours. Prints a markdown
+table for docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ def main() -> None:
             path = Path(tmp) / f"img{i}.{fmt.lower()}"
             img.save(path, quality=90) if fmt == "JPEG" else img.save(path)
             cases = [
-                ("PIL", lambda: card_load_image(img), lambda: proc(img)),
-                (f"{fmt} file", lambda: card_load_image(str(path)), lambda: proc(load_image(path))),
+                ("PIL", lambda img=img: card_load_image(img), lambda img=img: proc(img)),
+                (f"{fmt} file", lambda p=path: card_load_image(str(p)), lambda p=path: proc(load_image(p))),
             ]
             for name, card_fn, ours_fn in cases:
                 assert torch.equal(card_fn(), ours_fn()), (name, w, h)

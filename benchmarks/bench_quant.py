@@ -227,8 +227,9 @@ def main() -> None:
         rows = [run_child(Path(d), fmt, argv) for fmt in args.formats]
     base = next((r for r in rows if r["format"] == "bf16" and "error" not in r), None)
     print(
-        "| format | load peak (VmHWM - before) | loaded (VmRSS - before) | quantized layers: measured / predicted / bf16 "
-        "| decode tok/s (x bf16) | same 8-token answers | same next token | logits rel. error "
+        "| format | load peak (VmHWM - before) | loaded (VmRSS - before) "
+        "| quantized layers: measured / predicted / bf16 | decode tok/s (x bf16) | same 8-token answers "
+        "| same next token | logits rel. error "
         "| median top-2 gap / max logit shift |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
@@ -240,8 +241,10 @@ def main() -> None:
             f" ({r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x)" if base else ""
         )
         print(
-            f"| {r['format']} | {r['peak_mb'] - r['rss_before_mb']:.0f} MiB | {r['loaded_mb'] - r['rss_before_mb']:.0f} MiB "
-            f"| {r['measured_bytes'] / 2**20:.1f} / {r['predicted_bytes'] / 2**20:.1f} / {r['bf16_bytes'] / 2**20:.1f} MiB "
+            f"| {r['format']} | {r['peak_mb'] - r['rss_before_mb']:.0f} MiB "
+            f"| {r['loaded_mb'] - r['rss_before_mb']:.0f} MiB "
+            f"| {r['measured_bytes'] / 2**20:.1f} / {r['predicted_bytes'] / 2**20:.1f} "
+            f"/ {r['bf16_bytes'] / 2**20:.1f} MiB "
             f"| {speed} | {r.get('same_answers', 1.0):.0%} | {r.get('same_next_token', 1.0):.0%} "
             f"| {r.get('logits_relative_error', 0.0):.4f} "
             f"| {r.get('median_top2_gap', 0):.3f} / {r.get('median_max_error', 0):.3f} |"

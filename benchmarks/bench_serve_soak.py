@@ -68,9 +68,10 @@ def _wait_started(server: Any) -> None:
 
 
 def rss_mb(pid: int) -> float:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
 
 
@@ -237,11 +238,12 @@ def main() -> int:
         print(f"  {k}: {v}")
     print(f"wrong answers: {wrong}   5xx: {five}   hostile not refused: {unrefused}   loopback connections: {trapped}")
     print(
-        f"server RSS: {rss_cold:.0f} MB after the solo answers, {rss_before:.0f} MB after a {args.warmup:.0f} s warm-up "
-        f"soak (before), {rss_after:.0f} MB after ({(rss_after / rss_before - 1):+.1%})"
+        f"server RSS: {rss_cold:.0f} MB after the solo answers, {rss_before:.0f} MB after a {args.warmup:.0f} s "
+        f"warm-up soak (before), {rss_after:.0f} MB after ({(rss_after / rss_before - 1):+.1%})"
     )
     print(
-        f"/health: {len(health)} polls, p50 {q[49] * 1e3:.1f} ms, p99 {q[98] * 1e3:.1f} ms, max {max(health) * 1e3:.1f} ms"
+        f"/health: {len(health)} polls, p50 {q[49] * 1e3:.1f} ms, p99 {q[98] * 1e3:.1f} ms, "
+        f"max {max(health) * 1e3:.1f} ms"
     )
     return int(bool(wrong or five or unrefused or trapped))
 

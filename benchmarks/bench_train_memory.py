@@ -9,8 +9,9 @@ tiny tokenizer, then for each rank count runs ``torchrun --nproc_per_node N -m n
 ``VmRSS`` of torchrun's children, every 20 ms). Loading is everything before the first step began (the first
 metrics record's time less its step time); training runs from there to the last step's record (the final
 save after it is left out). The largest rank's peaks are reported above the baseline of a process that has
-imported the training code and built a tiny model on the meta device, as a share of the 1-rank figure and (loading) of the fp32 model's bytes, beside
-the plan's per-device figures (parameters for loading, the total for training). A checkpoint already in the
+imported the training code and built a tiny model on the meta device, as a share of the 1-rank figure and
+(loading) of the fp32 model's bytes, beside the plan's per-device figures (parameters for loading, the total
+for training). A checkpoint already in the
 training dtype stays memory-mapped until first touched, so one rank's loading peak is small and its weights
 appear in the training peak.
 """
@@ -64,7 +65,7 @@ def baseline_mib() -> float:
         "print(open('/proc/self/status').read())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return next(int(l.split()[1]) / 1024 for l in out.splitlines() if l.startswith("VmRSS:"))
+    return next(int(line.split()[1]) / 1024 for line in out.splitlines() if line.startswith("VmRSS:"))
 
 
 def write_data(root: Path) -> Path:

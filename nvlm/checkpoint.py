@@ -267,7 +267,7 @@ def _entries(path: Path) -> Iterator[tuple[Path, str, Any]]:
     for file in _shard_files(path):
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in f.keys():
+                for name in f.keys():  # noqa: SIM118 (safe_open has keys(), no __iter__)
                     if name in seen:
                         raise CheckpointError(f"{file}: tensor {name!r} is also in {seen[name].name}")
                     seen[name] = file

@@ -18,8 +18,14 @@ def _chat(args: argparse.Namespace) -> int:
 
     model = NVLM.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     processor = Processor.from_pretrained(args.model, max_tiles=args.max_tiles)
-    sampling = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0,
-                "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed}  # fmt: skip
+    sampling = {
+        "max_new_tokens": args.max_new_tokens,
+        "do_sample": args.temperature > 0,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+    }
     chat = Chat(model, processor, system=args.system, **sampling)
 
     def answer(question: str, images: list[str]) -> None:

@@ -2,8 +2,8 @@
 
 ``loss_curves`` plots the per-step training loss of each stage (``metrics.jsonl``), one panel per stage on
 a shared loss axis, the raw loss faint and its running mean bold. ``answer_grid`` lays out held-out images,
-each fitted into a fixed cell (enlarged at most 2x), under it the question, the model's answer and the truth (green when they
-agree, red when not). Both write a PNG and return its path.
+each fitted into a fixed cell (enlarged at most 2x), under it the question, the model's answer and the truth
+(green when they agree, red when not). Both write a PNG and return its path.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def loss_curves(stages: dict[str, Sequence[float]], path: Path, size: tuple[int,
         draw.text((x1, y1 + 6), f"step {len(losses)}", fill=_INK, font=_FONT, anchor="ra")
 
         def xy(i: int, v: float) -> tuple[float, float]:
-            return x0 + i / (n - 1) * (x1 - x0), y1 - min(v, top) / top * (y1 - y0)
+            return x0 + i / (n - 1) * (x1 - x0), y1 - min(v, top) / top * (y1 - y0)  # noqa: B023 (this panel's)
 
         for series, color, width in ((losses, _RAW, 1), (_running_mean(losses, 25), _MEAN, 2)):
             if len(series) > 1:

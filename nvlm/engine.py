@@ -132,7 +132,7 @@ class Engine:
                 params if params.seed is None or i == 0 else replace(params, seed=params.seed + i)
                 for i in range(ids.shape[0])
             ]
-        prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+        prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
         seqs = self._new(prompts, params)
         self.waiting.append(_Group(seqs, batch=batch))
         return seqs
@@ -158,7 +158,7 @@ class Engine:
     ) -> list[Sequence]:
         seqs = []
         device = self.model.language_model.lm_head.weight.device
-        for ids, p, tag in zip(prompts, params, tags or [None] * len(prompts)):
+        for ids, p, tag in zip(prompts, params, tags or [None] * len(prompts), strict=True):
             s = Sequence(list(ids), p, tag=tag, _stops=frozenset(p.stop_ids(self.model.config.llm.eos_token_id)))
             if p.seed is not None and not p.greedy:
                 s._generator = torch.Generator(device=device).manual_seed(p.seed)
@@ -223,7 +223,7 @@ class Engine:
                 if job.prompts is None or len(job.seqs) == 1:
                     updates += [self._fail(s, e) for s in job.seqs if not s.finished]
                     continue
-                for one in (_Group([s], [p], [x]) for s, p, x in zip(job.seqs, job.prompts, job.pixels)):
+                for one in (_Group([s], [p], [x]) for s, p, x in zip(job.seqs, job.prompts, job.pixels, strict=True)):
                     try:
                         self._merge(one.seqs, *self._prefill(one), updates)
                     except Exception as e1:
@@ -283,7 +283,7 @@ class Engine:
         if all(s.params.greedy and s.params.repetition_penalty == 1.0 for s in seqs):
             return logits.argmax(-1)
         out = []
-        for s, row in zip(seqs, logits):
+        for s, row in zip(seqs, logits, strict=True):
             try:
                 seen = torch.tensor(s.prompt_ids + s.tokens, dtype=torch.long, device=row.device).unique()
                 row = penalize_repetition(row, seen, s.params.repetition_penalty)
@@ -295,7 +295,7 @@ class Engine:
 
     def _deliver(self, seqs: list[Sequence], tokens: torch.Tensor, updates: list[Update]) -> None:
         """Hand each sequence its new token; drop the finished and cancelled rows from the batch."""
-        for s, t in zip(seqs, tokens.tolist()):
+        for s, t in zip(seqs, tokens.tolist(), strict=True):
             if s.finish_reason == "error":  # its sampling failed just now
                 updates.append(Update(s, None, ""))
                 continue

@@ -25,6 +25,7 @@ Spec: NVLM_SPEC.md section 2.1.
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -282,7 +283,7 @@ def _bands(image: Image.Image, size: tuple[int, int], rows: bool, array: bool) -
     n = min(_THREADS, H if rows else W)
     cuts = [round(k * (H if rows else W) / n) for k in range(n + 1)]
     jobs = []
-    for a, b in zip(cuts, cuts[1:]):
+    for a, b in itertools.pairwise(cuts):
         box, band_size = ((0, a, W, b), (size[0], b - a)) if rows else ((a, 0, b, H), (b - a, size[1]))
         jobs.append((_pool.submit(_band, image, box, band_size, array), a))
     return jobs
@@ -322,7 +323,7 @@ def _pass_order() -> Callable[[int, int, int, int], bool] | None:
     if not _order:
         rng = np.random.default_rng(0)
         noise = [Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)) for (W, H), _ in _PROBES]
-        probes = list(zip(noise, (size for _, size in _PROBES)))
+        probes = list(zip(noise, (size for _, size in _PROBES), strict=True))
 
         def fits(rule: Callable[[int, int, int, int], bool]) -> bool:
             for img, (w, h) in probes:

@@ -194,7 +194,7 @@ class Processor:
         reads_upto = [(0, 0)]  # (first char, memory crops of the images that ended before it)
         only: list[tuple[int, int, int]] = []  # (start, end, crop) spans that read a single crop (X's tags)
         pos = len(parts[0])
-        for n, rest in zip(crops_per_image, parts[1:]):
+        for n, rest in zip(crops_per_image, parts[1:], strict=True):
             for piece, k in self._image_pieces(n):
                 if k is not None:
                     only.append((pos, pos + len(piece), seen + k))
@@ -214,7 +214,7 @@ class Processor:
                               f"(the model's image token) but its images need {want}")  # fmt: skip
         bos = self.tokenizer.bos_token_id
         if self.tokenizer.add_bos_token and (not ids or ids[0] != bos):
-            ids, offsets = [bos] + ids, [(0, 0)] + offsets
+            ids, offsets = [bos, *ids], [(0, 0), *offsets]
         xmask = None
         if self.config.arch != "D":
             xmask = torch.zeros(len(ids), seen, dtype=torch.bool)
@@ -240,7 +240,7 @@ class Processor:
             raise PromptError("no prompt text given")
         per_prompt = self._assign_images(texts, images)
         rows, pixels = [], []
-        for t, imgs in zip(texts, per_prompt):
+        for t, imgs in zip(texts, per_prompt, strict=True):
             pix = [self.image_processor(load_image(_source(im))) for im in imgs]
             pixels.append(pix)
             rows.append(self.encode(t, [p.shape[0] for p in pix]))
@@ -285,7 +285,7 @@ class Processor:
         if in_sequence:
             batch["pixel_values"] = torch.cat(in_sequence).float()
         counts = [0] * b
-        for (row, _), ps in zip(places, split):
+        for (row, _), ps in zip(places, split, strict=True):
             counts[row] += sum(len(m) for _, m in ps)
         if not any(counts):
             return batch
@@ -293,7 +293,7 @@ class Processor:
         filled = [0] * b
         memory = [[] for _ in range(b)]  # crops row by row, as the model reads them
         tiles: list[list[int]] = [[] for _ in range(b)]
-        for (row, start), ps, mask in zip(places, split, masks):
+        for (row, start), ps, mask in zip(places, split, masks, strict=True):
             t, k = mask.shape
             xmask[row, start : start + t, filled[row] : filled[row] + k] = mask
             filled[row] += k
@@ -325,7 +325,7 @@ class Processor:
         if nested:
             if len(images) != len(texts):
                 raise PromptError(f"{len(texts)} prompts but {len(images)} per-prompt image lists")
-            for i, (n, imgs) in enumerate(zip(counts, images)):
+            for i, (n, imgs) in enumerate(zip(counts, images, strict=True)):
                 if n != len(imgs):
                     raise PromptError(f"prompt {i} has {n} {IMAGE_PLACEHOLDER} placeholders "
                                       f"but {len(imgs)} images were given")  # fmt: skip
@@ -376,7 +376,7 @@ class Processor:
         if tokenize:
             return self(texts, images)
         out = [self.expand(t, [self.image_processor.num_crops(*im.size) for im in ims])
-               for t, ims in zip(texts, images)]  # fmt: skip
+               for t, ims in zip(texts, images, strict=True)]  # fmt: skip
         return out if batch else out[0]
 
     # ------------------------------------------------------------------------------------- decoding

@@ -117,7 +117,8 @@ def mathvista(root: Path, original: bool) -> None:
         {
             "pid": "1",
             "question": "Which is larger?",
-            "query": "Hint: Please answer the question and provide the correct option letter, e.g., A, B, C, D, at the end.\nQuestion: Which is larger?\nChoices:\n(A) 3\n(B) 5",
+            "query": "Hint: Please answer the question and provide the correct option letter, e.g., A, B, C, D, at the "
+            "end.\nQuestion: Which is larger?\nChoices:\n(A) 3\n(B) 5",
             "choices": ["3", "5"],
             "answer": "5",
             "question_type": "multi_choice",
@@ -127,7 +128,8 @@ def mathvista(root: Path, original: bool) -> None:
         },
         {
             "pid": "2",
-            "query": "Hint: Please answer the question requiring an integer answer and provide the final value, e.g., 1, 2, 3, at the end.\nQuestion: How many?",
+            "query": "Hint: Please answer the question requiring an integer answer and provide the final value, e.g., "
+            "1, 2, 3, at the end.\nQuestion: How many?",
             "question": "How many?",
             "choices": None,
             "answer": "14",
@@ -138,7 +140,8 @@ def mathvista(root: Path, original: bool) -> None:
         },
         {
             "pid": "3",
-            "query": "Hint: Please answer the question requiring a floating-point number with two decimal places and provide the final value, e.g., 1.23, 1.34, 1.45, at the end.\nQuestion: What is x?",
+            "query": "Hint: Please answer the question requiring a floating-point number with two decimal places and "
+            "provide the final value, e.g., 1.23, 1.34, 1.45, at the end.\nQuestion: What is x?",
             "question": "What is x?",
             "choices": None,
             "answer": "3.14",
@@ -288,7 +291,8 @@ def textvqa(root: Path, original: bool) -> None:
 def realworldqa(root: Path, original: bool) -> None:
     rows = [
         {
-            "question": "Which object is closer?\nA. the car\nB. the tree\nPlease answer directly with only the letter of the correct option and nothing else.",
+            "question": "Which object is closer?\nA. the car\nB. the tree\n"
+            "Please answer directly with only the letter of the correct option and nothing else.",
             "answer": "A",
             "image": cell(0),
         },
@@ -451,7 +455,7 @@ def captions(root: Path, original: bool) -> None:
             recs.append({"image": name, "caption": caps})
         write_json(coco / "coco_karpathy_test.json", recs)
         images = []
-        for i, caps in enumerate(CAPTIONS + [["not in the test split"]]):
+        for i, caps in enumerate([*CAPTIONS, ["not in the test split"]]):
             write_png(flickr / "flickr30k-images" / f"{1000 + i}.jpg", i)
             images.append(
                 {
@@ -514,7 +518,8 @@ def mmlu(root: Path, original: bool) -> None:
 
 GSM8K = [
     (
-        "Janet's ducks lay 16 eggs per day. She eats three and bakes with four. She sells the rest at $2. How much does she make?",
+        "Janet's ducks lay 16 eggs per day. She eats three and bakes with four. She sells the rest at $2. "
+        "How much does she make?",
         "16 - 3 - 4 = <<16-3-4=9>>9\n9 * 2 = <<9*2=18>>18\n#### 18",
     ),
     ("What is 1,000 + 234?", "#### 1,234"),

@@ -74,7 +74,7 @@ def test_save_writes_the_released_layout_and_round_trips_bit_identically(nvlm_d_
     assert cfg["architectures"] == ["NVLM_D"] and cfg["llm_config"]["architectures"] == ["Qwen2ForCausalLM"]
     assert cfg["vision_config"]["num_attention_heads"] == 5
     again = NVLM.from_pretrained(tmp_path / "out")
-    for (n1, p1), (n2, p2) in zip(model.state_dict().items(), again.state_dict().items()):
+    for (n1, p1), (n2, p2) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert n1 == n2 and torch.equal(p1, p2)
 
 
@@ -131,10 +131,10 @@ def test_misshapen_tensor_is_named(nvlm_d_dir, tmp_path):
 def test_unexpected_tensor_and_missing_shard_are_errors(nvlm_d_dir, tmp_path):
     dst = shutil.copytree(nvlm_d_dir, tmp_path / "c")
     save_file({"extra.weight": torch.zeros(2)}, str(dst / "model-00001-of-00003.safetensors"))
-    with pytest.raises(CheckpointError, match="unexpected tensor 'extra.weight'"):
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'extra\.weight'"):
         NVLM.from_pretrained(dst)
     (dst / "model-00002-of-00003.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="model-00002-of-00003.safetensors: missing"):
+    with pytest.raises(CheckpointError, match=r"model-00002-of-00003\.safetensors: missing"):
         NVLM.from_pretrained(dst)
 
 
@@ -163,7 +163,7 @@ def test_unparsable_config_and_no_weights(tmp_path):
     with pytest.raises(ConfigError, match="not valid JSON"):
         NVLM.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(preset("tiny-d").to_hf()))
-    with pytest.raises(CheckpointError, match="no model.safetensors.index.json"):
+    with pytest.raises(CheckpointError, match=r"no model\.safetensors\.index\.json"):
         NVLM.from_pretrained(tmp_path)
 
 

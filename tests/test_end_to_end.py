@@ -79,7 +79,7 @@ def test_batched_chat_prompts_equal_single_prompts(model, processor):
 
 def test_image_count_mismatch_is_an_error(model, processor):
     inputs = processor("<image>\nDescribe.", images=[_image(56, 56)])
-    with pytest.raises(ImageTokenMismatch, match="4 image tokens .* 2 crops give 8 features"):
+    with pytest.raises(ImageTokenMismatch, match=r"4 image tokens .* 2 crops give 8 features"):
         model(inputs["input_ids"], pixel_values=torch.cat([inputs["pixel_values"]] * 2))
     with pytest.raises(ImageTokenMismatch, match="no pixel_values"):
         model(inputs["input_ids"])

@@ -314,14 +314,14 @@ LETTERS = ["A", "B", "C", "D"]
 @pytest.mark.parametrize("row", MMMU["parse_choice"], ids=lambda r: r["response"])
 @pytest.mark.parametrize("profile", ["official", "nvlm"])
 def test_mmmu_parse_choice(row, profile):
-    index2ans = dict(zip(LETTERS, MMMU["choices"]))
+    index2ans = dict(zip(LETTERS, MMMU["choices"], strict=True))
     assert (
         mmmu_parse_choice(row["response"], LETTERS, index2ans, rng=random.Random(42), profile=profile) == row["parsed"]
     )
 
 
 def test_mmmu_random_fallback_is_seeded_and_ordered():
-    index2ans = dict(zip(LETTERS, MMMU["choices"]))
+    index2ans = dict(zip(LETTERS, MMMU["choices"], strict=True))
     rng = random.Random(42)
     draws = [mmmu_parse_choice("", LETTERS, index2ans, rng=rng) for _ in range(5)]
     expected = random.Random(42)

@@ -344,7 +344,7 @@ def test_rank_and_world_from_torchrun_env(monkeypatch):
         rank_world()
     xs = list(range(7))
     parts = [shard(xs, r, 3) for r in range(3)]
-    assert sorted(sum(parts, [])) == xs and parts[0] == [0, 3, 6]
+    assert sorted(x for p in parts for x in p) == xs and parts[0] == [0, 3, 6]
 
 
 def test_missing_data_is_reported_and_other_tasks_go_on(tiny_model_dir, tmp_path, capsys):
@@ -390,7 +390,7 @@ def test_known_predictions_give_known_scores(tiny_model_dir, data, tmp_path, mon
     answers = {}
     for name, preds in gold.items():
         task = get_task(f"jsonl:{heldout}") if name.startswith("jsonl") else TASKS[name]
-        for s, p in zip(task.load(data), preds):
+        for s, p in zip(task.load(data), preds, strict=True):
             answers[task.prompt(s, "official").text] = p
     monkeypatch.setattr(runner, "generate_batch", Counter(answers=answers))
     tasks = ",".join(n if not n.startswith("jsonl") else f"jsonl:{heldout}" for n in gold)
@@ -422,7 +422,11 @@ def test_known_predictions_give_known_scores(tiny_model_dir, data, tmp_path, mon
 def test_humaneval_pass_at_1(tiny_model_dir, data, tmp_path, monkeypatch):
     task = TASKS["humaneval"]
     answers = dict(
-        zip([task.prompt(s, "official").text for s in task.load(data)], ["    return a + b\n", "    return 2\n"])
+        zip(
+            [task.prompt(s, "official").text for s in task.load(data)],
+            ["    return a + b\n", "    return 2\n"],
+            strict=True,
+        )
     )
     monkeypatch.setattr(runner, "generate_batch", Counter(answers=answers))
     assert _eval(tiny_model_dir, data, tmp_path, "--tasks", "humaneval") == 0

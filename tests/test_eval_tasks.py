@@ -118,7 +118,8 @@ def test_mathvista_ai2d_mmbench_caption_text_prompts(hf_root):
     assert official.text.startswith("<image>\nPlease answer the question requiring an integer answer")
     a = _load(hf_root, "ai2d")[1]
     assert TASKS["ai2d"].prompt(a, "official").text == (
-        "<image>\nWhat eats grass?\nA. cow\nB. lion\nC. hawk\nAnswer with the option's letter from the given choices directly."
+        "<image>\nWhat eats grass?\nA. cow\nB. lion\nC. hawk\n"
+        "Answer with the option's letter from the given choices directly."
     )
     assert a.fields["answer"] == "A" and _load(hf_root, "ai2d")[0].fields["answer"] == "B"
     m = _load(hf_root, "mmbench_en_dev")
@@ -180,7 +181,7 @@ def test_missing_data_names_the_expected_layout(tmp_path):
     with pytest.raises(MissingData, match=r"(?s)chartqa: no directory 'chartqa'.*expected:.*data/test-\*\.parquet"):
         TASKS["chartqa"].load(tmp_path)
     (tmp_path / "ChartQA").mkdir()  # found case-insensitively, but empty
-    with pytest.raises(MissingData, match="test-\\*.parquet or test/test_human.json not found"):
+    with pytest.raises(MissingData, match=r"test-\*\.parquet or test/test_human\.json not found"):
         TASKS["chartqa"].load(tmp_path)
 
 
@@ -201,7 +202,7 @@ def test_malformed_records_name_file_and_record(tmp_path):
         get_task(f"jsonl:{tmp_path / 'img.jsonl'}").load()
     (tmp_path / "textvqa").mkdir()
     (tmp_path / "textvqa" / "TextVQA_0.5.1_val.json").write_text("{not json")
-    with pytest.raises(DataError, match="TextVQA_0.5.1_val.json: not valid JSON"):
+    with pytest.raises(DataError, match=r"TextVQA_0\.5\.1_val\.json: not valid JSON"):
         TASKS["textvqa_val"].load(tmp_path)
 
 

@@ -10,6 +10,7 @@ import ipaddress
 import socket
 import threading
 import time
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -111,7 +112,7 @@ def test_one_private_address_among_public_ones_is_refused(monkeypatch):
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    routes: dict = {}
+    routes: ClassVar[dict[str, Any]] = {}
 
     def do_GET(self):
         status, headers, body = self.routes[self.path]
@@ -146,7 +147,7 @@ LOOPBACK_1 = lambda ip: str(ip) == "127.0.0.1"  # noqa: E731 (tests: one local "
 
 
 def test_redirect_hops_are_checked_like_the_first_url(web):
-    srv, base = web
+    _srv, base = web
     other = Listener("127.0.0.2")
     try:
         _Handler.routes = {
@@ -164,7 +165,7 @@ def test_redirect_hops_are_checked_like_the_first_url(web):
 
 
 def test_the_size_cap_holds_while_streaming_and_the_deadline_is_overall(web):
-    srv, base = web
+    _srv, base = web
 
     def endless():
         while True:
@@ -214,7 +215,7 @@ def test_the_server_refuses_loopback_with_one_error_text_and_no_connection(tiny_
 
 
 def test_slow_image_hosts_do_not_hold_text_requests(tiny_model_dir, web, monkeypatch):
-    srv, base = web
+    _srv, base = web
 
     def trickle():
         for _ in range(50):

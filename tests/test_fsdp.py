@@ -141,7 +141,7 @@ def test_kill_9_mid_step_and_mid_save_then_resume_and_reshard(tiny_model_dir, tm
             seen_tmp = True
         else:  # between two saves
             n = len(_losses(run))
-            _wait_for(lambda: (run / "metrics.jsonl").is_file() and len(_losses(run)) > n)
+            _wait_for(lambda: (run / "metrics.jsonl").is_file() and len(_losses(run)) > n)  # noqa: B023 (called now)
         _kill(proc)
         assert len(_losses(run)) < 12, "the run finished before it could be killed"
     assert seen_tmp
@@ -205,7 +205,9 @@ def test_build_fills_the_checkpoint_and_keeps_frozen_weights_in_their_dtype(tiny
     x2, _, _ = build(
         TrainConfig(init=str(tiny_model_dir), arch="X", stage=1, data=[{"path": "x.jsonl"}]), torch.device("cpu"), 1
     )
-    assert all(torch.equal(a, b) for a, b in zip(x1.xattn_layers.parameters(), x2.xattn_layers.parameters()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(x1.xattn_layers.parameters(), x2.xattn_layers.parameters(), strict=True)
+    )
     assert x1.xattn_layers[0].attn.q_proj.weight.std() > 0 and float(x1.xattn_layers[0].attn_gate.detach()) == 0.0
 
     with torch.device("meta"):

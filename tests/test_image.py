@@ -17,6 +17,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))  # `reference.*`, as conftest does
 
+import itertools
+
 from reference.model_card import dynamic_preprocess, find_closest_aspect_ratio
 from reference.model_card import load_image as card_load_image
 
@@ -89,7 +91,7 @@ def tie_sizes(tile: int, max_tiles: int) -> list[tuple[int, int]]:
     grids = ImageProcessor(tile, max_tiles).grids
     ratios = sorted({Fraction(i, j) for i, j in grids})
     out = {(1, 1)}
-    for lo, hi in [*zip(ratios, ratios[1:]), *((r, r) for r in ratios)]:
+    for lo, hi in [*itertools.pairwise(ratios), *((r, r) for r in ratios)]:
         mid = (lo + hi) / 2
         w0, h0 = mid.numerator, mid.denominator
         if abs(w0 / h0 - lo) != abs(w0 / h0 - hi):
@@ -405,10 +407,10 @@ def test_truncated(tmp_path, fmt):
     data = _encoded(fmt)
     path = tmp_path / f"cut.{fmt.lower()}"
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ImageError, match="(?i)truncated") as e:
+    with pytest.raises(ImageError, match=r"(?i)truncated") as e:
         load_image(path)
     assert path.name in str(e.value)
-    with pytest.raises(ImageError, match="(?i)truncated"):
+    with pytest.raises(ImageError, match=r"(?i)truncated"):
         load_image(data[: len(data) * 3 // 4])
 
 
@@ -420,7 +422,7 @@ def test_zero_sized(tmp_path):
             load_image(Image.new("RGB", (w, h)))
     path = tmp_path / "empty.png"
     path.write_bytes(_png(0, 7))
-    with pytest.raises(ImageError, match="zero-sized .*0x7") as e:
+    with pytest.raises(ImageError, match=r"zero-sized .*0x7") as e:
         load_image(path)
     assert "empty.png" in str(e.value)
 

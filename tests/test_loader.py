@@ -29,7 +29,7 @@ def sources(tmp_path_factory):
 
 def _assert_same(a: list, b: list) -> None:
     assert len(a) == len(b)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x.keys() == y.keys()
         for k in x:
             assert x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]), k

@@ -255,7 +255,8 @@ def _broken(root: Path, kind: str) -> None:
         ),
         (
             "missing",
-            r"mp_rank_00_001/model_optim_rng.pt: missing tensor 'language_model.decoder.layers.1.self_attention.linear_qkv.weight'",
+            r"mp_rank_00_001/model_optim_rng.pt: missing tensor "
+            r"'language_model.decoder.layers.1.self_attention.linear_qkv.weight'",
         ),
         (
             "one rank lacks it",
@@ -263,7 +264,8 @@ def _broken(root: Path, kind: str) -> None:
         ),
         (
             "shape",
-            r"mp_rank_01_001/model_optim_rng.pt: tensor 'language_model.decoder.layers.1.self_attention.linear_qkv.weight' has shape \(56, 64\), expected \(64, 64\)",
+            r"mp_rank_01_001/model_optim_rng.pt: tensor 'language_model.decoder.layers.1.self_attention.linear_qkv."
+            r"weight' has shape \(56, 64\), expected \(64, 64\)",
         ),
         ("rank dir", r"mp_rank_01_001 is missing from the 2 x 2"),
         ("other TP", r"mp_rank_01_001/model_optim_rng.pt: args say TP 4, the directory holds 2 TP ranks"),
@@ -286,7 +288,7 @@ def test_layouts_found(tmp_path: Path, tok_dir: Path, mcore_tp2) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
     shutil.copytree(download / "checkpoints" / "iter_0031500", download / "checkpoints" / "iter_0000100")
     (download / "checkpoints" / "latest_checkpointed_iteration.txt").unlink()
-    with pytest.raises(CheckpointError, match="no latest_checkpointed_iteration.txt, and 2 iteration directories"):
+    with pytest.raises(CheckpointError, match=r"no latest_checkpointed_iteration\.txt, and 2 iteration directories"):
         NVLM.from_pretrained(download, tokenizer=tok_dir, config=CFG)
 
 

@@ -2,6 +2,7 @@
 fit, activations against what autograd really saves, the CLI (config.json only), and a measured CPU peak."""
 
 import contextlib
+import itertools
 import json
 import os
 import sys
@@ -75,7 +76,7 @@ def test_frozen_parameters_get_no_gradient_or_optimizer_state():
 def test_more_devices_need_less_memory_each_and_hsdp_shards_within_a_node():
     cfg, train = preset("nvlm-x-72b"), TrainConfig.load(RECIPES / "nvlm-x-72b-sft.yaml", ["--init", "null"])
     plans = [plan(cfg, train, n, 80) for n in (8, 16, 32, 64)]
-    for a, b in zip(plans, plans[1:]):
+    for a, b in itertools.pairwise(plans):
         assert b.parameters < a.parameters and b.optimizer < a.optimizer and b.total < a.total
         assert b.optimizer == pytest.approx(a.optimizer / 2, rel=1e-3)
         assert b.activations == a.activations  # per-device micro-batch: unchanged

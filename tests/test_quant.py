@@ -190,7 +190,7 @@ def test_x_and_h_batched_and_streamed_equal_alone_and_bf16(arch, trained_dir, tm
 
 
 def test_errors_are_clear_and_come_before_loading(trained_dir, monkeypatch):
-    with pytest.raises(QuantizationError, match="fp8.*CUDA.*8.9"):
+    with pytest.raises(QuantizationError, match=r"fp8.*CUDA.*8\.9"):
         NVLM.from_pretrained(trained_dir, quantize="fp8")
     with pytest.raises(QuantizationError, match="expected one of int8, int4, fp8"):
         NVLM.from_pretrained(trained_dir, quantize="int3")

@@ -66,7 +66,7 @@ def tiny(tiny_model_dir):
 
 
 def _same_weights(a, b):
-    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
 def test_a_failed_final_save_leaves_the_previous_model_whole(tiny, tmp_path, monkeypatch):

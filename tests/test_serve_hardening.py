@@ -15,9 +15,10 @@ from nvlm.serve.engine import Job
 
 
 def _status_kb(key: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
     raise KeyError(key)
 
 
@@ -128,7 +129,7 @@ def test_a_failing_prefill_fails_only_its_own_sequence(server):
     alone = [run([p])[0] for p in prompts]
     bad = proc.encode("bad", [])
     bad.input_ids = bad.input_ids + [proc.image_token_id] * 3  # reaches the model: its prefill raises
-    results = run(prompts[:4] + [bad] + prompts[4:])
+    results = run([*prompts[:4], bad, *prompts[4:]])
     assert results[4][-1][0] == "error"
     assert results[:4] + results[5:] == alone
 

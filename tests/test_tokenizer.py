@@ -104,7 +104,7 @@ def test_config_variants(tok: Tokenizer, saved: Path, tmp_path: Path) -> None:
 
 
 def test_bad_directories(tmp_path: Path) -> None:
-    with pytest.raises(TokenizerError, match="no tokenizer.json"):
+    with pytest.raises(TokenizerError, match=r"no tokenizer\.json"):
         Tokenizer.from_pretrained(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(TokenizerError):

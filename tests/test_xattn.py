@@ -83,7 +83,7 @@ def test_h_with_closed_gates_is_nvlm_d_with_the_thumbnail(converted, reference):
 
 
 def test_h_single_tile_image_has_only_its_thumbnail(converted):
-    _, opened, processor = converted["H"]
+    _, _opened, processor = converted["H"]
     inputs = processor.apply_chat_template(_conv(SMALL, "what?"))
     assert "memory_pixel_values" not in inputs and inputs["pixel_values"].shape[0] == 1
 

@@ -117,13 +117,15 @@ class Blend:
                 return item
             self.count(item)
             misses += 1
-            if not self._usable and misses >= sum(len(f) for f, s in zip(self.files, self.sources) if s.weight > 0):
+            if not self._usable and misses >= sum(
+                len(f) for f, s in zip(self.files, self.sources, strict=True) if s.weight > 0
+            ):
                 self._check_usable()
 
     def _check_usable(self) -> None:
         """One pass over the weighted sources' records, up to the first usable one; ``DataError`` if none is."""
         reasons: Counter[str] = Counter()
-        used = [(f, s) for f, s in zip(self.files, self.sources) if s.weight > 0]
+        used = [(f, s) for f, s in zip(self.files, self.sources, strict=True) if s.weight > 0]
         for f, _ in used:
             for i in range(len(f)):
                 try:

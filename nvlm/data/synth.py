@@ -179,12 +179,12 @@ def chart_item(rng: random.Random, cfg: SynthConfig) -> Item:
     base, top = h - t // 4, t // 3
     unit = (base - top) / 9
     color = COLORS[rng.choice(("red", "green", "blue", "orange", "purple"))]
-    for i, (label, v) in enumerate(zip(labels, values)):
+    for i, (label, v) in enumerate(zip(labels, values, strict=True)):
         x0 = i * t + t // 4
         draw.rectangle((x0, base - v * unit, x0 + t // 2, base), fill=color)
         draw.text((x0 + t // 8, base + 1), label, fill=(0, 0, 0), font=font)
         draw.text((x0 + t // 8, base - v * unit - t // 4 - 1), str(v), fill=(0, 0, 0), font=font)
-    listing = ", ".join(f"{lab} {v}" for lab, v in zip(labels, values))
+    listing = ", ".join(f"{lab} {v}" for lab, v in zip(labels, values, strict=True))
     caption = f"A bar chart with {n} bars: {listing}."
     if rng.random() < 0.6:
         i = rng.randrange(n)
@@ -208,7 +208,7 @@ def shapes_item(rng: random.Random, cfg: SynthConfig) -> Item:
     cells = [(x, y) for x in range(w // (3 * r)) for y in range(h // (3 * r))]
     spots = rng.sample(cells, min(len(cells), count + 1))
     kinds = [shape] * count + ([other] if len(spots) > count and rng.random() < 0.5 else [])
-    for kind, (cx, cy) in zip(kinds, spots):
+    for kind, (cx, cy) in zip(kinds, spots, strict=False):  # a spot left over stays empty
         x, y = cx * 3 * r + r + r // 2, cy * 3 * r + r + r // 2
         fill = COLORS[color_name] if kind == shape else (120, 120, 120)
         if kind == "circle":
@@ -300,7 +300,7 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), progress: Callab
         )
     _write_jsonl(out / "pretrain.jsonl", pretrain)
     _write_jsonl(out / "sft.jsonl", sft)
-    text = [dict(zip(("q", "a"), arithmetic(rng))) for _ in range(cfg.text)]
+    text = [dict(zip(("q", "a"), arithmetic(rng), strict=True)) for _ in range(cfg.text)]
     _write_jsonl(
         out / "text.jsonl",
         [{"messages": [{"role": "user", "content": t["q"]}, {"role": "assistant", "content": t["a"]}]} for t in text],

@@ -152,7 +152,8 @@ class PredictionCache:
             if same:
                 _trim_partial_line(path)
                 return _Writer(open(path, "a", encoding="utf-8"))
-        fh = open(path, "w", encoding="utf-8")  # another model or settings: its predictions are of no use here
+        # another model or settings: its predictions are of no use here
+        fh = open(path, "w", encoding="utf-8")  # noqa: SIM115 (the _Writer closes it)
         fh.write(json.dumps({"fingerprint": self.fingerprint, "task": self.key, "rank": rank}) + "\n")
         fh.flush()
         return _Writer(fh)
@@ -242,7 +243,7 @@ def generate_batch(
 
 def _messages(p: Prompt) -> list[dict[str, str]]:
     system = [{"role": "system", "content": p.system}] if p.system is not None else []
-    return system + [{"role": "user", "content": p.text}]
+    return [*system, {"role": "user", "content": p.text}]
 
 
 def _tiler(processor: Processor, n_images: int) -> Any:
@@ -391,7 +392,7 @@ class Runner:
                                     "prediction": task.postprocess(r, profile),
                                     "raw": r,
                                 }
-                                for s, r in zip(batch, raws)
+                                for s, r in zip(batch, raws, strict=True)
                             ]
                         )
                         p.generated += len(batch)
@@ -525,7 +526,7 @@ def markdown(results: dict[str, Any]) -> str:
         paper = PAPER.get(name)
         count = name == "ocrbench"
         refs = [_fmt(paper.get(c), count) if paper else "–" for c in cols]
-        refs = [f"**{v}**" if c == arch and v != "–" else v for c, v in zip(cols, refs)]
+        refs = [f"**{v}**" if c == arch and v != "–" else v for c, v in zip(cols, refs, strict=True)]
         notes = [paper.note] if paper and paper.note else []
         if "error" in r:
             first = r["error"].splitlines()[0]

@@ -467,7 +467,7 @@ def evaluate_humaneval(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         outcomes = list(pool.map(lambda pair: check_humaneval(by_id[pair[0]], pair[1], timeout=timeout), pairs))
     per_task: dict[str, dict] = {t: {"n": 0, "passed": 0, "outcomes": []} for t in by_id}
-    for (task, _), outcome in zip(pairs, outcomes):
+    for (task, _), outcome in zip(pairs, outcomes, strict=True):
         per_task[task]["n"] += 1
         per_task[task]["passed"] += outcome.passed
         per_task[task]["outcomes"].append(outcome)

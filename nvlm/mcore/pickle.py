@@ -118,7 +118,7 @@ class RankFile:
             raise CheckpointError(f"{path}: truncated or not a torch zip file ({e})") from None
         self._records = {i.filename[len(prefix) + 5 :]: i for i in infos if i.filename.startswith(prefix + "data/")}
         self._offsets: dict[str, tuple[int, int]] = {}
-        self._file = open(path, "rb")
+        self._file = open(path, "rb")  # noqa: SIM115 (held for lazy reads; close() closes it)
         self._size = path.stat().st_size
         self._map: mmap.mmap | None = None
         try:
@@ -272,7 +272,10 @@ def _refs(obj: Any, rank: RankFile) -> Any:
         if (
             len(obj.shape) != len(obj.stride)
             or min((*obj.shape, *obj.stride, obj.offset), default=0) < 0
-            or (all(obj.shape) and obj.offset + sum((n - 1) * st for n, st in zip(obj.shape, obj.stride)) >= s.numel)
+            or (
+                all(obj.shape)
+                and obj.offset + sum((n - 1) * st for n, st in zip(obj.shape, obj.stride, strict=True)) >= s.numel
+            )
         ):
             raise CheckpointError(f"{rank.path}: a tensor {obj.shape} reaches outside its storage {s.key!r}")
         return TensorRef(rank, s.key, s.dtype, obj.offset, obj.shape, obj.stride)

@@ -240,7 +240,7 @@ def load_mcore(
         model, device_map, params = _empty(cfg, device)
         loaded: set[str] = set()
         for rule, tensors in ckpt.tensors():
-            for name, t in zip(rule.ours, tensors):
+            for name, t in zip(rule.ours, tensors, strict=True):
                 _place(model, params[name], name, t, device_map(name), torch_dtype, ckpt.layout.root)
                 loaded.add(name)
         _finish(model, params, loaded, (), device_map, torch_dtype, ckpt.layout.root)
@@ -302,7 +302,7 @@ def _groups(ckpt: McoreCheckpoint, cfg: NVLMConfig) -> list[Any]:
         return pad_vit_attention(name, t, head_dim).contiguous() if VIT_ATTENTION.match(name) else t
 
     def producer(rule: Rule) -> Any:
-        return lambda: [released(n, t) for n, t in zip(rule.ours, rule.to_ours(ckpt.merged(rule)))]
+        return lambda: [released(n, t) for n, t in zip(rule.ours, rule.to_ours(ckpt.merged(rule)), strict=True)]
 
     groups = []
     for rule in ckpt.rules:

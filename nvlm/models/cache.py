@@ -52,12 +52,12 @@ class Memory:
             widths = [0, 0] * (x.dim() - dim - 1) + [0, size - x.shape[dim]]
             return torch.nn.functional.pad(x, widths)
 
-        embeds = torch.cat([pad(m and m.embeds, r, 1, ref.embeds) for m, r in zip(memories, rows)])
-        key_mask = torch.cat([pad(m and m.key_mask, r, 1, ref.key_mask) for m, r in zip(memories, rows)])
+        embeds = torch.cat([pad(m and m.embeds, r, 1, ref.embeds) for m, r in zip(memories, rows, strict=True)])
+        key_mask = torch.cat([pad(m and m.key_mask, r, 1, ref.key_mask) for m, r in zip(memories, rows, strict=True)])
         kv = {}
         for i in blocks:
-            ks = [pad(m and m.kv[i][0], r, 2, ref.kv[i][0]) for m, r in zip(memories, rows)]
-            vs = [pad(m and m.kv[i][1], r, 2, ref.kv[i][1]) for m, r in zip(memories, rows)]
+            ks = [pad(m and m.kv[i][0], r, 2, ref.kv[i][0]) for m, r in zip(memories, rows, strict=True)]
+            vs = [pad(m and m.kv[i][1], r, 2, ref.kv[i][1]) for m, r in zip(memories, rows, strict=True)]
             kv[i] = (torch.cat(ks), torch.cat(vs))
         return Memory(embeds, key_mask, ref.tokens_per_crop, kv, ref.keep_kv)
 
@@ -144,7 +144,7 @@ class KVCache:
         out = KVCache(len(self.k), max_len)
         out.length, out.memory = length, self.memory
         keep = min(length, self.length)
-        for i, (k, v) in enumerate(zip(self.k, self.v)):
+        for i, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
             if k is None:
                 continue
             out.k[i] = k.new_zeros(k.shape[0], k.shape[1], max_len, k.shape[3])

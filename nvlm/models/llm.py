@@ -163,7 +163,7 @@ def attention_mask_4d(attention_mask: torch.Tensor, num_new: int) -> torch.Tenso
     packed row numbers its samples 1, 2, ... and each token attends only earlier tokens of its own
     document. A padded query position may still see itself, so that no row is all-masked (SDPA would give NaN).
     """
-    b, s = attention_mask.shape
+    _b, s = attention_mask.shape
     offset = s - num_new
     q_pos = torch.arange(offset, s, device=attention_mask.device)[:, None]  # (T, 1)
     k_pos = torch.arange(s, device=attention_mask.device)[None, :]  # (1, S)

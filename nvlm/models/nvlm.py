@@ -100,8 +100,9 @@ class NVLM(nn.Module):
             )
         return embeds.masked_scatter(slots[..., None], feats.to(embeds.device, embeds.dtype))
 
-    def image_features(self, pixel_values: torch.Tensor | None,
-                       memory_pixel_values: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    def image_features(
+        self, pixel_values: torch.Tensor | None, memory_pixel_values: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """One ViT pass over every crop of the batch -> (the sequence's crops' features, the memory's)."""
         parts = [p for p in (pixel_values, memory_pixel_values) if p is not None]
         if not parts:

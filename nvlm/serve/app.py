@@ -348,7 +348,7 @@ async def _fetch_all(urls: list[str], limits: Limits, pool: ThreadPoolExecutor) 
     loop = asyncio.get_running_loop()
     jobs = [loop.run_in_executor(pool, fetch, u, limits.max_body_bytes, limits.fetch_timeout_s) for u in remote]
     try:
-        return dict(zip(remote, await asyncio.wait_for(asyncio.gather(*jobs), limits.fetch_timeout_s)))
+        return dict(zip(remote, await asyncio.wait_for(asyncio.gather(*jobs), limits.fetch_timeout_s), strict=True))
     except (TimeoutError, FetchError):
         for j in jobs:
             j.cancel()

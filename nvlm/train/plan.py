@@ -221,7 +221,7 @@ class Activations:
         """The forward's ViT pass, or the backward's start, or one block's backward (recomputed first when
         checkpointed), whichever is larger."""
         if checkpointing:
-            recompute = max((s + w for s, w in zip(self.blocks, self.working)), default=0)
+            recompute = max((s + w for s, w in zip(self.blocks, self.working, strict=True)), default=0)
             kept = sum(self.boundaries) + self.root + self.logits
             return max(self.vit, kept + max(self.head_backward, recompute))
         return max(self.vit, self.saved + self.logits + max([self.head_backward, *self.working]))
@@ -256,7 +256,11 @@ def count_activations(model: nn.Module, train: TrainConfig, layout: Layout) -> A
     projector_trains = _trains(model.mlp1)
     # gradients reach a block when it or anything before it trains; only then does it save anything
     flows = _trains(llm.model.embed_tokens) or (projector_trains and seq_crops > 0)
-    before = dict(zip(config.xattn.layer_indices(), getattr(model, "xattn_layers", []))) if config.arch != "D" else {}
+    before = (
+        dict(zip(config.xattn.layer_indices(), getattr(model, "xattn_layers", []), strict=True))
+        if config.arch != "D"
+        else {}
+    )
     blocks, working, boundaries = [], [], []
     root = rows * t * t  # the boolean causal/document mask, built once
     fx = config.xattn.intermediate_size

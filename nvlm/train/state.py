@@ -120,9 +120,10 @@ def save(
 ) -> Pending:
     """Write checkpoint ``step``; collective: every rank calls it with its own ``rank_state`` (data position).
 
-    Without ``background`` the checkpoint is complete and visible on return (committed). With ``background`` (a process group of its own, from ``background_group``), DCP's ``async_save``
-    copies this rank's tensors to CPU memory, returns, and writes them from a thread while training goes on;
-    call ``commit()`` on the result before the next save. Until then the previous checkpoint is the newest."""
+    Without ``background`` the checkpoint is complete and visible on return (committed). With ``background``
+    (a process group of its own, from ``background_group``), DCP's ``async_save`` copies this rank's tensors to
+    CPU memory, returns, and writes them from a thread while training goes on; call ``commit()`` on the result
+    before the next save. Until then the previous checkpoint is the newest."""
     rank, world = _rank_world()
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f"{final.name}.tmp"
@@ -174,7 +175,7 @@ def load(
     for name, values in osd["state"].items():
         for key in values:
             values[key] = flat[f"optim.{name}.{key}"]
-    for group, saved in zip(osd["param_groups"], state["param_groups"]):
+    for group, saved in zip(osd["param_groups"], state["param_groups"], strict=True):
         group.update({k: tuple(v) if k == "betas" else v for k, v in saved.items()})
     set_optimizer_state_dict(model, optimizer, osd)
     with torch.no_grad():

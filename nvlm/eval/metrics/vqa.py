@@ -220,7 +220,8 @@ def vqa_accuracy(prediction: str, answers: list[str], *, profile: str = "officia
 
 
 def _evalai_normalize(text: str) -> str:
-    """MMF's ``EvalAIAnswerProcessor``: ``word_tokenize`` (lower, drop "," and "?", "'s" -> " 's") then the VQA rules."""
+    """MMF's ``EvalAIAnswerProcessor``: ``word_tokenize`` (lower, drop "," and "?", "'s" -> " 's"), then the VQA
+    rules."""
     text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
     text = _vqa_clean(text)
     return _process_digit_article(_process_punctuation(text, _EVALAI_COMMA))

@@ -53,7 +53,7 @@ class _Choice(Task):
             "accuracy": mean(
                 [
                     float(choice_correct(p, s.fields["answer"], options=s.fields["options"], profile=profile))
-                    for p, s in zip(predictions, samples)
+                    for p, s in zip(predictions, samples, strict=True)
                 ]
             )
         }
@@ -143,7 +143,7 @@ class RealWorldQA(_Choice):
         from nvlm.eval.metrics import choice_correct, normalize_vqa
 
         hits = []
-        for p, s in zip(predictions, samples):
+        for p, s in zip(predictions, samples, strict=True):
             answer = s.fields["answer"]
             if re.fullmatch(r"[A-Z]", answer):
                 hits.append(float(choice_correct(p, answer, profile=profile)))

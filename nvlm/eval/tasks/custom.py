@@ -82,11 +82,14 @@ class JsonlTask(Task):
 
         exact = [
             float(normalize_vqa(p) in {normalize_vqa(a) for a in s.fields["answers"]})
-            for p, s in zip(predictions, samples)
+            for p, s in zip(predictions, samples, strict=True)
         ]
         out = {"exact_match": mean(exact)}
         if all(len(s.fields["answers"]) >= 3 for s in samples):
             out["vqa_accuracy"] = mean(
-                [vqa_accuracy(p, s.fields["answers"], profile=profile) for p, s in zip(predictions, samples)]
+                [
+                    vqa_accuracy(p, s.fields["answers"], profile=profile)
+                    for p, s in zip(predictions, samples, strict=True)
+                ]
             )
         return out

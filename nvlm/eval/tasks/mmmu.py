@@ -86,7 +86,7 @@ or data/validation-*.parquet, data/test-*.parquet          (HF lmms-lab/MMMU, al
         """MMMU's ``construct_prompt`` (llava1.5 config), ``<image k>`` tags still in."""
         f = sample.fields
         if f["question_type"] == "multiple-choice":
-            example = "".join(f"({k}) {o}\n" for k, o in zip(letters(len(f["options"])), f["options"]))
+            example = "".join(f"({k}) {o}\n" for k, o in zip(letters(len(f["options"])), f["options"], strict=True))
             return f"{f['question']}\n{example}\n{LETTER_SUFFIX}"
         return f"{f['question']}\n{VQA_SUFFIX}"
 
@@ -117,11 +117,11 @@ or data/validation-*.parquet, data/test-*.parquet          (HF lmms-lab/MMMU, al
                     p, s.fields["question_type"], s.fields["answer"], s.fields["options"], rng=rng, profile=profile
                 )
             )
-            for p, s in zip(predictions, samples)
+            for p, s in zip(predictions, samples, strict=True)
         ]
         out = {"accuracy": mean(hits)}
         domains: dict[str, list[float]] = defaultdict(list)
-        for h, s in zip(hits, samples):
+        for h, s in zip(hits, samples, strict=True):
             domains[MMMU_DOMAINS.get(s.fields["subject"], "Other")].append(h)
         out.update({f"accuracy_{d}": mean(v) for d, v in sorted(domains.items())})
         return out
@@ -133,11 +133,13 @@ or data/validation-*.parquet, data/test-*.parquet          (HF lmms-lab/MMMU, al
         from nvlm.eval.metrics import mmmu_parse_choice
 
         rng, out = random.Random(42), {}
-        for p, s in zip(predictions, samples):
+        for p, s in zip(predictions, samples, strict=True):
             opts = s.fields["options"]
             if s.fields["question_type"] == "multiple-choice":
                 choices = list(letters(len(opts)))
-                out[s.id] = mmmu_parse_choice(p, choices, dict(zip(choices, opts)), rng=rng, profile="official")
+                out[s.id] = mmmu_parse_choice(
+                    p, choices, dict(zip(choices, opts, strict=True)), rng=rng, profile="official"
+                )
             else:
                 out[s.id] = p
         return f"{self.name}_submission.json", json.dumps(out, indent=1)
@@ -194,7 +196,7 @@ class MathVista(Task):
         from nvlm.eval.metrics import mathvista_correct
 
         rng, hits = random.Random(42), []  # the nvlm profile's MMMU choice parser falls back at random
-        for p, s in zip(predictions, samples):
+        for p, s in zip(predictions, samples, strict=True):
             f = s.fields
             hits.append(
                 float(

@@ -62,7 +62,7 @@ or data/test-*.parquet                           (HF echo840/OCRBench)"""
 
         scores = [
             ocrbench_match(p, s.fields["answers"], s.fields["dataset_name"], profile=profile)
-            for p, s in zip(predictions, samples)
+            for p, s in zip(predictions, samples, strict=True)
         ]
         return {k: float(v) for k, v in ocrbench_totals(scores, [s.fields["type"] for s in samples]).items()}
 

@@ -104,7 +104,7 @@ or all/test-*.parquet                            (HF cais/mmlu, config all: ques
             "accuracy": mean(
                 [
                     float(choice_correct(p, s.fields["answer"], options=s.fields["options"], profile="official"))
-                    for p, s in zip(predictions, samples)
+                    for p, s in zip(predictions, samples, strict=True)
                 ]
             )
         }
@@ -215,7 +215,9 @@ or openai_humaneval/test-*.parquet               (HF openai/openai_humaneval)"""
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
         from nvlm.eval.sandbox import evaluate_humaneval
 
-        result = evaluate_humaneval([s.fields for s in samples], [(s.id, p) for p, s in zip(predictions, samples)])
+        result = evaluate_humaneval(
+            [s.fields for s in samples], [(s.id, p) for p, s in zip(predictions, samples, strict=True)]
+        )
         return {"pass@1": 100.0 * result["pass@1"]}
 
 
@@ -227,4 +229,6 @@ def _solved(
     correct: Callable[[str, str], bool], predictions: Sequence[str], samples: Sequence[Sample]
 ) -> dict[str, float]:
     """Accuracy of predictions judged against each sample's reference solution."""
-    return {"accuracy": mean([float(correct(p, s.fields["solution"])) for p, s in zip(predictions, samples)])}
+    return {
+        "accuracy": mean([float(correct(p, s.fields["solution"])) for p, s in zip(predictions, samples, strict=True)])
+    }

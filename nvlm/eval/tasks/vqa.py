@@ -115,10 +115,10 @@ or the official release (visualqa.org):
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
         from nvlm.eval.metrics import vqa_accuracy
 
-        acc = [vqa_accuracy(p, s.fields["answers"], profile=profile) for p, s in zip(predictions, samples)]
+        acc = [vqa_accuracy(p, s.fields["answers"], profile=profile) for p, s in zip(predictions, samples, strict=True)]
         out = {"accuracy": mean(acc)}
         by_type: dict[str, list[float]] = defaultdict(list)
-        for a, s in zip(acc, samples):
+        for a, s in zip(acc, samples, strict=True):
             if s.fields.get("answer_type"):
                 by_type[s.fields["answer_type"]].append(a)
         out.update({f"accuracy_{t}": mean(v) for t, v in sorted(by_type.items())})
@@ -162,7 +162,10 @@ or the official release (textvqa.org):
 
         return {
             "accuracy": mean(
-                [textvqa_accuracy(p, s.fields["answers"], profile=profile) for p, s in zip(predictions, samples)]
+                [
+                    textvqa_accuracy(p, s.fields["answers"], profile=profile)
+                    for p, s in zip(predictions, samples, strict=True)
+                ]
             )
         }
 
@@ -220,7 +223,11 @@ or the RRC release (rrc.cvc.uab.es, Single Page DocVQA):
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
         from nvlm.eval.metrics import anls
 
-        return {"anls": mean([anls(p, s.fields["answers"], profile=profile) for p, s in zip(predictions, samples)])}
+        return {
+            "anls": mean(
+                [anls(p, s.fields["answers"], profile=profile) for p, s in zip(predictions, samples, strict=True)]
+            )
+        }
 
     def submission(self, predictions: Sequence[str], samples: Sequence[Sample]) -> tuple[str, str] | None:
         return None if self.has_answers else _answers_file(self.name, "questionId", predictions, samples)
@@ -260,10 +267,12 @@ or the original release (github.com/vis-nlp/ChartQA):
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
         from nvlm.eval.metrics import relaxed_accuracy
 
-        acc = [relaxed_accuracy(p, s.fields["answer"], profile=profile) for p, s in zip(predictions, samples)]
+        acc = [
+            relaxed_accuracy(p, s.fields["answer"], profile=profile) for p, s in zip(predictions, samples, strict=True)
+        ]
         out = {"relaxed_overall": mean(acc)}
         for kind in ("human", "augmented"):
-            part = [a for a, s in zip(acc, samples) if s.fields["type"] == kind]
+            part = [a for a, s in zip(acc, samples, strict=True) if s.fields["type"] == kind]
             if part:
                 out[f"relaxed_{kind}"] = mean(part)
         return out
@@ -278,5 +287,5 @@ def _int(x: str) -> int | str:
 
 def _answers_file(task: str, id_key: str, predictions: Sequence[str], samples: Sequence[Sample]) -> tuple[str, str]:
     """The evaluation server's submission: a JSON list of {id_key: question id, "answer": prediction}."""
-    rows = [{id_key: _int(s.id), "answer": p} for p, s in zip(predictions, samples)]
+    rows = [{id_key: _int(s.id), "answer": p} for p, s in zip(predictions, samples, strict=True)]
     return f"{task}_submission.json", json.dumps(rows)
