@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from nvlm.logs import setup_logging
 from nvlm.quant import add_quantize_argument
 
 HELP_INTERACTIVE = "Type a question. /image PATH attaches an image to the next question; /reset; /exit."
@@ -105,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = extra  # `nvlm train --config r.yaml --steps 10`: recipe overrides
     try:
+        setup_logging()
         return args.func(args)
     except (ValueError, OSError) as e:
         print(f"nvlm: error: {e}", file=sys.stderr)

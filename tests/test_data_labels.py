@@ -215,7 +215,7 @@ BAD_LINES = {
 
 
 @pytest.mark.parametrize("kind", list(BAD_LINES))
-def test_each_bad_record_is_skipped_counted_and_reported_once_with_file_and_line(kind, processor, tmp_path, capsys):
+def test_each_bad_record_is_skipped_counted_and_reported_once_with_file_and_line(kind, processor, tmp_path, caplog):
     Image.new("RGB", (56, 56)).save(tmp_path / "ok.png")
     line, reason = BAD_LINES[kind]
     good = json.dumps({"image": "ok.png", "caption": "fine"}).encode()
@@ -224,7 +224,7 @@ def test_each_bad_record_is_skipped_counted_and_reported_once_with_file_and_line
     blend = Blend(processor, [Source(str(tmp_path / "d.jsonl"))], max_len=512)
     assert all(_supervised_text(processor, blend.next_example()) == "fine<|im_end|>" for _ in range(6))
     assert dict(blend.skipped) == {reason: blend.skipped[reason]} and blend.skipped[reason] >= 2
-    reports = [x for x in capsys.readouterr().err.splitlines() if x.startswith("skipping")]
+    reports = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "nvlm.data.blend"]
     assert len(reports) == 1 and reports[0].startswith(f"skipping {tmp_path / 'd.jsonl'} line 3: {reason}")
 
 

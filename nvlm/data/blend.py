@@ -13,8 +13,8 @@ hold, one pass over every record decides, and ``DataError`` names the files and 
 
 from __future__ import annotations
 
+import logging
 import random
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +23,8 @@ from typing import Any
 from nvlm.data.labels import Example, encode_example
 from nvlm.data.records import JsonlFile, RecordError
 from nvlm.processor import Processor
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -98,9 +100,9 @@ class Blend:
             return Skipped(_reason(e), f"{self.files[src].where(i)}: {e}")
 
     def count(self, skip: Skipped) -> None:
-        """Count an unusable record by reason, printing the first of each reason."""
+        """Count an unusable record by reason, logging (a warning) the first of each reason."""
         if not self.skipped[skip.reason]:
-            print(f"skipping {skip.message} (further such records are only counted)", file=sys.stderr)
+            log.warning("skipping %s (further such records are only counted)", skip.message)
         self.skipped[skip.reason] += 1
 
     def next_item(self) -> Example | Skipped:

@@ -21,12 +21,12 @@ dict. ``reshard`` converts every rank's states for a different world size.
 from __future__ import annotations
 
 import itertools
+import logging
 import multiprocessing as mp
 import os
 import pickle
 import queue
 import signal
-import sys
 import threading
 import traceback
 import weakref
@@ -41,6 +41,8 @@ from nvlm.data.blend import Blend, Skipped, Source
 from nvlm.data.labels import Example
 from nvlm.data.packing import collate
 from nvlm.processor import BatchInputs, Processor
+
+log = logging.getLogger(__name__)
 
 _CONTEXT = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
 
@@ -223,7 +225,7 @@ class _WorkerBlend(Blend):
             ) from None
         if isinstance(msg, _Failure):
             self.close()
-            print(f"data worker {w} of rank {self.rank}:\n{msg.traceback}", file=sys.stderr, flush=True)
+            log.error("data worker %d of rank %d:\n%s", w, self.rank, msg.traceback)
             raise RuntimeError(f"data worker {w} of rank {self.rank} failed on {msg.where}: {msg.error}")
         self.position, self.drawn, item = msg
         self._read += 1

@@ -6,8 +6,6 @@ Under ``torchrun --nproc_per_node N -m nvlm.cli eval ...`` the samples are split
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 
 from nvlm.quant import add_quantize_argument
 
@@ -26,8 +24,6 @@ def _eval(args: argparse.Namespace) -> int:
     names: list[str] = []
     for t in (t.strip() for t in args.tasks.split(",")):
         names += list(TASKS) if t == "all" else [t] if t else []
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="nvlm eval: %(message)s", stream=sys.stderr)
     cfg = EvalConfig(
         model=args.model,
         tasks=names,

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from nvlm.models.nvlm import NVLM
     from nvlm.processor import Processor
 
-log = logging.getLogger("nvlm.eval")
+log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -11,6 +11,7 @@ as Megatron's ``calculate_per_token_loss``. Frozen parameters never reach the op
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -37,6 +38,8 @@ from nvlm.train import distributed, state
 from nvlm.train.config import TrainConfig
 from nvlm.train.stages import set_trainable
 from nvlm.train.weights import fill, set_dtypes, starting_point
+
+log = logging.getLogger(__name__)
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense bf16
 
@@ -128,8 +131,8 @@ def train(cfg: TrainConfig) -> Path:
             step = saved["step"]
             loader.load_state_dict(reshard([r["data"] for r in ranks], world)[rank])
             if rank == 0:
-                print(f"resuming from {last} (step {step})", file=sys.stderr)
-        log = Metrics(out, step, rank == 0)
+                log.info("resuming from %s (step %d)", last, step)
+        metrics = Metrics(out, step, rank == 0)
         use_amp = device.type == "cuda" and not sharded  # FSDP2 casts to bf16 itself (MixedPrecisionPolicy)
         n_params = sum(p.numel() for p in params.values())
         peak = cfg.peak_tflops or (
@@ -181,7 +184,7 @@ def train(cfg: TrainConfig) -> Path:
             record.update(peak_memory_gib=max(peaks), peak_memory_gib_per_rank=peaks)
             if peak:
                 record["mfu"] = 6 * n_params * tokens / seconds / (world * peak * 1e12)
-            log(record, verbose=step % cfg.log_every == 0 or step == cfg.steps)
+            metrics(record, verbose=step % cfg.log_every == 0 or step == cfg.steps)
             progress(record)
             if step % cfg.save_every == 0 or step == cfg.steps:
                 if pending is not None:
@@ -256,10 +259,7 @@ class Metrics:
                 except (ValueError, KeyError, TypeError):
                     dropped += bool(line.strip())
             if dropped:
-                print(
-                    f"{self.path}: dropped {dropped} unreadable line(s), e.g. one cut short by a full disk",
-                    file=sys.stderr,
-                )
+                log.warning("%s: dropped %d unreadable line(s), e.g. one cut short by a full disk", self.path, dropped)
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.path)
@@ -295,11 +295,7 @@ class Metrics:
                 if k != "step":
                     self.tb.add_scalar(k, v, record["step"])
         if verbose:
-            print(
-                " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
-                file=sys.stderr,
-                flush=True,
-            )
+            log.info(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
 
 
 def _progress(total: int, start: int, active: bool):
