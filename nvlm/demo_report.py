@@ -9,7 +9,7 @@ each fitted into a fixed cell (enlarged at most 2x), under it the question, the 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -33,7 +33,7 @@ def _running_mean(xs: Sequence[float], window: int) -> list[float]:
     return out
 
 
-def loss_curves(stages: dict[str, Sequence[float]], path: Path, size: tuple[int, int] = (360, 240)) -> Path:
+def loss_curves(stages: Mapping[str, Sequence[float]], path: Path, size: tuple[int, int] = (360, 240)) -> Path:
     """One panel per stage (title -> losses by step), side by side, sharing the loss axis from 0."""
     top = max((max(v) for v in stages.values() if v), default=1.0) * 1.05
     w, h = size
@@ -77,7 +77,9 @@ def answer_grid(
         x, y = (k % cols) * w, (k // cols) * h
         pic = Image.open(root / it["image"]).convert("RGB")
         scale = min((w - 8) / pic.width, (h - text_h - 8) / pic.height, 2.0)  # small images shown up to 2x
-        pic = pic.resize((max(1, round(pic.width * scale)), max(1, round(pic.height * scale))), Image.LANCZOS)
+        pic = pic.resize(
+            (max(1, round(pic.width * scale)), max(1, round(pic.height * scale))), Image.Resampling.LANCZOS
+        )
         img.paste(pic, (x + (w - pic.width) // 2, y + 4))
         draw.rectangle(
             (x + (w - pic.width) // 2 - 1, y + 3, x + (w + pic.width) // 2, y + 4 + pic.height), outline=_GRID

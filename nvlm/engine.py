@@ -82,9 +82,9 @@ class Update:
 @dataclass
 class _Group:
     seqs: list[Sequence]
-    prompts: list[Encoded] | None = None  # collated with the other groups of prompts admitted together
-    pixels: list[list[torch.Tensor]] | None = None
-    batch: dict[str, Any] | None = None  # or pre-collated model inputs, prefilled as they are
+    prompts: list[Encoded] = field(default_factory=list)  # collated with the other prompts admitted together
+    pixels: list[list[torch.Tensor]] = field(default_factory=list)
+    batch: dict[str, Any] | None = None  # or pre-collated model inputs (no prompts), prefilled as they are
 
 
 class Engine:
@@ -206,7 +206,7 @@ class Engine:
     def _prefill_and_merge(self, groups: list[_Group], updates: list[Update]) -> None:
         """Prefill the admitted groups (prompts together, batches each alone); on a failure, one sequence at a
         time, so that only the culprits fail. A failed prefill leaves the running batch as it was."""
-        prompt_groups = [g for g in groups if g.prompts is not None]
+        prompt_groups = [g for g in groups if g.batch is None]
         jobs: list[_Group] = [g for g in groups if g.batch is not None]
         if prompt_groups:
             jobs.append(
@@ -220,7 +220,7 @@ class Engine:
             try:
                 state = self._prefill(job)
             except Exception as e:
-                if job.prompts is None or len(job.seqs) == 1:
+                if job.batch is not None or len(job.seqs) == 1:
                     updates += [self._fail(s, e) for s in job.seqs if not s.finished]
                     continue
                 for one in (_Group([s], [p], [x]) for s, p, x in zip(job.seqs, job.prompts, job.pixels, strict=True)):
@@ -233,7 +233,11 @@ class Engine:
 
     def _prefill(self, job: _Group) -> tuple[KVCache, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run a job's prompts: (their KV cache, attention mask, next positions, first tokens)."""
-        raw = job.batch if job.batch is not None else self.processor.collate(job.prompts, job.pixels)
+        if job.batch is not None:
+            raw = job.batch
+        else:
+            assert self.processor is not None  # add() refuses prompts without one
+            raw = self.processor.collate(job.prompts, job.pixels)
         batch = {k: v.to(self.model.device) for k, v in raw.items() if v is not None}
         mask = batch.pop("attention_mask")
         cache = KVCache(self.model.config.llm.num_layers, mask.shape[1])
@@ -265,6 +269,7 @@ class Engine:
         self._deliver(new, first, updates)
 
     def _decode(self, updates: list[Update]) -> None:
+        assert self.mask is not None and self.last is not None and self.positions is not None  # a running batch
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         logits = self.model(
             self.last[:, None],
@@ -352,6 +357,8 @@ class Engine:
             return
         if not keep:
             return self._reset()
+        assert self.mask is not None and self.positions is not None and self.last is not None
+        assert self.cache is not None  # rows are running
         idx = torch.tensor(keep, device=self.mask.device)
         self.running = [self.running[i] for i in keep]
         self.mask, self.positions, self.last = self.mask[idx], self.positions[idx], self.last[idx]

@@ -56,6 +56,9 @@ _STD = np.array(IMAGENET_STD, dtype=np.float32)[:, None, None]
 _THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
+_pool: ThreadPoolExecutor  # set by _new_pool, here and in a forked child
+
+
 def _new_pool() -> None:
     global _pool
     _pool = ThreadPoolExecutor(max_workers=max(2, _THREADS), thread_name_prefix="nvlm-image")
@@ -80,6 +83,7 @@ def load_image(source: str | os.PathLike | bytes | Image.Image, max_pixels: int 
     if isinstance(source, Image.Image):
         _check_size(source, "image", max_pixels)
         return source
+    fp: io.BytesIO | Path
     if isinstance(source, (bytes, bytearray, memoryview)):
         name, fp = f"image ({len(source)} bytes)", io.BytesIO(source)
     else:
@@ -95,7 +99,7 @@ def load_image(source: str | os.PathLike | bytes | Image.Image, max_pixels: int 
         try:
             image = Image.open(fp)
         except UnidentifiedImageError:
-            head = source[:24] if isinstance(source, (bytes, bytearray, memoryview)) else _head(fp, 24)
+            head = fp.getvalue()[:24] if isinstance(fp, io.BytesIO) else _head(fp, 24)
             if (size := _png_size(bytes(head))) and 0 in size:  # Pillow rejects it without saying why
                 raise ImageError(f"{name}: zero-sized image ({size[0]}x{size[1]} in its PNG header)") from None
             raise ImageError(f"{name}: not an image file (or an unsupported format)") from None
@@ -218,7 +222,8 @@ class ImageProcessor:
 def _normalize_bands(resize: _Resize, out: np.ndarray, cols: int) -> list[Future]:
     """Start normalising each band of a resize into the tiles it covers (``out``: (tiles, 3, S, S), row-major
     ``cols`` to a row) as soon as that band is ready, while the other bands are still being resized."""
-    s, jobs = out.shape[-1], []
+    s = out.shape[-1]
+    jobs: list[Future] = []
     if resize.inline:  # a single tile in one PIL call, nothing to overlap it with: no thread hand-offs
         _normalize(next(resize.bands())[0], out[0])
         return jobs

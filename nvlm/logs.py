@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import TextIO
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -54,7 +55,7 @@ class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time of the record (pytest and the demo swap it)."""
 
     @property
-    def stream(self):  # type: ignore[override]  # a property in place of StreamHandler's attribute
+    def stream(self) -> TextIO:
         return sys.stderr
 
     @stream.setter

@@ -28,12 +28,15 @@ import argparse
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from nvlm.devices import return_freed_memory
+
+if TYPE_CHECKING:
+    from nvlm.models.nvlm import NVLM
 
 FORMATS = ("int8", "int4", "fp8")
 DEFAULT_MODULES = ("language_model.model.layers", "xattn_layers")
@@ -140,7 +143,7 @@ def storage_bytes(tensor: torch.Tensor) -> int:
     """Bytes a weight holds: a quantized one's data, scales and zeros; a plain one's elements."""
     if not is_quantized(tensor):
         return tensor.numel() * tensor.element_size()
-    names = list(tensor.tensor_data_names) + list(getattr(tensor, "optional_tensor_data_names", None) or [])
+    names = [*getattr(tensor, "tensor_data_names", ()), *(getattr(tensor, "optional_tensor_data_names", None) or ())]
     parts = [getattr(tensor, n, None) for n in names]
     return sum(storage_bytes(p) for p in parts if isinstance(p, torch.Tensor))
 
@@ -165,7 +168,7 @@ class Quantizer:
     """
 
     def __init__(
-        self, model: nn.Module, config: QuantConfig, device_of: Callable[[str], torch.device], dtype: torch.dtype
+        self, model: NVLM, config: QuantConfig, device_of: Callable[[str], torch.device], dtype: torch.dtype
     ) -> None:
         if dtype != torch.bfloat16:
             raise QuantizationError(f"quantize={config.format!r} runs on bfloat16 weights; got dtype {dtype}")
@@ -185,11 +188,13 @@ class Quantizer:
         """``name`` (a parameter) was just put in place: quantize its linear if it is a target."""
         module_name = self.targets.pop(name, None)
         if module_name is not None:
-            self._quantize(self.model.get_submodule(module_name))
+            linear = self.model.get_submodule(module_name)
+            assert isinstance(linear, nn.Linear)  # the targets are linears
+            self._quantize(linear)
             return
         owner, _, attr = name.rpartition(".")
         param = self.model.get_submodule(owner)._parameters[attr]
-        if param.device.type == "cpu":
+        if param is not None and param.device.type == "cpu":
             param.data = param.data.clone()  # out of the shard's memory map
 
     def _quantize(self, linear: nn.Linear) -> None:

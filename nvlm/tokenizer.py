@@ -59,7 +59,8 @@ class Tokenizer:
                 source.update(dict.fromkeys(data, f))
         for key in ("bos_token", "eos_token", "pad_token"):  # the ones prompting and generation use
             tok = config.get(key)
-            if tok is not None and (not isinstance(_content(tok), str) or tk.token_to_id(_content(tok)) is None):
+            content = _content(tok)
+            if tok is not None and (not isinstance(content, str) or tk.token_to_id(content) is None):
                 raise TokenizerError(f"{source[key]}: {key} {_content(tok)!r} is not a token of {file.name}")
         jinja = path / "chat_template.jinja"  # newer transformers save the template beside the config
         if config.get("chat_template") is None and jinja.is_file():

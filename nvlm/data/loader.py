@@ -44,7 +44,7 @@ from nvlm.processor import BatchInputs, Processor
 
 log = logging.getLogger(__name__)
 
-_CONTEXT = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+_CONTEXT = mp.get_context("forkserver") if "forkserver" in mp.get_all_start_methods() else mp.get_context("spawn")
 
 
 class Batcher:

@@ -111,8 +111,8 @@ def _place_text(
         if (right - left <= canvas[0] - 2 and bottom - top <= canvas[1] - 2) or size <= 6:
             break
         size -= 1
-    x = rng.randrange(0, max(1, canvas[0] - (right - left))) - left
-    y = rng.randrange(0, max(1, canvas[1] - (bottom - top))) - top
+    x = rng.randrange(0, max(1, int(canvas[0] - (right - left)))) - left
+    y = rng.randrange(0, max(1, int(canvas[1] - (bottom - top)))) - top
     draw.text((x, y), text, fill=color, font=font)
     return img
 

@@ -147,8 +147,8 @@ class PredictionCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.path(rank)
         if path.is_file():
-            with open(path, "rb") as fh:
-                same = _header(fh.readline()) == self.fingerprint
+            with open(path, "rb") as old:
+                same = _header(old.readline()) == self.fingerprint
             if same:
                 _trim_partial_line(path)
                 return _Writer(open(path, "a", encoding="utf-8"))
@@ -334,7 +334,7 @@ class Runner:
         root = self.cfg.data
         if root is None and task.dirname:
             raise DataError(f"{task.name}: no --data directory given")
-        samples = task.load(root)
+        samples = task.load(root or "")  # a task without a folder (jsonl:PATH) reads none
         n_total = len(samples)
         if self.cfg.limit is not None:
             samples = samples[: self.cfg.limit]

@@ -54,7 +54,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 
@@ -392,7 +392,7 @@ def _wait(command: list[str], work: str, out: IO[bytes], timeout: float, uid: in
     """Run ``command`` (as ``uid`` when given) until it exits or ``timeout`` + 1 s; then nothing of it is left:
     its process group is killed, and every process of ``uid``. Returns the exit status (None: killed on time)."""
     env = {"PATH": _PATH, "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}
-    user = {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
+    user: dict[str, Any] = {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
     try:
         proc = subprocess.Popen(
             command,

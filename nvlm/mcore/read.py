@@ -161,17 +161,17 @@ class McoreCheckpoint:
                 )
         tp = self.layout.tp
         for rule in self.rules:
-            pieces = self.index.get(rule.mcore)
-            if pieces is None:
+            found = self.index.get(rule.mcore)
+            if found is None:
                 file, local = self._home(rule)
                 raise CheckpointError(f"{file}: missing tensor {local!r} (in this stage's TP rank files)")
             want = rule.piece_shape(tp)
-            for file, ref, key in pieces:
+            for file, ref, key in found:
                 if ref.shape != want:
                     raise CheckpointError(
                         f"{file}: tensor {key!r} has shape {ref.shape}, expected {want} (TP {tp} of {rule.shape})"
                     )
-                if not ref.dtype.is_floating_point or ref.dtype != pieces[0][1].dtype:
+                if not ref.dtype.is_floating_point or ref.dtype != found[0][1].dtype:
                     raise CheckpointError(f"{file}: tensor {key!r} is {ref.dtype}, not a weight like the others")
 
     # ---- tensors
@@ -246,7 +246,7 @@ def load_mcore(
         _finish(model, params, loaded, (), device_map, torch_dtype, ckpt.layout.root)
     finally:
         ckpt.close()
-    model.name_or_path = str(path)
+    model.name_or_path = str(path)  # type: ignore[assignment]  # checkpoint._empty still returns nn.Module
     return model.eval()
 
 

@@ -144,7 +144,7 @@ class LanguageModel(nn.Module):
         for i, layer in enumerate(self.model.layers):
             if before_layer is not None:
                 x = before_layer(i, x)
-            device = layer.input_layernorm.weight.device  # layers may sit on several devices
+            device = next(layer.parameters()).device  # layers may sit on several devices
             x, position_ids = x.to(device), position_ids.to(device)
             cos, sin = rope_cos_sin(position_ids, cfg.head_dim, base, x.dtype)
             x = layer(x, cos, sin, None if mask is None else mask.to(device), cache)

@@ -274,7 +274,8 @@ def _render(
 ) -> Rendered:
     """Messages -> the rendered prompt (images still as URLs), refused before anything costly when its text
     alone must take more than ``budget`` tokens; runs in a worker thread."""
-    messages, n_images = [], 0
+    messages: list[dict[str, Any]] = []
+    n_images = 0
     for m in req.messages:
         if isinstance(m.content, list):
             parts = []

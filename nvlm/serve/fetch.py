@@ -53,7 +53,7 @@ def is_public(ip: Address) -> bool:
 
 def resolve(host: str, port: int) -> list[str]:
     """Every address ``host`` resolves to (what the socket layer would connect to)."""
-    return sorted({info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
+    return sorted({str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
 
 
 def fetch(
@@ -105,7 +105,8 @@ def _get(
         size = r.getheader("content-length")
         if size is not None and size.isdigit() and int(size) > max_bytes:
             raise _Refused(f"Content-Length {size} is over {max_bytes} bytes")
-        chunks, total = [], 0
+        chunks: list[bytes] = []
+        total = 0
         while True:
             sock.settimeout(_left(deadline))
             chunk = r.read1(CHUNK) if r.status == 200 else b""

@@ -91,7 +91,9 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def completion(id_: str, model: str, texts: list[str], reasons: list[str], use: dict[str, int]) -> dict[str, Any]:
+def completion(
+    id_: str, model: str, texts: list[str], reasons: list[str | None], use: dict[str, int]
+) -> dict[str, Any]:
     choices = [
         {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r, "logprobs": None}
         for i, (t, r) in enumerate(zip(texts, reasons, strict=True))

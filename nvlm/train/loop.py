@@ -35,7 +35,7 @@ from nvlm.models.nvlm import NVLM
 from nvlm.processor import Processor
 from nvlm.tokenizer import Tokenizer
 from nvlm.train import distributed, state
-from nvlm.train.config import TrainConfig
+from nvlm.train.config import Schedule, TrainConfig
 from nvlm.train.stages import set_trainable
 from nvlm.train.weights import fill, set_dtypes, starting_point
 
@@ -80,22 +80,20 @@ def cpu_threads(num_workers: int, ranks_here: int = 1) -> int:
 def make_optimizer(model: NVLM, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the trained parameters only (no weight decay on vectors: norms, biases, gates)."""
     trained = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(
-        [
-            {"params": [p for p in trained if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        betas=cfg.betas,
-    )
+    s = cfg.schedule
+    groups: list[dict[str, Any]] = [
+        {"params": [p for p in trained if p.ndim >= 2], "weight_decay": s.weight_decay},
+        {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=s.lr, betas=s.betas)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, s: Schedule) -> float:
     """Linear warmup to ``lr``, then cosine decay to ``min_lr`` at ``steps``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+    if step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    progress = min(1.0, (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps))
+    return s.min_lr + 0.5 * (s.lr - s.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -106,11 +104,11 @@ def train(cfg: TrainConfig) -> Path:
         torch.set_num_threads(cpu_threads(cfg.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     model, tokenizer, export_dtype = build(cfg, device, world)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    c = model.config
+    c, s = model.config, cfg.schedule
     images = ImageProcessor(
         tile_size=c.tile_size,
-        max_tiles=cfg.max_tiles,
-        min_tiles=min(c.min_tiles, cfg.max_tiles),
+        max_tiles=s.max_tiles,
+        min_tiles=min(c.min_tiles, s.max_tiles),
         use_thumbnail=c.use_thumbnail,
     )
     processor = Processor(tokenizer, images, c, chat_template=cfg.chat_template)
@@ -119,7 +117,7 @@ def train(cfg: TrainConfig) -> Path:
     optimizer = make_optimizer(model, cfg)
     sources = [Source(d["path"], float(d.get("weight", 1.0))) for d in cfg.data]
     loader = Loader(
-        processor, sources, cfg.seq_len, cfg.micro_batch_size, cfg.pack, cfg.seed, rank, world, cfg.num_workers
+        processor, sources, s.seq_len, cfg.micro_batch_size, cfg.pack, cfg.seed, rank, world, cfg.num_workers
     )
     with loader:  # the data workers end on every path out
         out = Path(cfg.out_dir)
@@ -140,12 +138,12 @@ def train(cfg: TrainConfig) -> Path:
             if device.type == "cuda"
             else None
         )
-        progress = _progress(cfg.steps, step, rank == 0)
+        progress = _progress(s.steps, step, rank == 0)
         background = state.background_group() if cfg.async_save else None
         pending: state.Pending | None = None
-        while step < cfg.steps:
+        while step < s.steps:
             t0 = time.perf_counter()
-            lr = lr_at(step, cfg)
+            lr = lr_at(step, s)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro = [loader() for _ in range(cfg.grad_accum)]
@@ -164,12 +162,12 @@ def train(cfg: TrainConfig) -> Path:
                 loss_sum += float(loss.detach())
             if world > 1 and not sharded:
                 distributed.average_gradients([params[n] for n in trainable])
-            grad_norm = float(torch.nn.utils.clip_grad_norm_([params[n] for n in trainable], cfg.grad_clip))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_([params[n] for n in trainable], s.grad_clip))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             seconds = time.perf_counter() - t0
-            record = {
+            record: dict[str, Any] = {
                 "step": step,
                 "loss": distributed.all_sum(loss_sum, device) / supervised,
                 "lr": lr,
@@ -184,9 +182,9 @@ def train(cfg: TrainConfig) -> Path:
             record.update(peak_memory_gib=max(peaks), peak_memory_gib_per_rank=peaks)
             if peak:
                 record["mfu"] = 6 * n_params * tokens / seconds / (world * peak * 1e12)
-            metrics(record, verbose=step % cfg.log_every == 0 or step == cfg.steps)
+            metrics(record, verbose=step % cfg.log_every == 0 or step == s.steps)
             progress(record)
-            if step % cfg.save_every == 0 or step == cfg.steps:
+            if step % cfg.save_every == 0 or step == s.steps:
                 if pending is not None:
                     pending.commit()  # the previous background save, before this one starts
                 pending = state.save(
@@ -263,12 +261,13 @@ class Metrics:
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.path)
+        self.tb: Any = None  # a SummaryWriter when tensorboard is installed
         try:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(out / "tensorboard"))
         except ImportError:
-            self.tb = None
+            pass
 
     def __call__(self, record: dict[str, Any], verbose: bool) -> None:
         import errno

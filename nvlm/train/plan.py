@@ -34,13 +34,16 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from nvlm.config import NVLMConfig, preset
 from nvlm.train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from nvlm.models.nvlm import NVLM
 
 GIB = 2**30
 _F32 = 4
@@ -147,7 +150,7 @@ def model_config(train: TrainConfig) -> NVLMConfig:
     return config.with_arch(train.arch) if train.arch else config  # type: ignore[arg-type]
 
 
-def meta_model(config: NVLMConfig, train: TrainConfig) -> nn.Module:
+def meta_model(config: NVLMConfig, train: TrainConfig) -> NVLM:
     """The model on the meta device (no memory, no weights) with the recipe's trainable set marked."""
     from nvlm.models.nvlm import NVLM
     from nvlm.train.stages import set_trainable
@@ -162,7 +165,7 @@ def meta_model(config: NVLMConfig, train: TrainConfig) -> nn.Module:
     return model
 
 
-def count_units(model: nn.Module, shard_group: int) -> list[Unit]:
+def count_units(model: NVLM, shard_group: int) -> list[Unit]:
     """Every FSDP2 unit of a (meta) model, blocks first and the root last, with its parameter elements."""
     return _units(_shapes(model), shard_group)
 
@@ -170,7 +173,7 @@ def count_units(model: nn.Module, shard_group: int) -> list[Unit]:
 _Shapes = list[tuple[str, list[tuple[int, int, bool]]]]  # per unit: (dim-0 rows, elements, trained) per parameter
 
 
-def _shapes(model: nn.Module) -> _Shapes:
+def _shapes(model: NVLM) -> _Shapes:
     from nvlm.train.distributed import units
 
     def rows(params: Any) -> list[tuple[int, int, bool]]:
@@ -237,7 +240,7 @@ def _attention(layout: Layout, lm: Any, keys: int, out_trains: bool) -> tuple[in
     return 2 * a * c + a * keys + 4 * lm.num_heads, 2 * a * lm.num_kv_heads * lm.head_dim
 
 
-def count_activations(model: nn.Module, train: TrainConfig, layout: Layout) -> Activations:
+def count_activations(model: NVLM, train: TrainConfig, layout: Layout) -> Activations:
     """The activations of one micro-batch for a (meta) model with its trainable set marked and ``train``
     resolved, counted tensor by tensor from what each module saves (see the module docstring)."""
     config: NVLMConfig = model.config
@@ -245,10 +248,10 @@ def count_activations(model: nn.Module, train: TrainConfig, layout: Layout) -> A
     lm, v = config.llm, config.vision
     c, f, d, h = lm.hidden_size, lm.intermediate_size, lm.head_dim, lm.num_heads
     kv = lm.num_kv_heads * d
-    rows, t = train.micro_batch_size, train.seq_len
+    rows, t, tiles = train.micro_batch_size, train.schedule.seq_len, train.schedule.max_tiles
     tokens = rows * t
     math = layout.masked_gqa_math and h != lm.num_kv_heads
-    crops = train.max_tiles + (1 if config.use_thumbnail and train.max_tiles > 1 else 0)
+    crops = tiles + (1 if config.use_thumbnail and tiles > 1 else 0)
     seq_crops, mem_crops = {"D": (crops, 0), "X": (0, crops), "H": (1, crops - 1)}[config.arch]
     per_crop = config.tokens_per_tile
     mem = mem_crops * (per_crop + (_TAG_TOKENS if config.arch == "H" else 0))  # memory tokens per row
@@ -355,7 +358,7 @@ class _Counted:
     activations: dict[Layout, Activations]
 
     @classmethod
-    def of(cls, model: nn.Module, train: TrainConfig) -> _Counted:
+    def of(cls, model: NVLM, train: TrainConfig) -> _Counted:
         return cls(train, _shapes(model), {p: count_activations(model, train, p) for p in (CPU, GPU)})
 
     def plan(

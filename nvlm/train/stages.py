@@ -9,8 +9,10 @@ stays frozen, everything else trains.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:
+    from nvlm.models.nvlm import NVLM
 
 TRAINABLE = {
     ("D", 1): ("mlp1.",),
@@ -98,7 +100,7 @@ PAPER = {
 }
 
 
-def set_trainable(model: nn.Module, stage: int, prefixes: Sequence[str] | None = None) -> list[str]:
+def set_trainable(model: NVLM, stage: int, prefixes: Sequence[str] | None = None) -> list[str]:
     """Freeze everything but the stage's modules (or the parameters named from ``prefixes``); return the
     names of the trainable parameters."""
     key = (model.config.arch, stage)

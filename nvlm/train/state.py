@@ -55,8 +55,8 @@ def _tensors(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The flat tensor state DCP saves and loads in place (DTensors under FSDP2), and the optimiser's groups."""
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    flat = {f"model.{k}": v for k, v in get_model_state_dict(model).items() if k in trainable}
-    osd = get_optimizer_state_dict(model, optimizer)  # creates AdamW's state on a fresh optimiser
+    flat: dict[str, Any] = {f"model.{k}": v for k, v in get_model_state_dict(model).items() if k in trainable}
+    osd: Any = get_optimizer_state_dict(model, optimizer)  # creates AdamW's state on a fresh optimiser
     for name, values in osd["state"].items():
         for key, value in values.items():
             flat[f"optim.{name}.{key}"] = value

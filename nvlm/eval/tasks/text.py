@@ -74,8 +74,8 @@ or all/test-*.parquet                            (HF cais/mmlu, config all: ques
         if not files:
             raise self.missing(d, "data/test/*_test.csv or all/test-*.parquet")
         counts: dict[str, int] = {}
-        for where, row in read_parquet(files):
-            question, subject, choices, answer = need(row, where, "question", "subject", "choices", "answer")
+        for where, record in read_parquet(files):
+            question, subject, choices, answer = need(record, where, "question", "subject", "choices", "answer")
             if len(choices) != 4 or answer not in range(4):
                 raise DataError(f"{where}: expected 4 choices and an answer index 0-3")
             n = counts[subject] = counts.get(subject, -1) + 1
