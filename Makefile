@@ -1,9 +1,9 @@
-# The two commands: `make demo` and `make test`.
+# The two commands: `make demo` and `make test` (`make lint` alone: ruff and mypy).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test demo install clean
+.PHONY: test lint demo install clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -12,7 +12,13 @@ install: $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev]"
 
-test: install
+# The linter, the formatter's check and the type checker (config in pyproject.toml), then the tests.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest
 
 # The CPU demo needs only the core and the training extra (faster to set up than the dev tools).

@@ -49,8 +49,16 @@ def build(work: Path, layers: int) -> Path:
 
     base = preset("nvlm-d-72b")
     vision = replace(base.vision, hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024)
-    llm = replace(base.llm, vocab_size=151936, hidden_size=1024, intermediate_size=2816, num_layers=layers,
-                  num_heads=16, num_kv_heads=4, rope_scaling=None)  # fmt: skip
+    llm = replace(
+        base.llm,
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_layers=layers,
+        num_heads=16,
+        num_kv_heads=4,
+        rope_scaling=None,
+    )
     projector = replace(base.projector, input_size=1024, hidden_size=2816, output_size=1024)
     cfg = replace(base, vision=vision, llm=llm, projector=projector).validate()
     with torch.device("meta"):
@@ -78,8 +86,16 @@ def main() -> None:
         work = Path(tmp)
         config = build(work, args.layers)
         params = sum(len(f.read_bytes()) for f in (work / "ours").glob("*.safetensors"))
-        cmd = [sys.executable, __file__, "--child", str(work / "mcore"), str(work / "hf"), str(work / "tok"),
-               str(config), str(args.max_shard_gb)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            str(work / "mcore"),
+            str(work / "hf"),
+            str(work / "tok"),
+            str(config),
+            str(args.max_shard_gb),
+        ]
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready"
         baseline = _hwm_mb(proc.pid)
@@ -93,12 +109,21 @@ def main() -> None:
         shards = sorted((work / "hf").glob("*.safetensors"))
         largest = max(f.stat().st_size for f in shards) / 2**20
         rank_file = (work / "mcore" / "release" / "mp_rank_00" / "model_optim_rng.pt").stat().st_size / 2**20
-        print(json.dumps({
-            "checkpoint_mb": round(params / 2**20, 1), "tp": 4, "rank_file_mb": round(rank_file, 1),
-            "shards": len(shards), "largest_shard_mb": round(largest, 1), "baseline_hwm_mb": round(baseline, 1),
-            "peak_hwm_mb": round(peak, 1), "peak_above_baseline_mb": round(peak - baseline, 1),
-            "ratio_to_largest_shard": round((peak - baseline) / largest, 3),
-        }))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "checkpoint_mb": round(params / 2**20, 1),
+                    "tp": 4,
+                    "rank_file_mb": round(rank_file, 1),
+                    "shards": len(shards),
+                    "largest_shard_mb": round(largest, 1),
+                    "baseline_hwm_mb": round(baseline, 1),
+                    "peak_hwm_mb": round(peak, 1),
+                    "peak_above_baseline_mb": round(peak - baseline, 1),
+                    "ratio_to_largest_shard": round((peak - baseline) / largest, 3),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,15 @@ def config(name: str):
     if name == "tiny":
         return base
     h, layers = {"1b": (2048, 16), "250m": (1024, 12)}[name]
-    llm = replace(base.llm, hidden_size=h, intermediate_size=11008 * h // 4096, num_layers=layers, num_heads=16,
-                  num_kv_heads=4, vocab_size=152064)  # fmt: skip
+    llm = replace(
+        base.llm,
+        hidden_size=h,
+        intermediate_size=11008 * h // 4096,
+        num_layers=layers,
+        num_heads=16,
+        num_kv_heads=4,
+        vocab_size=152064,
+    )
     return replace(base, llm=llm, projector=replace(base.projector, hidden_size=llm.intermediate_size, output_size=h))
 
 
@@ -55,8 +62,10 @@ def main() -> None:
         sync()
         t2 = time.perf_counter()
         decode_s = (t2 - t1) - (t1 - t0)
-        print(f"batch {batch}: prefill {args.prompt} tokens {1000 * (t1 - t0):.0f} ms; decode "
-              f"{batch * (out.shape[1] - 1) / decode_s:.1f} tokens/s ({(out.shape[1] - 1) / decode_s:.1f} steps/s)")  # fmt: skip
+        print(
+            f"batch {batch}: prefill {args.prompt} tokens {1000 * (t1 - t0):.0f} ms; decode "
+            f"{batch * (out.shape[1] - 1) / decode_s:.1f} tokens/s ({(out.shape[1] - 1) / decode_s:.1f} steps/s)"
+        )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 Two rows per size: "PIL" starts both sides from the same decoded RGB image (the tiling and normalisation
 alone); "JPEG file" / "PNG file" starts from the file, so decoding is included (the card's
 ``Image.open(path).convert('RGB')`` against our ``load_image(path)``). The two are timed in alternating
-blocks (median of ``--repeats``), and the speed-up is the card's median time over ours. Prints a markdown table for docs/BENCHMARKS.md.
+blocks (median of ``--repeats``), and the speed-up is the card's median time over ours. Prints a markdown
+table for docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from reference.model_card import load_image as card_load_image  # noqa: E402
+from reference.model_card import load_image as card_load_image
 
-from nvlm.image import ImageProcessor, load_image  # noqa: E402
+from nvlm.image import ImageProcessor, load_image
 
 SIZES = [(640, 480), (1024, 768), (1920, 1080), (3000, 2000), (800, 2400), (448, 448)]
 
@@ -62,9 +63,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args()
     proc = ImageProcessor()
-    print(f"{platform.machine()}, nproc {os.cpu_count()}, torch {torch.__version__} ({torch.get_num_threads()} "
-          f"threads), Pillow {PIL.__version__}, numpy {np.__version__}, Python {platform.python_version()}; "
-          f"median of {args.repeats}\n")  # fmt: skip
+    print(
+        f"{platform.machine()}, nproc {os.cpu_count()}, torch {torch.__version__} ({torch.get_num_threads()} "
+        f"threads), Pillow {PIL.__version__}, numpy {np.__version__}, Python {platform.python_version()}; "
+        f"median of {args.repeats}\n"
+    )
     print("| input | size | crops | card load_image (ms) | ImageProcessor (ms) | speed-up |")
     print("|---|---|---|---|---|---|")
     total_card = total_ours = 0.0
@@ -75,8 +78,8 @@ def main() -> None:
             path = Path(tmp) / f"img{i}.{fmt.lower()}"
             img.save(path, quality=90) if fmt == "JPEG" else img.save(path)
             cases = [
-                ("PIL", lambda: card_load_image(img), lambda: proc(img)),
-                (f"{fmt} file", lambda: card_load_image(str(path)), lambda: proc(load_image(path))),
+                ("PIL", lambda img=img: card_load_image(img), lambda img=img: proc(img)),
+                (f"{fmt} file", lambda p=path: card_load_image(str(p)), lambda p=path: proc(load_image(p))),
             ]
             for name, card_fn, ours_fn in cases:
                 assert torch.equal(card_fn(), ours_fn()), (name, w, h)

@@ -70,7 +70,7 @@ def main() -> None:
             num_heads=16,
             num_kv_heads=4,
             vocab_size=32000,
-        ),  # fmt: skip
+        ),
         projector=replace(base.projector, hidden_size=4 * h, output_size=h),
         torch_dtype=args.dtype,
     )

@@ -76,9 +76,15 @@ def child(path: str, fmt: str, args: argparse.Namespace) -> None:
     linears = quantized_linears(model)
     measured = sum(storage_bytes(m.weight) for m in linears.values())
     predicted, plain = predicted_bytes(model, fmt)
-    result = {"format": fmt, "touched": touched, "quantized_layers": len(linears), "measured_bytes": measured,
-              "predicted_bytes": predicted, "bf16_bytes": plain,
-              "all_params_bytes": sum(storage_bytes(p) for p in model.parameters())}  # fmt: skip
+    result = {
+        "format": fmt,
+        "touched": touched,
+        "quantized_layers": len(linears),
+        "measured_bytes": measured,
+        "predicted_bytes": predicted,
+        "bf16_bytes": plain,
+        "all_params_bytes": sum(storage_bytes(p) for p in model.parameters()),
+    }
     g = torch.Generator().manual_seed(0)
 
     def prompts(n: int, length: int) -> torch.Tensor:  # random text tokens, never the image placeholder
@@ -114,8 +120,12 @@ def child(path: str, fmt: str, args: argparse.Namespace) -> None:
 
 
 def run_child(path: Path, fmt: str, argv: list[str]) -> dict:
-    proc = subprocess.Popen([sys.executable, __file__, "--child", str(path), fmt, *argv], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--child", str(path), fmt, *argv],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "ready"
     before = _status(proc.pid)["VmRSS"]
     proc.stdin.write("\n")
@@ -151,8 +161,10 @@ def arithmetic() -> None:
     kv_per_token = 2 * llm.num_layers * llm.num_kv_heads * llm.head_dim * 2
     kv_seq = kv_per_token * seq
     print(f"NVLM-D-72B: {sum(p.numel() for p in model.parameters()) / 1e9:.1f}B parameters, bf16 {total / GIB:.1f} GiB")
-    print(f"KV cache (bf16): {kv_per_token / 2**10:.0f} KiB per token; one 6+1-tile image sequence of {seq} tokens: "
-          f"{kv_seq / GIB:.2f} GiB")  # fmt: skip
+    print(
+        f"KV cache (bf16): {kv_per_token / 2**10:.0f} KiB per token; one 6+1-tile image sequence of {seq} tokens: "
+        f"{kv_seq / GIB:.2f} GiB"
+    )
     parts = {
         k: sum(p.numel() for n, p in model.named_parameters() if n.startswith(k)) * 2 / GIB
         for k in ("vision_model.", "mlp1.", "language_model.model.embed_tokens.", "language_model.lm_head.")
@@ -208,13 +220,18 @@ def main() -> None:
         del model
         shards = sorted(Path(d).glob("*.safetensors"))
         largest = max(f.stat().st_size for f in shards) / 2**20
-        print(f"{args.preset}: {n / 1e9:.2f}B parameters, {len(shards)} bf16 shards (largest {largest:.0f} MiB); "
-              f"torch {torch.__version__}, {args.threads} thread(s) per child")  # fmt: skip
+        print(
+            f"{args.preset}: {n / 1e9:.2f}B parameters, {len(shards)} bf16 shards (largest {largest:.0f} MiB); "
+            f"torch {torch.__version__}, {args.threads} thread(s) per child"
+        )
         rows = [run_child(Path(d), fmt, argv) for fmt in args.formats]
     base = next((r for r in rows if r["format"] == "bf16" and "error" not in r), None)
-    print("| format | load peak (VmHWM - before) | loaded (VmRSS - before) | quantized layers: measured / predicted / bf16 "
-          "| decode tok/s (x bf16) | same 8-token answers | same next token | logits rel. error "
-          "| median top-2 gap / max logit shift |")  # fmt: skip
+    print(
+        "| format | load peak (VmHWM - before) | loaded (VmRSS - before) "
+        "| quantized layers: measured / predicted / bf16 | decode tok/s (x bf16) | same 8-token answers "
+        "| same next token | logits rel. error "
+        "| median top-2 gap / max logit shift |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
@@ -223,11 +240,15 @@ def main() -> None:
         speed = f"{r['decode_tokens_per_s']:.1f}" + (
             f" ({r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x)" if base else ""
         )
-        print(f"| {r['format']} | {r['peak_mb'] - r['rss_before_mb']:.0f} MiB | {r['loaded_mb'] - r['rss_before_mb']:.0f} MiB "
-              f"| {r['measured_bytes'] / 2**20:.1f} / {r['predicted_bytes'] / 2**20:.1f} / {r['bf16_bytes'] / 2**20:.1f} MiB "
-              f"| {speed} | {r.get('same_answers', 1.0):.0%} | {r.get('same_next_token', 1.0):.0%} "
-              f"| {r.get('logits_relative_error', 0.0):.4f} "
-              f"| {r.get('median_top2_gap', 0):.3f} / {r.get('median_max_error', 0):.3f} |")  # fmt: skip
+        print(
+            f"| {r['format']} | {r['peak_mb'] - r['rss_before_mb']:.0f} MiB "
+            f"| {r['loaded_mb'] - r['rss_before_mb']:.0f} MiB "
+            f"| {r['measured_bytes'] / 2**20:.1f} / {r['predicted_bytes'] / 2**20:.1f} "
+            f"/ {r['bf16_bytes'] / 2**20:.1f} MiB "
+            f"| {speed} | {r.get('same_answers', 1.0):.0%} | {r.get('same_next_token', 1.0):.0%} "
+            f"| {r.get('logits_relative_error', 0.0):.4f} "
+            f"| {r.get('median_top2_gap', 0):.3f} / {r.get('median_max_error', 0):.3f} |"
+        )
     print(json.dumps(rows))
 
 

@@ -72,10 +72,14 @@ def main() -> None:
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
     def request(i: int) -> int:
-        content = f"Tell me about item {i}." if i % 3 else [{"type": "image_url", "image_url": {"url": url}},
-                                                             {"type": "text", "text": f"Describe {i}."}]  # fmt: skip
-        r = client.chat.completions.create(model="bench", messages=[{"role": "user", "content": content}],
-                                           max_tokens=args.max_tokens, temperature=0)  # fmt: skip
+        content = (
+            f"Tell me about item {i}."
+            if i % 3
+            else [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": f"Describe {i}."}]
+        )
+        r = client.chat.completions.create(
+            model="bench", messages=[{"role": "user", "content": content}], max_tokens=args.max_tokens, temperature=0
+        )
         return r.usage.completion_tokens
 
     request(0)  # warm up

@@ -28,7 +28,8 @@ import sys
 import threading
 import time
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 from PIL import Image
@@ -54,8 +55,9 @@ def serve(port: int, ready: Any) -> None:
     processor = Processor(build_tiny_tokenizer(), ImageProcessor(tile_size=56), model.config)
     engine = EngineThread(model, processor, max_batch=32)
     limits = Limits(max_body_bytes=BODY_LIMIT, allow_remote_images=True, fetch_timeout_s=2.0)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, "soak", limits), host="127.0.0.1", port=port,
-                                           log_level="error"))  # fmt: skip
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(engine, "soak", limits), host="127.0.0.1", port=port, log_level="error")
+    )
     threading.Thread(target=lambda: (_wait_started(server), ready.set()), daemon=True).start()
     server.run()
 
@@ -66,9 +68,10 @@ def _wait_started(server: Any) -> None:
 
 
 def rss_mb(pid: int) -> float:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
 
 
@@ -82,12 +85,15 @@ def good_requests() -> Goods:
     out = []
     for i in range(16):
         if i % 4 == 0:
-            content: Any = [{"type": "image_url", "image_url": {"url": png((40 + 15 * i, 60), (10 * i, 90, 200))}},
-                            {"type": "text", "text": f"what is image {i}?"}]  # fmt: skip
+            content: Any = [
+                {"type": "image_url", "image_url": {"url": png((40 + 15 * i, 60), (10 * i, 90, 200))}},
+                {"type": "text", "text": f"what is image {i}?"},
+            ]
         else:
             content = f"question {i}: " + "tell me more " * (i % 5)
-        out.append({"model": "soak", "messages": [{"role": "user", "content": content}], "max_tokens": 8,
-                    "temperature": 0})  # fmt: skip
+        out.append(
+            {"model": "soak", "messages": [{"role": "user", "content": content}], "max_tokens": 8, "temperature": 0}
+        )
     return out
 
 
@@ -124,8 +130,9 @@ def hostile_requests(loopback_port: int) -> Bads:
     ]
 
 
-def soak(url: str, base: str, goods: Goods, solo: list[str], bads: Bads, clients: int, seconds: float,
-         bad: float) -> tuple[Counter[str], list[float], float]:  # fmt: skip
+def soak(
+    url: str, base: str, goods: Goods, solo: list[str], bads: Bads, clients: int, seconds: float, bad: float
+) -> tuple[Counter[str], list[float], float]:
     """``clients`` threads for ``seconds``: (outcome counts, /health latencies, seconds taken)."""
     counts: Counter[str] = Counter()
     lock = threading.Lock()
@@ -231,11 +238,12 @@ def main() -> int:
         print(f"  {k}: {v}")
     print(f"wrong answers: {wrong}   5xx: {five}   hostile not refused: {unrefused}   loopback connections: {trapped}")
     print(
-        f"server RSS: {rss_cold:.0f} MB after the solo answers, {rss_before:.0f} MB after a {args.warmup:.0f} s warm-up "
-        f"soak (before), {rss_after:.0f} MB after ({(rss_after / rss_before - 1):+.1%})"
+        f"server RSS: {rss_cold:.0f} MB after the solo answers, {rss_before:.0f} MB after a {args.warmup:.0f} s "
+        f"warm-up soak (before), {rss_after:.0f} MB after ({(rss_after / rss_before - 1):+.1%})"
     )
     print(
-        f"/health: {len(health)} polls, p50 {q[49] * 1e3:.1f} ms, p99 {q[98] * 1e3:.1f} ms, max {max(health) * 1e3:.1f} ms"
+        f"/health: {len(health)} polls, p50 {q[49] * 1e3:.1f} ms, p99 {q[98] * 1e3:.1f} ms, "
+        f"max {max(health) * 1e3:.1f} ms"
     )
     return int(bool(wrong or five or unrefused or trapped))
 

@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/bench_train.py [--preset 1b] [--arch D] [--device cuda] [--seq-len 2048]
 
 ``1b`` is a ~1.3B-parameter LLM (hidden 2048, 16 layers, vocab 152064) behind the tiny ViT, ``250m`` a
-smaller one for CPUs (hidden 1024, 12 layers), ``tiny`` the test preset. Each step: ``--rows`` packed rows of ``--seq-len`` tokens (text only, so that the LLM is
-measured), bf16 autocast on GPU, AdamW on everything but the ViT (stage 2), optional activation
-checkpointing. MFU counts 6 x parameters x tokens per step against the GPU's dense bf16 peak.
+smaller one for CPUs (hidden 1024, 12 layers), ``tiny`` the test preset. Each step: ``--rows`` packed rows
+of ``--seq-len`` tokens (text only, so that the LLM is measured), bf16 autocast on GPU, AdamW on everything
+but the ViT (stage 2), optional activation checkpointing. MFU counts 6 x parameters x tokens per step against
+the GPU's dense bf16 peak.
 """
 
 from __future__ import annotations
@@ -27,12 +28,22 @@ from nvlm.train.stages import set_trainable
 def config(name: str, arch: str):
     base = preset("tiny-d")
     if name != "tiny":
-        h, layers, ffn, vocab = {"1b": (2048, 16, 5504, 152064), "250m": (1024, 12, 2816, 152064),
-                                 "300m": (1024, 20, 2816, 32000),
-                                 "330m": (1024, 28, 2816, 4096),
-                                 "400m": (1024, 36, 2816, 4096)}[name]  # fmt: skip
-        llm = replace(base.llm, hidden_size=h, intermediate_size=ffn, num_layers=layers, num_heads=16, num_kv_heads=4,
-                      vocab_size=vocab)  # fmt: skip
+        h, layers, ffn, vocab = {
+            "1b": (2048, 16, 5504, 152064),
+            "250m": (1024, 12, 2816, 152064),
+            "300m": (1024, 20, 2816, 32000),
+            "330m": (1024, 28, 2816, 4096),
+            "400m": (1024, 36, 2816, 4096),
+        }[name]
+        llm = replace(
+            base.llm,
+            hidden_size=h,
+            intermediate_size=ffn,
+            num_layers=layers,
+            num_heads=16,
+            num_kv_heads=4,
+            vocab_size=vocab,
+        )
         base = replace(base, llm=llm, projector=replace(base.projector, hidden_size=ffn, output_size=h))
     return base.with_arch(arch)
 
@@ -77,7 +88,10 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
     seconds = statistics.median(times)
     tokens = args.rows * args.seq_len
-    line = f"{n_params / 1e9:.2f}B params, NVLM-{args.arch}, {args.device}: {tokens / seconds:,.0f} tokens/s ({seconds * 1000:.0f} ms/step)"
+    line = (
+        f"{n_params / 1e9:.2f}B params, NVLM-{args.arch}, {args.device}: {tokens / seconds:,.0f} tokens/s "
+        f"({seconds * 1000:.0f} ms/step)"
+    )
     if device.type == "cuda":
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
         if peak:

@@ -9,8 +9,9 @@ tiny tokenizer, then for each rank count runs ``torchrun --nproc_per_node N -m n
 ``VmRSS`` of torchrun's children, every 20 ms). Loading is everything before the first step began (the first
 metrics record's time less its step time); training runs from there to the last step's record (the final
 save after it is left out). The largest rank's peaks are reported above the baseline of a process that has
-imported the training code and built a tiny model on the meta device, as a share of the 1-rank figure and (loading) of the fp32 model's bytes, beside
-the plan's per-device figures (parameters for loading, the total for training). A checkpoint already in the
+imported the training code and built a tiny model on the meta device, as a share of the 1-rank figure and
+(loading) of the fp32 model's bytes, beside the plan's per-device figures (parameters for loading, the total
+for training). A checkpoint already in the
 training dtype stays memory-mapped until first touched, so one rank's loading peak is small and its weights
 appear in the training peak.
 """
@@ -66,7 +67,7 @@ def baseline_mib() -> float:
         "print(open('/proc/self/status').read())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return next(int(l.split()[1]) / 1024 for l in out.splitlines() if l.startswith("VmRSS:"))
+    return next(int(line.split()[1]) / 1024 for line in out.splitlines() if line.startswith("VmRSS:"))
 
 
 def write_data(root: Path) -> Path:
@@ -78,9 +79,20 @@ def write_data(root: Path) -> Path:
     for i, (name, rgb) in enumerate({"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}.items()):
         Image.new("RGB", (112, 56), rgb).save(root / "images" / f"{i}.png")
         for question in ("Color?", "What colour is this?"):
-            lines.append({"messages": [{"role": "user", "content": [{"type": "image", "image": f"images/{i}.png"},
-                                                                     {"type": "text", "text": question}]},
-                                       {"role": "assistant", "content": name}]})  # fmt: skip
+            lines.append(
+                {
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "image", "image": f"images/{i}.png"},
+                                {"type": "text", "text": question},
+                            ],
+                        },
+                        {"role": "assistant", "content": name},
+                    ]
+                }
+            )
     (root / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     return root / "train.jsonl"
 
@@ -106,8 +118,21 @@ def run(ranks: int, args: list[str], out: Path, env: dict[str, str]) -> dict[str
     with socket.socket() as s:  # a free port: other runs may hold torchrun's default
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(port),
-           "-m", "nvlm.cli", "train", *args, "--out_dir", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(ranks),
+        "--master_port",
+        str(port),
+        "-m",
+        "nvlm.cli",
+        "train",
+        *args,
+        "--out_dir",
+        str(out),
+    ]
     log = (out.parent / f"{out.name}.log").open("w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     metrics = out / "metrics.jsonl"
@@ -161,10 +186,32 @@ def main() -> None:
         model, data = tmp_path / "model", write_data(tmp_path / "data")
         write_model(model, args.preset)
         config = from_json_file(model / "config.json")
-        recipe = ["--init", str(model), "--stage", "2", "--data", json.dumps([{"path": str(data)}]), "--device", "cpu",
-                  "--steps", str(args.steps), "--seq_len", str(args.seq_len), "--max_tiles", str(args.max_tiles),
-                  "--micro_batch_size", str(args.micro_batch_size), "--warmup_steps", "1", "--save_every", "1000000",
-                  "--log_every", "1000000", "--activation_checkpointing", str(args.activation_checkpointing).lower()]  # fmt: skip
+        recipe = [
+            "--init",
+            str(model),
+            "--stage",
+            "2",
+            "--data",
+            json.dumps([{"path": str(data)}]),
+            "--device",
+            "cpu",
+            "--steps",
+            str(args.steps),
+            "--seq_len",
+            str(args.seq_len),
+            "--max_tiles",
+            str(args.max_tiles),
+            "--micro_batch_size",
+            str(args.micro_batch_size),
+            "--warmup_steps",
+            "1",
+            "--save_every",
+            "1000000",
+            "--log_every",
+            "1000000",
+            "--activation_checkpointing",
+            str(args.activation_checkpointing).lower(),
+        ]
         train_cfg = TrainConfig.load(None, recipe)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
         for n in args.ranks:
@@ -172,12 +219,16 @@ def main() -> None:
             p = plan(config, train_cfg, n, 1024.0, devices_per_node=max(args.ranks))
             rows.append((n, measured["load"] - base, measured["train"] - base, p))
     one_load, one_train, p0 = rows[0][1], rows[0][2], rows[0][3]
-    print(f"{p0.params_total / 1e9:.3f}B parameters ({p0.params_trained / 1e9:.3f}B trained), stage 2, seq_len "
-          f"{args.seq_len}, micro batch {args.micro_batch_size}, {args.max_tiles} tiles + thumbnail, activation "
-          f"checkpointing {'on' if args.activation_checkpointing else 'off'}; baseline after imports {base:.0f} MiB\n")  # fmt: skip
+    print(
+        f"{p0.params_total / 1e9:.3f}B parameters ({p0.params_trained / 1e9:.3f}B trained), stage 2, seq_len "
+        f"{args.seq_len}, micro batch {args.micro_batch_size}, {args.max_tiles} tiles + thumbnail, activation "
+        f"checkpointing {'on' if args.activation_checkpointing else 'off'}; baseline after imports {base:.0f} MiB\n"
+    )
     model_mib = 4 * p0.params_total / MIB  # the fp32 checkpoint
-    print("| ranks | load peak (MiB) | x 1 rank | x model | plan: parameters | train peak (MiB) | x 1 rank | plan: total "
-          "| measured / plan |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    print(
+        "| ranks | load peak (MiB) | x 1 rank | x model | plan: parameters | train peak (MiB) | x 1 rank | plan: total "
+        "| measured / plan |\n|---|---|---|---|---|---|---|---|---|"
+    )
     for n, load, step, p in rows:
         print(
             f"| {n} | {load:,.0f} | {load / one_load:.2f} | {load / model_mib:.2f} | {p.parameters / MIB:,.0f} | "

@@ -30,9 +30,17 @@ _HOME = {
 }
 
 __all__ = [
-    "NVLM", "Chat", "ImageProcessor", "LLMConfig", "NVLMConfig", "Processor", "ProjectorConfig",
-    "VisionConfig", "load_image", "preset",
-]  # fmt: skip
+    "NVLM",
+    "Chat",
+    "ImageProcessor",
+    "LLMConfig",
+    "NVLMConfig",
+    "Processor",
+    "ProjectorConfig",
+    "VisionConfig",
+    "load_image",
+    "preset",
+]
 assert set(__all__) == set(_HOME)
 
 

@@ -6,7 +6,8 @@ generates the assistant's answer, which joins the history.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from nvlm.engine import Engine, first_error
 from nvlm.pretrained import NVLM
@@ -15,7 +16,7 @@ from nvlm.sampling import SamplingParams
 
 
 class Chat:
-    def __init__(self, model: "NVLM", processor: "Processor", system: str | None = None, **sampling: Any) -> None:
+    def __init__(self, model: NVLM, processor: Processor, system: str | None = None, **sampling: Any) -> None:
         self.model, self.processor = model, processor
         self.system = system
         self.sampling = {"max_new_tokens": 1024, **sampling}
@@ -36,7 +37,8 @@ class Chat:
         inputs = self.processor.apply_chat_template(messages, add_generation_prompt=True)
         params = SamplingParams(**{"eos_token_id": self.processor.eos_token_ids, **self.sampling, **sampling})
         engine = Engine(self.model, self.processor, max_batch=1)
-        (seq,) = engine.add_batch(inputs, params)
+        # apply_chat_template has no overloads yet (tokenize=True gives BatchInputs): nvlm.processor's typing
+        (seq,) = engine.add_batch(inputs, params)  # type: ignore[arg-type]
         held, started = "", False  # whitespace not yet yielded: dropped at the start, yielded if text follows
         while engine.has_work:
             for update in engine.step():

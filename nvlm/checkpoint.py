@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -35,10 +36,18 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Files that make a checkpoint directory stand alone, copied from the source directory on save.
 SIDE_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-    "merges.txt", "preprocessor_config.json", "processor_config.json", "generation_config.json",
-    "chat_template.jinja", "chat_template.json",
-)  # fmt: skip
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 VIT_ATTENTION = re.compile(
     r"^vision_model\.encoder\.layers\.\d+\.attn\.(qkv\.weight|qkv\.bias|q_norm\.weight|k_norm\.weight|proj\.weight)$"
 )
@@ -197,7 +206,7 @@ def _entries(path: Path) -> Iterator[tuple[Path, str, Any]]:
     for file in _shard_files(path):
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in f.keys():
+                for name in f.keys():  # noqa: SIM118 (safe_open has keys(), no __iter__)
                     if name in seen:
                         raise CheckpointError(f"{file}: tensor {name!r} is also in {seen[name].name}")
                     seen[name] = file
@@ -253,8 +262,15 @@ def build_empty(cls: type[M], cfg: NVLMConfig, device: Any) -> tuple[M, DeviceLo
     return model, resolve_device_map(model, device), params
 
 
-def place(model: NVLMModel, param: torch.Tensor, name: str, tensor: torch.Tensor, device: torch.device,
-          dtype: torch.dtype, file: Path) -> None:  # fmt: skip
+def place(
+    model: NVLMModel,
+    param: torch.Tensor,
+    name: str,
+    tensor: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+    file: Path,
+) -> None:
     """Check one tensor of the shard ``file`` against its parameter and put it in place (cast and moved once)."""
     if param.is_floating_point() and not tensor.is_floating_point():
         raise CheckpointError(f"{file}: tensor {name!r} is {tensor.dtype}, a floating-point weight was expected")
@@ -271,8 +287,15 @@ def place(model: NVLMModel, param: torch.Tensor, name: str, tensor: torch.Tensor
     _assign(model, name, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None))
 
 
-def finish(model: NVLMModel, params: dict[str, Any], loaded: set[str], fresh: tuple[str, ...],
-           device_map: DeviceLookup, dtype: torch.dtype, path: Path) -> None:  # fmt: skip
+def finish(
+    model: NVLMModel,
+    params: dict[str, Any],
+    loaded: set[str],
+    fresh: tuple[str, ...],
+    device_map: DeviceLookup,
+    dtype: torch.dtype,
+    path: Path,
+) -> None:
     """Initialise the ``fresh`` modules, check nothing else is missing, re-tie the embeddings."""
     for prefix in fresh:
         if hasattr(model, prefix.rstrip(".")):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from nvlm.chat import Chat
 from nvlm.data.cli import add_subcommand as add_data
 from nvlm.demo import add_subcommand as add_demo
 from nvlm.eval.cli import add_subcommand as add_eval
+from nvlm.logs import setup_logging
 from nvlm.mcore.cli import add_subcommand as add_convert
 from nvlm.pretrained import NVLM
 from nvlm.processor import Processor
@@ -23,8 +24,14 @@ HELP_INTERACTIVE = "Type a question. /image PATH attaches an image to the next q
 def _chat(args: argparse.Namespace) -> int:
     model = NVLM.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     processor = Processor.from_pretrained(args.model, max_tiles=args.max_tiles)
-    sampling = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0,
-                "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed}  # fmt: skip
+    sampling = {
+        "max_new_tokens": args.max_new_tokens,
+        "do_sample": args.temperature > 0,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+    }
     chat = Chat(model, processor, system=args.system, **sampling)
 
     def answer(question: str, images: list[str]) -> None:
@@ -92,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = extra  # `nvlm train --config r.yaml --steps 10`: recipe overrides
     try:
+        setup_logging()
         return args.func(args)
     except (ValueError, OSError) as e:
         print(f"nvlm: error: {e}", file=sys.stderr)

@@ -156,7 +156,7 @@ class NVLMConfig:
     def tokens_per_tile(self) -> int:
         return int(self.vision.num_patches * self.downsample_ratio**2)
 
-    def validate(self) -> "NVLMConfig":
+    def validate(self) -> NVLMConfig:
         """The config itself, or ``ConfigError`` listing every problem. Types and ranges are checked first (every
         size and count an integer in ``[1, LIMITS[name]]``, every float finite and positive, flags booleans, the
         dtype a floating one), so the relations after them never divide by zero and no absurd model is built."""
@@ -194,21 +194,25 @@ class NVLMConfig:
         if self.ps_version != "v2":
             problems.append(f"ps_version {self.ps_version!r}: NVLM uses pixel shuffle v2 only")
         if not 1 <= self.min_tiles <= self.max_tiles <= LIMITS["max_tiles"]:
-            problems.append(f"tiles: need 1 <= min_tiles <= max_tiles <= {LIMITS['max_tiles']}, "
-                            f"got {self.min_tiles}, {self.max_tiles}")  # fmt: skip
+            problems.append(
+                f"tiles: need 1 <= min_tiles <= max_tiles <= {LIMITS['max_tiles']}, "
+                f"got {self.min_tiles}, {self.max_tiles}"
+            )
         if p.num_layers not in (1, 2):
             problems.append(f"projector num_layers must be 1 or 2, not {p.num_layers}")
         x = self.xattn
         if ARCHITECTURES[self.arch].cross_attention and (
             x.num_layers < 1 or x.interval < 1 or x.layer_indices()[-1] >= lm.num_layers
         ):
-            problems.append(f"{x.num_layers} cross-attention blocks every {x.interval} layers do not fit "
-                            f"the LLM's {lm.num_layers} layers")  # fmt: skip
+            problems.append(
+                f"{x.num_layers} cross-attention blocks every {x.interval} layers do not fit "
+                f"the LLM's {lm.num_layers} layers"
+            )
         if problems:
             raise ConfigError("invalid NVLM config: " + "; ".join(problems))
         return self
 
-    def with_arch(self, arch: Arch) -> "NVLMConfig":
+    def with_arch(self, arch: Arch) -> NVLMConfig:
         """The same vision path and LLM as another architecture: its projector and cross-attention defaults."""
         if arch == self.arch:
             return self
@@ -224,14 +228,25 @@ class NVLMConfig:
 # Upper bounds far above any released model (NVLM-D-72B: 80 layers of width 8192, FFN 29568, 152k tokens; the
 # ViT: 45 layers of width 3200): a corrupt config.json is refused before a model of absurd size is built.
 LIMITS = {
-    "num_layers": 1024, "hidden_size": 65536, "intermediate_size": 1 << 20, "num_heads": 1024, "num_kv_heads": 1024,
-    "vocab_size": 1 << 22, "max_position_embeddings": 1 << 24, "image_size": 8192, "patch_size": 8192,
-    "input_size": 1 << 20, "output_size": 65536, "interval": 1024, "max_tiles": 128, "projector.hidden_size": 1 << 20,
-}  # fmt: skip
+    "num_layers": 1024,
+    "hidden_size": 65536,
+    "intermediate_size": 1 << 20,
+    "num_heads": 1024,
+    "num_kv_heads": 1024,
+    "vocab_size": 1 << 22,
+    "max_position_embeddings": 1 << 24,
+    "image_size": 8192,
+    "patch_size": 8192,
+    "input_size": 1 << 20,
+    "output_size": 65536,
+    "interval": 1024,
+    "max_tiles": 128,
+    "projector.hidden_size": 1 << 20,
+}
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
-def _field_problems(cfg: "NVLMConfig") -> list[str]:
+def _field_problems(cfg: NVLMConfig) -> list[str]:
     """Type and range problems of the part configs' fields and the top-level numbers, flags and strings."""
     out = []
     for part in ("vision", "llm", "projector", "xattn"):

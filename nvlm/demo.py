@@ -27,8 +27,9 @@ import json
 import shlex
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from nvlm.chat import Chat
 from nvlm.data.cli import synth
@@ -69,8 +70,9 @@ def _train(out: Path, name: str, args: list[str]) -> Path:
     return model
 
 
-def _stages(out: Path, data: Path, preset: str, scale: float, extra: Sequence[str] = (),
-            times: dict[str, float] | None = None) -> Path:  # fmt: skip
+def _stages(
+    out: Path, data: Path, preset: str, scale: float, extra: Sequence[str] = (), times: dict[str, float] | None = None
+) -> Path:
     """Stage 1 then stage 2 into ``out``; returns the final model directory. ``times`` gets each stage's
     seconds (those it trained, not reused).
 
@@ -79,22 +81,74 @@ def _stages(out: Path, data: Path, preset: str, scale: float, extra: Sequence[st
     pad 24-34%). One data worker process, not two: beside it, ``nvlm train`` runs one compute thread on a
     2-core machine (``nvlm.train.loop.cpu_threads``) instead of two threads fighting two workers for the cores.
     """
-    common = ["--tokenizer", str(data / "tokenizer"), "--seq_len", "512", "--micro_batch_size", "4",
-              "--num_workers", "1", "--max_tiles", "6", "--warmup_steps", "30", "--betas", "[0.9, 0.98]",
-              "--weight_decay", "0.0", "--grad_clip", "1.0", "--save_every", "250", *extra]  # fmt: skip
+    common = [
+        "--tokenizer",
+        str(data / "tokenizer"),
+        "--seq_len",
+        "512",
+        "--micro_batch_size",
+        "4",
+        "--num_workers",
+        "1",
+        "--max_tiles",
+        "6",
+        "--warmup_steps",
+        "30",
+        "--betas",
+        "[0.9, 0.98]",
+        "--weight_decay",
+        "0.0",
+        "--grad_clip",
+        "1.0",
+        "--save_every",
+        "250",
+        *extra,
+    ]
     times = {} if times is None else times
     start = time.perf_counter()
-    stage1 = _train(out, "stage1", ["--preset", preset, "--stage", "1", *common,
-                                    "--trainable", "[vision_model., mlp1., language_model., xattn_layers.]",
-                                    "--data", json.dumps([{"path": str(data / "pretrain.jsonl")}]),
-                                    "--steps", str(max(1, round(STAGE1_STEPS * scale))),
-                                    "--lr", "1e-3", "--min_lr", "5e-4"])  # fmt: skip
+    stage1 = _train(
+        out,
+        "stage1",
+        [
+            "--preset",
+            preset,
+            "--stage",
+            "1",
+            *common,
+            "--trainable",
+            "[vision_model., mlp1., language_model., xattn_layers.]",
+            "--data",
+            json.dumps([{"path": str(data / "pretrain.jsonl")}]),
+            "--steps",
+            str(max(1, round(STAGE1_STEPS * scale))),
+            "--lr",
+            "1e-3",
+            "--min_lr",
+            "5e-4",
+        ],
+    )
     times["stage1"], start = time.perf_counter() - start, time.perf_counter()
-    stage2 = _train(out, "stage2", ["--init", str(stage1), "--stage", "2", *common,
-                                    "--data", json.dumps([{"path": str(data / "sft.jsonl"), "weight": 0.9},
-                                                          {"path": str(data / "text.jsonl"), "weight": 0.1}]),
-                                    "--steps", str(max(1, round(STAGE2_STEPS * scale))),
-                                    "--lr", "1e-3", "--min_lr", "1e-4"])  # fmt: skip
+    stage2 = _train(
+        out,
+        "stage2",
+        [
+            "--init",
+            str(stage1),
+            "--stage",
+            "2",
+            *common,
+            "--data",
+            json.dumps(
+                [{"path": str(data / "sft.jsonl"), "weight": 0.9}, {"path": str(data / "text.jsonl"), "weight": 0.1}]
+            ),
+            "--steps",
+            str(max(1, round(STAGE2_STEPS * scale))),
+            "--lr",
+            "1e-3",
+            "--min_lr",
+            "1e-4",
+        ],
+    )
     times["stage2"] = time.perf_counter() - start
     return stage2
 
@@ -114,8 +168,21 @@ def _evaluate(model: Path, data: Path, out: Path, skills: Sequence[str], blind: 
     if blind:
         files += [_blind(f) for f in files]
     tasks = [f"jsonl:{f}" for f in files]
-    _show(["eval", "--model", str(model), "--tasks", ",".join(tasks), "--out", str(out), "--batch-size", "32",
-           "--max-new-tokens", "8"])  # fmt: skip
+    _show(
+        [
+            "eval",
+            "--model",
+            str(model),
+            "--tasks",
+            ",".join(tasks),
+            "--out",
+            str(out),
+            "--batch-size",
+            "32",
+            "--max-new-tokens",
+            "8",
+        ]
+    )
     if run_eval(EvalConfig(model=str(model), tasks=tasks, out=str(out), batch_size=32, max_new_tokens=8)):
         raise RuntimeError("`nvlm eval` failed (exit 1)")
     results = json.loads((out / "results.json").read_text())["tasks"]
@@ -167,8 +234,10 @@ def _predictions(eval_dir: Path, skill: str) -> dict[str, str]:
 def _pictures(out: Path, data: Path, per_skill: int = 2) -> list[Path]:
     """``loss.png`` (both stages' loss curves) and ``answers.png`` (``per_skill`` held-out images of every
     skill with the question, the model's answer and the truth), in ``out``."""
-    curves = {f"stage {k}: {what}": read_losses(out / f"stage{k}" / "metrics.jsonl")
-              for k, what in ((1, "captions, loss by step"), (2, "questions, loss by step"))}  # fmt: skip
+    curves = {
+        f"stage {k}: {what}": read_losses(out / f"stage{k}" / "metrics.jsonl")
+        for k, what in ((1, "captions, loss by step"), (2, "questions, loss by step"))
+    }
     items = []
     for skill in HELDOUT:
         answers = _predictions(out / "eval", skill)
@@ -196,13 +265,15 @@ def demo(out: Path, arch: str = "D", scale: float = 1.0, train: int = 6000, test
     minutes = (time.perf_counter() - start) / 60
     steps = ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
     (out / "times.json").write_text(json.dumps({**times, "total": 60 * minutes}, indent=2) + "\n")
-    report = (f"# nvlm demo: a tiny NVLM-{arch} trained on synthetic data\n\n"
-              f"Held-out exact match (`{out}/eval/results.json`), greedy, the same model with and without the image:\n\n"
-              f"{_table(rows)}\n{answer}\n\n"
-              f"Training loss of both stages (the running mean over 25 steps bold):\n\n![loss curves](loss.png)\n\n"
-              f"Held-out images, two a skill, with the question, the model's answer (green: right) and the truth:\n\n"
-              f"![held-out answers](answers.png)\n\n"
-              f"This run: {minutes:.1f} minutes ({steps}). The model: `nvlm chat --model {final}`.\n")  # fmt: skip
+    report = (
+        f"# nvlm demo: a tiny NVLM-{arch} trained on synthetic data\n\n"
+        f"Held-out exact match (`{out}/eval/results.json`), greedy, the same model with and without the image:\n\n"
+        f"{_table(rows)}\n{answer}\n\n"
+        f"Training loss of both stages (the running mean over 25 steps bold):\n\n![loss curves](loss.png)\n\n"
+        f"Held-out images, two a skill, with the question, the model's answer (green: right) and the truth:\n\n"
+        f"![held-out answers](answers.png)\n\n"
+        f"This run: {minutes:.1f} minutes ({steps}). The model: `nvlm chat --model {final}`.\n"
+    )
     (out / "report.md").write_text(report)
     print("\n" + report, flush=True)
     return out
@@ -233,8 +304,10 @@ def ablation(out: Path, scale: float = 1.0, train: int = 6000, test: int = 200) 
     ]
     for name, r in rows.items():
         p = PAPER_TABLE1[name]
-        lines.append(f"| {name} | {r['read_number']['exact_match']:.1f} | {r['read_small']['exact_match']:.1f} | "
-                     f"{p[0]} | {p[1]} | {p[2]} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {r['read_number']['exact_match']:.1f} | {r['read_small']['exact_match']:.1f} | "
+            f"{p[0]} | {p[1]} | {p[2]} |"
+        )
     table = "\n".join(lines) + "\n"
     (out / "ablation.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / "ablation.md").write_text(table)

@@ -2,15 +2,15 @@
 
 ``loss_curves`` plots the per-step training loss of each stage (``metrics.jsonl``), one panel per stage on
 a shared loss axis, the raw loss faint and its running mean bold. ``answer_grid`` lays out held-out images,
-each fitted into a fixed cell (enlarged at most 2x), under it the question, the model's answer and the truth (green when they
-agree, red when not). Both write a PNG and return its path.
+each fitted into a fixed cell (enlarged at most 2x), under it the question, the model's answer and the truth
+(green when they agree, red when not). Both write a PNG and return its path.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -33,7 +33,7 @@ def _running_mean(xs: Sequence[float], window: int) -> list[float]:
     return out
 
 
-def loss_curves(stages: dict[str, Sequence[float]], path: Path, size: tuple[int, int] = (360, 240)) -> Path:
+def loss_curves(stages: Mapping[str, Sequence[float]], path: Path, size: tuple[int, int] = (360, 240)) -> Path:
     """One panel per stage (title -> losses by step), side by side, sharing the loss axis from 0."""
     top = max((max(v) for v in stages.values() if v), default=1.0) * 1.05
     w, h = size
@@ -53,7 +53,7 @@ def loss_curves(stages: dict[str, Sequence[float]], path: Path, size: tuple[int,
         draw.text((x1, y1 + 6), f"step {len(losses)}", fill=_INK, font=_FONT, anchor="ra")
 
         def xy(i: int, v: float) -> tuple[float, float]:
-            return x0 + i / (n - 1) * (x1 - x0), y1 - min(v, top) / top * (y1 - y0)
+            return x0 + i / (n - 1) * (x1 - x0), y1 - min(v, top) / top * (y1 - y0)  # noqa: B023 (this panel's)
 
         for series, color, width in ((losses, _RAW, 1), (_running_mean(losses, 25), _MEAN, 2)):
             if len(series) > 1:
@@ -77,7 +77,9 @@ def answer_grid(
         x, y = (k % cols) * w, (k // cols) * h
         pic = Image.open(root / it["image"]).convert("RGB")
         scale = min((w - 8) / pic.width, (h - text_h - 8) / pic.height, 2.0)  # small images shown up to 2x
-        pic = pic.resize((max(1, round(pic.width * scale)), max(1, round(pic.height * scale))), Image.LANCZOS)
+        pic = pic.resize(
+            (max(1, round(pic.width * scale)), max(1, round(pic.height * scale))), Image.Resampling.LANCZOS
+        )
         img.paste(pic, (x + (w - pic.width) // 2, y + 4))
         draw.rectangle(
             (x + (w - pic.width) // 2 - 1, y + 3, x + (w + pic.width) // 2, y + 4 + pic.height), outline=_GRID

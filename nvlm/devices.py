@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -32,8 +33,14 @@ def split_model(num_layers: int, num_gpus: int) -> DeviceMap:
             if layer < num_layers:
                 device_map[f"language_model.model.layers.{layer}"] = gpu
             layer += 1
-    for name in ("vision_model", "mlp1", "language_model.model.embed_tokens", "language_model.model.norm",
-                 "language_model.lm_head", f"language_model.model.layers.{num_layers - 1}"):  # fmt: skip
+    for name in (
+        "vision_model",
+        "mlp1",
+        "language_model.model.embed_tokens",
+        "language_model.model.norm",
+        "language_model.lm_head",
+        f"language_model.model.layers.{num_layers - 1}",
+    ):
         device_map[name] = 0
     return device_map
 

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -79,13 +80,13 @@ class Update:
 @dataclass
 class _Group:
     seqs: list[Sequence]
-    prompts: list["Encoded"] | None = None  # collated with the other groups of prompts admitted together
-    pixels: list[list[torch.Tensor]] | None = None
-    batch: dict[str, Any] | None = None  # or pre-collated model inputs, prefilled as they are
+    prompts: list[Encoded] = field(default_factory=list)  # collated with the other prompts admitted together
+    pixels: list[list[torch.Tensor]] = field(default_factory=list)
+    batch: dict[str, Any] | None = None  # or pre-collated model inputs (no prompts), prefilled as they are
 
 
 class Engine:
-    def __init__(self, model: NVLMModel, processor: "Processor | None" = None, max_batch: int = 32) -> None:
+    def __init__(self, model: NVLMModel, processor: Processor | None = None, max_batch: int = 32) -> None:
         self.model, self.processor, self.max_batch = model, processor, max_batch
         self.waiting: deque[_Group] = deque()
         self.running: list[Sequence] = []
@@ -101,8 +102,13 @@ class Engine:
 
     # ------------------------------------------------------------------------------------ clients
 
-    def add(self, prompts: list["Encoded"], pixels: list[list[torch.Tensor]], params: list[SamplingParams],
-            tags: list[Any] | None = None) -> list[Sequence]:  # fmt: skip
+    def add(
+        self,
+        prompts: list[Encoded],
+        pixels: list[list[torch.Tensor]],
+        params: list[SamplingParams],
+        tags: list[Any] | None = None,
+    ) -> list[Sequence]:
         """Prompts from ``processor.encode``, each with its images' crops (each (n_crops, 3, S, S)), admitted
         together (and collated with the other prompts admitted in the same step). ``tags``: the client's
         handle of each sequence (``Sequence.tag``). Safe to call while another thread steps the engine."""
@@ -120,9 +126,11 @@ class Engine:
         mask = torch.ones_like(ids) if mask is None else mask.reshape(ids.shape)
         batch = {**batch, "input_ids": ids, "attention_mask": mask.long()}
         if isinstance(params, SamplingParams):
-            params = [params if params.seed is None or i == 0 else replace(params, seed=params.seed + i)
-                      for i in range(ids.shape[0])]  # fmt: skip
-        prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+            params = [
+                params if params.seed is None or i == 0 else replace(params, seed=params.seed + i)
+                for i in range(ids.shape[0])
+            ]
+        prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
         seqs = self._new(prompts, params)
         self.waiting.append(_Group(seqs, batch=batch))
         return seqs
@@ -148,7 +156,7 @@ class Engine:
     ) -> list[Sequence]:
         seqs = []
         device = self.model.language_model.lm_head.weight.device
-        for ids, p, tag in zip(prompts, params, tags or [None] * len(prompts)):
+        for ids, p, tag in zip(prompts, params, tags or [None] * len(prompts), strict=True):
             s = Sequence(list(ids), p, tag=tag, _stops=frozenset(p.stop_ids(self.model.config.llm.eos_token_id)))
             if p.seed is not None and not p.greedy:
                 s._generator = torch.Generator(device=device).manual_seed(p.seed)
@@ -196,19 +204,24 @@ class Engine:
     def _prefill_and_merge(self, groups: list[_Group], updates: list[Update]) -> None:
         """Prefill the admitted groups (prompts together, batches each alone); on a failure, one sequence at a
         time, so that only the culprits fail. A failed prefill leaves the running batch as it was."""
-        prompt_groups = [g for g in groups if g.prompts is not None]
+        prompt_groups = [g for g in groups if g.batch is None]
         jobs: list[_Group] = [g for g in groups if g.batch is not None]
         if prompt_groups:
-            jobs.append(_Group([s for g in prompt_groups for s in g.seqs], [p for g in prompt_groups for p in g.prompts],
-                               [x for g in prompt_groups for x in g.pixels]))  # fmt: skip
+            jobs.append(
+                _Group(
+                    [s for g in prompt_groups for s in g.seqs],
+                    [p for g in prompt_groups for p in g.prompts],
+                    [x for g in prompt_groups for x in g.pixels],
+                )
+            )
         for job in jobs:
             try:
                 state = self._prefill(job)
             except Exception as e:
-                if job.prompts is None or len(job.seqs) == 1:
+                if job.batch is not None or len(job.seqs) == 1:
                     updates += [self._fail(s, e) for s in job.seqs if not s.finished]
                     continue
-                for one in (_Group([s], [p], [x]) for s, p, x in zip(job.seqs, job.prompts, job.pixels)):
+                for one in (_Group([s], [p], [x]) for s, p, x in zip(job.seqs, job.prompts, job.pixels, strict=True)):
                     try:
                         self._merge(one.seqs, *self._prefill(one), updates)
                     except Exception as e1:
@@ -218,17 +231,29 @@ class Engine:
 
     def _prefill(self, job: _Group) -> tuple[KVCache, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run a job's prompts: (their KV cache, attention mask, next positions, first tokens)."""
-        raw = job.batch if job.batch is not None else self.processor.collate(job.prompts, job.pixels)
+        if job.batch is not None:
+            raw = job.batch
+        else:
+            assert self.processor is not None  # add() refuses prompts without one
+            raw = self.processor.collate(job.prompts, job.pixels)
         batch = {k: v.to(self.model.device) for k, v in raw.items() if v is not None}
         mask = batch.pop("attention_mask")
         cache = KVCache(self.model.config.llm.num_layers, mask.shape[1])
         positions = position_ids_from_mask(mask)
-        logits = self.model(**batch, attention_mask=mask, position_ids=positions, cache=cache,
-                            num_logits_to_keep=1).logits[:, -1]  # fmt: skip
+        logits = self.model(
+            **batch, attention_mask=mask, position_ids=positions, cache=cache, num_logits_to_keep=1
+        ).logits[:, -1]
         return cache, mask, positions[:, -1] + 1, self._sample(job.seqs, logits)
 
-    def _merge(self, new: list[Sequence], cache: KVCache, mask: torch.Tensor, next_pos: torch.Tensor,
-               first: torch.Tensor, updates: list[Update]) -> None:  # fmt: skip
+    def _merge(
+        self,
+        new: list[Sequence],
+        cache: KVCache,
+        mask: torch.Tensor,
+        next_pos: torch.Tensor,
+        first: torch.Tensor,
+        updates: list[Update],
+    ) -> None:
         """Join prefilled rows to the running batch (left-padding the shorter side), then deliver their first tokens."""
         caches = [c for c in (self.cache, cache) if c is not None]
         length = max(c.length for c in caches)
@@ -242,9 +267,15 @@ class Engine:
         self._deliver(new, first, updates)
 
     def _decode(self, updates: list[Update]) -> None:
+        assert self.mask is not None and self.last is not None and self.positions is not None  # a running batch
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        logits = self.model(self.last[:, None], attention_mask=self.mask, position_ids=self.positions[:, None],
-                            cache=self.cache, num_logits_to_keep=1).logits[:, -1]  # fmt: skip
+        logits = self.model(
+            self.last[:, None],
+            attention_mask=self.mask,
+            position_ids=self.positions[:, None],
+            cache=self.cache,
+            num_logits_to_keep=1,
+        ).logits[:, -1]
         self.positions = self.positions + 1
         self.last = self._sample(self.running, logits)
         self._deliver(self.running, self.last, updates)
@@ -255,7 +286,7 @@ class Engine:
         if all(s.params.greedy and s.params.repetition_penalty == 1.0 for s in seqs):
             return logits.argmax(-1)
         out = []
-        for s, row in zip(seqs, logits):
+        for s, row in zip(seqs, logits, strict=True):
             try:
                 seen = torch.tensor(s.prompt_ids + s.tokens, dtype=torch.long, device=row.device).unique()
                 row = penalize_repetition(row, seen, s.params.repetition_penalty)
@@ -267,7 +298,7 @@ class Engine:
 
     def _deliver(self, seqs: list[Sequence], tokens: torch.Tensor, updates: list[Update]) -> None:
         """Hand each sequence its new token; drop the finished and cancelled rows from the batch."""
-        for s, t in zip(seqs, tokens.tolist()):
+        for s, t in zip(seqs, tokens.tolist(), strict=True):
             if s.finish_reason == "error":  # its sampling failed just now
                 updates.append(Update(s, None, ""))
                 continue
@@ -324,6 +355,8 @@ class Engine:
             return
         if not keep:
             return self._reset()
+        assert self.mask is not None and self.positions is not None and self.last is not None
+        assert self.cache is not None  # rows are running
         idx = torch.tensor(keep, device=self.mask.device)
         self.running = [self.running[i] for i in keep]
         self.mask, self.positions, self.last = self.mask[idx], self.positions[idx], self.last[idx]

@@ -7,7 +7,7 @@ into (B, n) new-token ids. The settings are ``nvlm.sampling.SamplingParams``' fi
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -29,8 +29,12 @@ def stream(
     ``params`` are ``SamplingParams`` fields, plus NVLM-X/H's memory inputs from the processor; the
     cross-attention keys and values are computed once at prefill and kept in the cache.
     """
-    batch = {"input_ids": input_ids, "pixel_values": pixel_values, "attention_mask": attention_mask,
-             **{k: params.pop(k) for k in MEMORY_INPUTS if k in params}}  # fmt: skip
+    batch = {
+        "input_ids": input_ids,
+        "pixel_values": pixel_values,
+        "attention_mask": attention_mask,
+        **{k: params.pop(k) for k in MEMORY_INPUTS if k in params},
+    }
     p = SamplingParams(**params)  # type: ignore[arg-type]
     engine = Engine(model, max_batch=max(1, input_ids.shape[0] if input_ids.dim() == 2 else 1))
     seqs = engine.add_batch(batch, p)

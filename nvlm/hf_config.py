@@ -24,7 +24,7 @@ from nvlm.config import (
     default_projector,
     default_xattn,
     is_number,
-)  # fmt: skip
+)
 
 # Our own top-level keys (tag strings): written only when they differ from NVLM-D's.
 TOP_LEVEL_OURS = ("image_token", "image_token_id", "image_start", "image_end", "tile_tag", "thumbnail_tag")

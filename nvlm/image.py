@@ -25,11 +25,13 @@ Spec: NVLM_SPEC.md section 2.1.
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import warnings
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,6 +54,9 @@ BAND_MIN_PIXELS = 100_000  # a resize to fewer output pixels runs as one PIL cal
 _MEAN = np.array(IMAGENET_MEAN, dtype=np.float32)[:, None, None]  # the float32 values torchvision uses
 _STD = np.array(IMAGENET_STD, dtype=np.float32)[:, None, None]
 _THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+_pool: ThreadPoolExecutor  # set by _new_pool, here and in a forked child
 
 
 def _new_pool() -> None:
@@ -78,6 +83,7 @@ def load_image(source: str | os.PathLike | bytes | Image.Image, max_pixels: int 
     if isinstance(source, Image.Image):
         _check_size(source, "image", max_pixels)
         return source
+    fp: io.BytesIO | Path
     if isinstance(source, (bytes, bytearray, memoryview)):
         name, fp = f"image ({len(source)} bytes)", io.BytesIO(source)
     else:
@@ -93,7 +99,7 @@ def load_image(source: str | os.PathLike | bytes | Image.Image, max_pixels: int 
         try:
             image = Image.open(fp)
         except UnidentifiedImageError:
-            head = source[:24] if isinstance(source, (bytes, bytearray, memoryview)) else _head(fp, 24)
+            head = fp.getvalue()[:24] if isinstance(fp, io.BytesIO) else _head(fp, 24)
             if (size := _png_size(bytes(head))) and 0 in size:  # Pillow rejects it without saying why
                 raise ImageError(f"{name}: zero-sized image ({size[0]}x{size[1]} in its PNG header)") from None
             raise ImageError(f"{name}: not an image file (or an unsupported format)") from None
@@ -155,13 +161,18 @@ class ImageProcessor:
         # The card's candidate order: a set sorted by tile count (a stable sort, so equal counts keep the
         # set's iteration order, which is fixed for small int tuples: built the same way, it is the same).
         self.grids: list[tuple[int, int]] = sorted(
-            {(i, j) for n in range(min_tiles, max_tiles + 1) for i in range(1, n + 1) for j in range(1, n + 1)
-             if min_tiles <= i * j <= max_tiles},
+            {
+                (i, j)
+                for n in range(min_tiles, max_tiles + 1)
+                for i in range(1, n + 1)
+                for j in range(1, n + 1)
+                if min_tiles <= i * j <= max_tiles
+            },
             key=lambda g: g[0] * g[1],
-        )  # fmt: skip
+        )
 
     @classmethod
-    def from_config(cls, cfg: NVLMConfig) -> "ImageProcessor":
+    def from_config(cls, cfg: NVLMConfig) -> ImageProcessor:
         return cls(cfg.tile_size, cfg.max_tiles, cfg.use_thumbnail, cfg.min_tiles)
 
     def grid(self, width: int, height: int) -> tuple[int, int]:
@@ -211,7 +222,8 @@ class ImageProcessor:
 def _normalize_bands(resize: _Resize, out: np.ndarray, cols: int) -> list[Future]:
     """Start normalising each band of a resize into the tiles it covers (``out``: (tiles, 3, S, S), row-major
     ``cols`` to a row) as soon as that band is ready, while the other bands are still being resized."""
-    s, jobs = out.shape[-1], []
+    s = out.shape[-1]
+    jobs: list[Future] = []
     if resize.inline:  # a single tile in one PIL call, nothing to overlap it with: no thread hand-offs
         _normalize(next(resize.bands())[0], out[0])
         return jobs
@@ -276,7 +288,7 @@ def _bands(image: Image.Image, size: tuple[int, int], rows: bool, array: bool) -
     n = min(_THREADS, H if rows else W)
     cuts = [round(k * (H if rows else W) / n) for k in range(n + 1)]
     jobs = []
-    for a, b in zip(cuts, cuts[1:]):
+    for a, b in itertools.pairwise(cuts):
         box, band_size = ((0, a, W, b), (size[0], b - a)) if rows else ((a, 0, b, H), (b - a, size[1]))
         jobs.append((_pool.submit(_band, image, box, band_size, array), a))
     return jobs
@@ -294,9 +306,20 @@ _ORDER_RULES: tuple[Callable[[int, int, int, int], bool], ...] = (
     lambda W, H, w, h: H > 100 * W and h < H,  # Pillow 12.x (Python code, PR #9524: very tall images)
     lambda W, H, w, h: False,  # older Pillow: horizontal first, always
 )
-_PROBES = [((40, 40), (25, 9)), ((40, 40), (30, 19)), ((40, 40), (30, 20)), ((40, 40), (30, 21)),
-           ((30, 60), (50, 20)), ((60, 30), (20, 50)), ((31, 17), (70, 45)), ((50, 50), (20, 7)),
-           ((23, 80), (9, 31)), ((3, 337), (1, 18)), ((3, 400), (1, 397)), ((2, 300), (5, 150))]  # fmt: skip
+_PROBES = [
+    ((40, 40), (25, 9)),
+    ((40, 40), (30, 19)),
+    ((40, 40), (30, 20)),
+    ((40, 40), (30, 21)),
+    ((30, 60), (50, 20)),
+    ((60, 30), (20, 50)),
+    ((31, 17), (70, 45)),
+    ((50, 50), (20, 7)),
+    ((23, 80), (9, 31)),
+    ((3, 337), (1, 18)),
+    ((3, 400), (1, 397)),
+    ((2, 300), (5, 150)),
+]
 _order: list[Callable[[int, int, int, int], bool] | None] = []
 
 
@@ -305,7 +328,7 @@ def _pass_order() -> Callable[[int, int, int, int], bool] | None:
     if not _order:
         rng = np.random.default_rng(0)
         noise = [Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)) for (W, H), _ in _PROBES]
-        probes = list(zip(noise, (size for _, size in _PROBES)))
+        probes = list(zip(noise, (size for _, size in _PROBES), strict=True))
 
         def fits(rule: Callable[[int, int, int, int], bool]) -> bool:
             for img, (w, h) in probes:

@@ -38,8 +38,9 @@ def add_options(parser: argparse._ActionsContainer, cls: type, skip: tuple[str, 
         if kind == "bool":
             parser.add_argument(_flag(f), dest=f.name, action="store_true", default=default, help=f.metadata["help"])
         elif kind in _TYPES:
-            parser.add_argument(_flag(f), dest=f.name, type=_TYPES[kind], default=default, help=f.metadata["help"],
-                                **extra)  # fmt: skip
+            parser.add_argument(
+                _flag(f), dest=f.name, type=_TYPES[kind], default=default, help=f.metadata["help"], **extra
+            )
         else:
             raise TypeError(f"{cls.__name__}.{f.name}: no command-line option for a {f.type}")
 

@@ -26,9 +26,13 @@ def _tiny(arch: Arch, family: LLMFamily = "qwen2") -> NVLMConfig:
     )
     projector = ProjectorConfig(input_size=160, hidden_size=128, output_size=64)
     cfg = NVLMConfig(
-        arch="D", vision=vision, llm=llm, projector=projector, torch_dtype="float32",
+        arch="D",
+        vision=vision,
+        llm=llm,
+        projector=projector,
+        torch_dtype="float32",
         image_token_id=500,  # <|vision_pad|> of build_tiny_tokenizer()
-    )  # fmt: skip
+    )
     return cfg.with_arch(arch)
 
 

@@ -29,7 +29,7 @@ from nvlm.checkpoint import (
     place,
     read_config,
     resolve_dtype,
-)  # fmt: skip
+)
 from nvlm.config import NVLMConfig
 from nvlm.generation import generate
 from nvlm.hf_config import to_hf
@@ -78,8 +78,9 @@ class NVLM(NVLMModel):
         A Megatron-Core checkpoint directory loads too, with ``tokenizer`` (a directory) and ``config`` (its
         ViT: a preset name or config.json, default ``nvlm-d-72b``): see ``nvlm.mcore``.
         """
-        return load_pretrained(path, dtype=dtype, device=device, arch=arch, quantize=quantize, tokenizer=tokenizer,
-                               config=config)  # fmt: skip
+        return load_pretrained(
+            path, dtype=dtype, device=device, arch=arch, quantize=quantize, tokenizer=tokenizer, config=config
+        )
 
     def save_pretrained(self, path: str | Path, processor: Processor | None = None, **kwargs: Any) -> None:
         """Write the NVLM-D-72B layout (``architectures: ["NVLM_X"]``/``["NVLM_H"]`` for X and H), with the
@@ -111,8 +112,10 @@ def load_pretrained(
     """
     if is_mcore(path):
         if quantize is not None:
-            raise ValueError(f"{path}: a Megatron-Core checkpoint loads unquantized; convert it (nvlm convert) and "
-                             "load the result with quantize=")  # fmt: skip
+            raise ValueError(
+                f"{path}: a Megatron-Core checkpoint loads unquantized; convert it (nvlm convert) and "
+                "load the result with quantize="
+            )
         return load_mcore(path, tokenizer, config, dtype, device, arch)
     if tokenizer is not None or config is not None:
         raise ValueError(f"{path}: tokenizer= and config= are for a Megatron-Core checkpoint, which this is not")
@@ -158,14 +161,16 @@ def load_mcore(
     ckpt = McoreCheckpoint(path, config)
     try:
         if arch is not None and arch != ckpt.config.arch:
-            raise CheckpointError(f"{path}: a Megatron-Core NVLM is an NVLM-{ckpt.config.arch}; convert it, then load "
-                                  f"it with arch={arch!r}")  # fmt: skip
+            raise CheckpointError(
+                f"{path}: a Megatron-Core NVLM is an NVLM-{ckpt.config.arch}; convert it, then load "
+                f"it with arch={arch!r}"
+            )
         cfg = ckpt.config if tokenizer is None else prepare_tokenizer(tokenizer, ckpt.config)[1]
         torch_dtype = resolve_dtype(dtype, cfg)
         model, device_map, params = build_empty(NVLM, cfg, device)
         loaded: set[str] = set()
         for rule, tensors in ckpt.tensors():
-            for name, t in zip(rule.ours, tensors):
+            for name, t in zip(rule.ours, tensors, strict=True):
                 place(model, params[name], name, t, device_map(name), torch_dtype, ckpt.layout.root)
                 loaded.add(name)
         finish(model, params, loaded, (), device_map, torch_dtype, ckpt.layout.root)

@@ -18,9 +18,10 @@ from __future__ import annotations
 import base64
 import json
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from tokenizers import normalizers
@@ -41,7 +42,7 @@ PROMPT_FORMAT_KEY = "nvlm_prompt_format"  # preprocessor_config.json: the prompt
 class BatchInputs(dict):
     """The model's keyword arguments; a dict, so ``model(**inputs)`` works, plus ``to(device)``."""
 
-    def to(self, device: torch.device | str) -> "BatchInputs":
+    def to(self, device: torch.device | str) -> BatchInputs:
         return BatchInputs({k: v.to(device) for k, v in self.items()})
 
 
@@ -71,7 +72,7 @@ class Processor:
     @classmethod
     def from_pretrained(
         cls, path: str | Path, chat_template: str | None = None, max_tiles: int | None = None
-    ) -> "Processor":
+    ) -> Processor:
         """Read config.json, the tokenizer files and (optionally) preprocessor_config.json.
 
         config.json fixes the tile size; ``max_dynamic_patch`` / ``min_dynamic_patch`` / ``use_thumbnail`` in
@@ -91,8 +92,11 @@ class Processor:
                 size = _side(data.get(key))
                 if size is not None and size != cfg.tile_size:
                     raise ConfigError(f"{pre}: {key} {size} differs from the model's tile size {cfg.tile_size}")
-            for src, dst in (("max_dynamic_patch", "max_tiles"), ("min_dynamic_patch", "min_tiles"),
-                             ("use_thumbnail", "use_thumbnail")):  # fmt: skip
+            for src, dst in (
+                ("max_dynamic_patch", "max_tiles"),
+                ("min_dynamic_patch", "min_tiles"),
+                ("use_thumbnail", "use_thumbnail"),
+            ):
                 if src in data:
                     tiling[dst] = data[src]
             try:  # the config's checks (types, 1 <= min <= max <= the limit) before any grid is enumerated
@@ -114,13 +118,21 @@ class Processor:
         self.tokenizer.save(path)
         ip, cfg, size = self.image_processor, self.config, self.config.tile_size
         pre = {
-            "crop_size": size, "do_center_crop": True, "do_normalize": True, "do_resize": True,
-            "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": IMAGENET_MEAN,
-            "image_size": size, "image_std": IMAGENET_STD, "resample": 3, "size": size,
-            "dynamic_image_size": True, "max_dynamic_patch": getattr(ip, "max_tiles", cfg.max_tiles),
+            "crop_size": size,
+            "do_center_crop": True,
+            "do_normalize": True,
+            "do_resize": True,
+            "feature_extractor_type": "CLIPFeatureExtractor",
+            "image_mean": IMAGENET_MEAN,
+            "image_size": size,
+            "image_std": IMAGENET_STD,
+            "resample": 3,
+            "size": size,
+            "dynamic_image_size": True,
+            "max_dynamic_patch": getattr(ip, "max_tiles", cfg.max_tiles),
             "min_dynamic_patch": getattr(ip, "min_tiles", cfg.min_tiles),
             "use_thumbnail": getattr(ip, "use_thumbnail", cfg.use_thumbnail),
-        }  # fmt: skip
+        }
         if self.chat_template == "checkpoint":  # the tokenizer's template is this model's prompt format
             pre[PROMPT_FORMAT_KEY] = "checkpoint"
         (path / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
@@ -141,8 +153,9 @@ class Processor:
     def _image_pieces(self, n_crops: int) -> list[tuple[str, int | None]]:
         """An image's text as pieces, each with the memory crop (of this image) that only it reads, or None."""
         c = self.config
-        return c.architecture.image_pieces(self.tags(n_crops), c.image_start, c.image_end,
-                                           c.image_token * c.tokens_per_tile)  # fmt: skip
+        return c.architecture.image_pieces(
+            self.tags(n_crops), c.image_start, c.image_end, c.image_token * c.tokens_per_tile
+        )
 
     def _image_tokens(self, n_crops: int) -> int:
         """How many image tokens the string of an image with ``n_crops`` crops holds."""
@@ -181,13 +194,15 @@ class Processor:
         """Expand ``text``'s images, tokenize, and (X/H) work out which memory crops each token reads."""
         parts = [check_text(p, self.reserved, "the prompt text") for p in text.split(IMAGE_PLACEHOLDER)]
         if len(parts) - 1 != len(crops_per_image):
-            raise PromptError(f"the prompt has {len(parts) - 1} {IMAGE_PLACEHOLDER} placeholders "
-                              f"but {len(crops_per_image)} images were given")  # fmt: skip
+            raise PromptError(
+                f"the prompt has {len(parts) - 1} {IMAGE_PLACEHOLDER} placeholders "
+                f"but {len(crops_per_image)} images were given"
+            )
         pieces, seen = [parts[0]], 0
         reads_upto = [(0, 0)]  # (first char, memory crops of the images that ended before it)
         only: list[tuple[int, int, int]] = []  # (start, end, crop) spans that read a single crop (X's tags)
         pos = len(parts[0])
-        for n, rest in zip(crops_per_image, parts[1:]):
+        for n, rest in zip(crops_per_image, parts[1:], strict=True):
             for piece, k in self._image_pieces(n):
                 if k is not None:
                     only.append((pos, pos + len(piece), seen + k))
@@ -203,11 +218,13 @@ class Processor:
         ids, offsets = self.tokenizer.encode_with_offsets(full)
         want = sum(self._image_tokens(n) for n in crops_per_image)
         if ids.count(self.image_token_id) != want:  # e.g. a normalizer that turned other text into the token
-            raise PromptError(f"the prompt has {ids.count(self.image_token_id)} {self.config.image_token!r} tokens "
-                              f"(the model's image token) but its images need {want}")  # fmt: skip
+            raise PromptError(
+                f"the prompt has {ids.count(self.image_token_id)} {self.config.image_token!r} tokens "
+                f"(the model's image token) but its images need {want}"
+            )
         bos = self.tokenizer.bos_token_id
         if self.tokenizer.add_bos_token and (not ids or ids[0] != bos):
-            ids, offsets = [bos] + ids, [(0, 0)] + offsets
+            ids, offsets = [bos, *ids], [(0, 0), *offsets]
         xmask = None
         if self.config.architecture.cross_attention:
             xmask = torch.zeros(len(ids), seen, dtype=torch.bool)
@@ -233,7 +250,7 @@ class Processor:
             raise PromptError("no prompt text given")
         per_prompt = self._assign_images(texts, images)
         rows, pixels = [], []
-        for t, imgs in zip(texts, per_prompt):
+        for t, imgs in zip(texts, per_prompt, strict=True):
             pix = [self.image_processor(load_image(_source(im))) for im in imgs]
             pixels.append(pix)
             rows.append(self.encode(t, [p.shape[0] for p in pix]))
@@ -273,7 +290,7 @@ class Processor:
         if in_sequence:
             batch["pixel_values"] = torch.cat(in_sequence).float()
         counts = [0] * b
-        for (row, _), ps in zip(places, split):
+        for (row, _), ps in zip(places, split, strict=True):
             counts[row] += sum(len(m) for _, m in ps)
         if not any(counts):
             return batch
@@ -281,7 +298,7 @@ class Processor:
         filled = [0] * b
         memory = [[] for _ in range(b)]  # crops row by row, as the model reads them
         tiles: list[list[int]] = [[] for _ in range(b)]
-        for (row, start), ps, mask in zip(places, split, masks):
+        for (row, start), ps, mask in zip(places, split, masks, strict=True):
             t, k = mask.shape
             xmask[row, start : start + t, filled[row] : filled[row] + k] = mask
             filled[row] += k
@@ -296,8 +313,7 @@ class Processor:
 
     def _tag_ids(self, tiles_per_image: Sequence[int]) -> torch.Tensor:
         """(N_mem, L_tag) token ids of each memory tile's ``<tile_k>`` tag, -1 after a shorter tag."""
-        tags = [self.tokenizer.encode(self.config.tile_tag.format(k)) for n in tiles_per_image
-                for k in range(1, n + 1)]  # fmt: skip
+        tags = [self.tokenizer.encode(self.config.tile_tag.format(k)) for n in tiles_per_image for k in range(1, n + 1)]
         out = torch.full((len(tags), max(len(t) for t in tags)), -1, dtype=torch.long)
         for i, t in enumerate(tags):
             out[i, : len(t)] = torch.tensor(t)
@@ -313,14 +329,16 @@ class Processor:
         if nested:
             if len(images) != len(texts):
                 raise PromptError(f"{len(texts)} prompts but {len(images)} per-prompt image lists")
-            for i, (n, imgs) in enumerate(zip(counts, images)):
+            for i, (n, imgs) in enumerate(zip(counts, images, strict=True)):
                 if n != len(imgs):
-                    raise PromptError(f"prompt {i} has {n} {IMAGE_PLACEHOLDER} placeholders "
-                                      f"but {len(imgs)} images were given")  # fmt: skip
+                    raise PromptError(
+                        f"prompt {i} has {n} {IMAGE_PLACEHOLDER} placeholders but {len(imgs)} images were given"
+                    )
             return [list(x) for x in images]
         if sum(counts) != len(images):
-            raise PromptError(f"the prompts have {sum(counts)} {IMAGE_PLACEHOLDER} placeholders "
-                              f"but {len(images)} images were given")  # fmt: skip
+            raise PromptError(
+                f"the prompts have {sum(counts)} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images were given"
+            )
         out, start = [], 0
         for n in counts:
             out.append(list(images[start : start + n]))
@@ -339,9 +357,15 @@ class Processor:
             source = tok.chat_template if name == "checkpoint" else name
             special = {k: _name(tok.config.get(k)) for k in ("bos_token", "eos_token", "pad_token")}
             eot = special["eos_token"] or "<|im_end|>"
-            return render(messages, "checkpoint", jinja_template=source,
-                          add_generation_prompt=add_generation_prompt, end_of_turn=eot, reserved=self.reserved,
-                          **special)  # fmt: skip
+            return render(
+                messages,
+                "checkpoint",
+                jinja_template=source,
+                add_generation_prompt=add_generation_prompt,
+                end_of_turn=eot,
+                reserved=self.reserved,
+                **special,
+            )
         raise PromptError(f"unknown chat_template {name!r}: use 'nvlm', 'checkpoint' or Jinja source")
 
     def apply_chat_template(
@@ -363,8 +387,10 @@ class Processor:
         images = [[load_image(_source(im)) for im in r.images] for r in rendered]
         if tokenize:
             return self(texts, images)
-        out = [self.expand(t, [self.image_processor.num_crops(*im.size) for im in ims])
-               for t, ims in zip(texts, images)]  # fmt: skip
+        out = [
+            self.expand(t, [self.image_processor.num_crops(*im.size) for im in ims])
+            for t, ims in zip(texts, images, strict=True)
+        ]
         return out if batch else out[0]
 
     # ------------------------------------------------------------------------------------- decoding

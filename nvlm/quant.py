@@ -26,13 +26,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from nvlm.devices import return_freed_memory
+
+if TYPE_CHECKING:
+    from nvlm.models.nvlm import NVLMModel
 
 FORMATS = ("int8", "int4", "fp8")
 DEFAULT_MODULES = ("language_model.model.layers", "xattn_layers")
@@ -59,16 +63,20 @@ class QuantConfig:
         return any(not p or module == p or module.startswith(p + ".") for p in self.modules)
 
 
-def as_config(quantize: "str | QuantConfig | None") -> QuantConfig | None:
+def as_config(quantize: str | QuantConfig | None) -> QuantConfig | None:
     """``None``, a format name, or a ``QuantConfig`` -> the ``QuantConfig`` (or ``None``)."""
     return QuantConfig(quantize) if isinstance(quantize, str) else quantize
 
 
 def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
     """``--quantize {int8,int4,fp8}`` (the command-line form of ``from_pretrained(quantize=...)``)."""
-    parser.add_argument("--quantize", choices=FORMATS, default=None,
-                        help="quantize the decoder's linears while loading (torchao; int8/int4 also on CPU, fp8 on "
-                             "CUDA 8.9+); see docs/QUANTIZATION.md")  # fmt: skip
+    parser.add_argument(
+        "--quantize",
+        choices=FORMATS,
+        default=None,
+        help="quantize the decoder's linears while loading (torchao; int8/int4 also on CPU, fp8 on "
+        "CUDA 8.9+); see docs/QUANTIZATION.md",
+    )
 
 
 def _torchao() -> Any:
@@ -89,16 +97,19 @@ def check_device(fmt: str, device: torch.device) -> None:
     """Raise ``QuantizationError`` unless torchao has a ``fmt`` kernel for ``device``."""
     if device.type == "cpu":
         if fmt == "fp8":
-            raise QuantizationError("quantize='fp8' needs a CUDA GPU of compute capability 8.9+ (H100, H200, L40S): "
-                                    "torchao has no fp8 kernel for the CPU; use int8 or int4 there")  # fmt: skip
+            raise QuantizationError(
+                "quantize='fp8' needs a CUDA GPU of compute capability 8.9+ (H100, H200, L40S): "
+                "torchao has no fp8 kernel for the CPU; use int8 or int4 there"
+            )
         return
     if device.type != "cuda":
         raise QuantizationError(f"quantize={fmt!r} runs on the CPU or CUDA, not {device}")
     need = {"int8": (7, 0), "int4": (8, 0), "fp8": (8, 9)}[fmt]
     have = torch.cuda.get_device_capability(device)
     if have < need:
-        raise QuantizationError(f"quantize={fmt!r} needs CUDA compute capability {need[0]}.{need[1]}+; "
-                                f"{device} has {have[0]}.{have[1]}")  # fmt: skip
+        raise QuantizationError(
+            f"quantize={fmt!r} needs CUDA compute capability {need[0]}.{need[1]}+; {device} has {have[0]}.{have[1]}"
+        )
 
 
 def int4_group_size(in_features: int) -> int | None:
@@ -132,7 +143,7 @@ def storage_bytes(tensor: torch.Tensor) -> int:
     """Bytes a weight holds: a quantized one's data, scales and zeros; a plain one's elements."""
     if not is_quantized(tensor):
         return tensor.numel() * tensor.element_size()
-    names = list(tensor.tensor_data_names) + list(getattr(tensor, "optional_tensor_data_names", None) or [])
+    names = [*getattr(tensor, "tensor_data_names", ()), *(getattr(tensor, "optional_tensor_data_names", None) or ())]
     parts = [getattr(tensor, n, None) for n in names]
     return sum(storage_bytes(p) for p in parts if isinstance(p, torch.Tensor))
 
@@ -156,15 +167,19 @@ class Quantizer:
     stay in its heap. Then the peak is the quantized model plus about one shard (docs/BENCHMARKS.md).
     """
 
-    def __init__(self, model: nn.Module, config: QuantConfig, device_of: Callable[[str], torch.device],
-                 dtype: torch.dtype) -> None:  # fmt: skip
+    def __init__(
+        self, model: NVLMModel, config: QuantConfig, device_of: Callable[[str], torch.device], dtype: torch.dtype
+    ) -> None:
         if dtype != torch.bfloat16:
             raise QuantizationError(f"quantize={config.format!r} runs on bfloat16 weights; got dtype {dtype}")
         _torchao()
         self.model, self.config = model, config
         tied = model.config.llm.tie_word_embeddings
-        self.targets = {f"{n}.weight": n for n, m in model.named_modules() if isinstance(m, nn.Linear)
-                        and config.selects(n) and not (tied and n == "language_model.lm_head")}  # fmt: skip
+        self.targets = {
+            f"{n}.weight": n
+            for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and config.selects(n) and not (tied and n == "language_model.lm_head")
+        }
         for device in {device_of(w) for w in self.targets}:
             check_device(config.format, device)
         return_freed_memory()
@@ -173,11 +188,13 @@ class Quantizer:
         """``name`` (a parameter) was just put in place: quantize its linear if it is a target."""
         module_name = self.targets.pop(name, None)
         if module_name is not None:
-            self._quantize(self.model.get_submodule(module_name))
+            linear = self.model.get_submodule(module_name)
+            assert isinstance(linear, nn.Linear)  # the targets are linears
+            self._quantize(linear)
             return
         owner, _, attr = name.rpartition(".")
         param = self.model.get_submodule(owner)._parameters[attr]
-        if param.device.type == "cpu":
+        if param is not None and param.device.type == "cpu":
             param.data = param.data.clone()  # out of the shard's memory map
 
     def _quantize(self, linear: nn.Linear) -> None:

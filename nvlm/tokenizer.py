@@ -9,8 +9,9 @@ are recognised, and ``StreamDecoder`` turns generated ids into text deltas witho
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as _HFTokenizer
@@ -38,7 +39,7 @@ class Tokenizer:
         self.config: dict[str, Any] = dict(config or {})
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "Tokenizer":
+    def from_pretrained(cls, path: str | Path) -> Tokenizer:
         """Read ``tokenizer.json`` and, when present, ``tokenizer_config.json`` / ``special_tokens_map.json``."""
         path = Path(path)
         file = path / "tokenizer.json"
@@ -58,7 +59,8 @@ class Tokenizer:
                 source.update(dict.fromkeys(data, f))
         for key in ("bos_token", "eos_token", "pad_token"):  # the ones prompting and generation use
             tok = config.get(key)
-            if tok is not None and (not isinstance(_content(tok), str) or tk.token_to_id(_content(tok)) is None):
+            content = _content(tok)
+            if tok is not None and (not isinstance(content, str) or tk.token_to_id(content) is None):
                 raise TokenizerError(f"{source[key]}: {key} {_content(tok)!r} is not a token of {file.name}")
         jinja = path / "chat_template.jinja"  # newer transformers save the template beside the config
         if config.get("chat_template") is None and jinja.is_file():
@@ -140,10 +142,16 @@ class Tokenizer:
         self._tk.save(str(path / "tokenizer.json"))
         cfg = dict(self.config)
         added = {
-            str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized,
-                     "rstrip": t.rstrip, "single_word": t.single_word, "special": t.special}
+            str(i): {
+                "content": t.content,
+                "lstrip": t.lstrip,
+                "normalized": t.normalized,
+                "rstrip": t.rstrip,
+                "single_word": t.single_word,
+                "special": t.special,
+            }
             for i, t in sorted(self._tk.get_added_tokens_decoder().items())
-        }  # fmt: skip
+        }
         cfg["added_tokens_decoder"] = added
         (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
         smap: dict[str, Any] = {}
@@ -152,8 +160,13 @@ class Tokenizer:
         for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
             tok = _content(cfg.get(key))
             if tok is not None:
-                smap[key] = {"content": tok, "lstrip": False, "normalized": False, "rstrip": False,
-                             "single_word": False}  # fmt: skip
+                smap[key] = {
+                    "content": tok,
+                    "lstrip": False,
+                    "normalized": False,
+                    "rstrip": False,
+                    "single_word": False,
+                }
         (path / "special_tokens_map.json").write_text(json.dumps(smap, indent=2, ensure_ascii=False) + "\n")
 
 
@@ -190,13 +203,29 @@ class StreamDecoder:
 
 # Qwen2.5's added tokens, in its order (ids 151643..151664 there); the last eight are not "special".
 QWEN25_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
-    ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
-    ("<|object_ref_start|>", True), ("<|object_ref_end|>", True), ("<|box_start|>", True),
-    ("<|box_end|>", True), ("<|quad_start|>", True), ("<|quad_end|>", True), ("<|vision_start|>", True),
-    ("<|vision_end|>", True), ("<|vision_pad|>", True), ("<|image_pad|>", True), ("<|video_pad|>", True),
-    ("<tool_call>", False), ("</tool_call>", False), ("<|fim_prefix|>", False), ("<|fim_middle|>", False),
-    ("<|fim_suffix|>", False), ("<|fim_pad|>", False), ("<|repo_name|>", False), ("<|file_sep|>", False),
-)  # fmt: skip
+    ("<|endoftext|>", True),
+    ("<|im_start|>", True),
+    ("<|im_end|>", True),
+    ("<|object_ref_start|>", True),
+    ("<|object_ref_end|>", True),
+    ("<|box_start|>", True),
+    ("<|box_end|>", True),
+    ("<|quad_start|>", True),
+    ("<|quad_end|>", True),
+    ("<|vision_start|>", True),
+    ("<|vision_end|>", True),
+    ("<|vision_pad|>", True),
+    ("<|image_pad|>", True),
+    ("<|video_pad|>", True),
+    ("<tool_call>", False),
+    ("</tool_call>", False),
+    ("<|fim_prefix|>", False),
+    ("<|fim_middle|>", False),
+    ("<|fim_suffix|>", False),
+    ("<|fim_pad|>", False),
+    ("<|repo_name|>", False),
+    ("<|file_sep|>", False),
+)
 
 QWEN2_PRETOKENIZE_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -301,10 +330,12 @@ def train_tokenizer(lines: Iterable[str], base_vocab: int) -> Tokenizer:
     """
     tk = _HFTokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tk.normalizer = normalizers.NFC()
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])  # fmt: skip
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tk.decoder = decoders.ByteLevel()
     tk.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(

@@ -6,7 +6,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/reference/* are importable as `reference.*`
 
-from reference.hf_nvlm_d import Reference, write_nvlm_d_checkpoint  # noqa: E402
+from reference.hf_nvlm_d import Reference, write_nvlm_d_checkpoint
 
 from nvlm.hf_config import to_hf
 

@@ -40,8 +40,10 @@ class FailingImages(ImageProcessor):
 def write_data(root: Path, n: int = 120) -> list[Source]:
     """Wide images (2 tiles + thumbnail), ``n`` distinct text records and two unusable lines."""
     write_colors(root, wide=True)
-    lines = [json.dumps({"messages": [{"role": "user", "content": f"{a}+1?"}, {"role": "assistant", "content": str(a + 1)}]})
-             for a in range(n)]  # fmt: skip
+    lines = [
+        json.dumps({"messages": [{"role": "user", "content": f"{a}+1?"}, {"role": "assistant", "content": str(a + 1)}]})
+        for a in range(n)
+    ]
     lines[3], lines[10] = "{not json", json.dumps({"messages": []})
     (root / "numbers.jsonl").write_text("".join(x + "\n" for x in lines))
     return sources_in(root)

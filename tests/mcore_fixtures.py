@@ -19,10 +19,11 @@ import math
 import random
 import sys
 import types
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,10 +51,12 @@ def megatron_modules() -> Iterator[dict[str, Any]]:
     specs = {
         "megatron.core.enums": {"ModelType": ["encoder_or_decoder", "encoder_and_decoder"]},
         "megatron.core.transformer.enums": {"AttnBackend": ["flash", "fused", "unfused", "local", "auto"]},
-        "megatron.core.rerun_state_machine": {"RerunMode": ["disabled", "validate_results"],
-                                              "RerunState": ["NOT_RUNNING_YET", "INITIAL_RUN"],
-                                              "RerunDiagnostic": ["CORRECT_RESULT", "TRANSIENT_ERROR"]},
-    }  # fmt: skip
+        "megatron.core.rerun_state_machine": {
+            "RerunMode": ["disabled", "validate_results"],
+            "RerunState": ["NOT_RUNNING_YET", "INITIAL_RUN"],
+            "RerunDiagnostic": ["CORRECT_RESULT", "TRANSIENT_ERROR"],
+        },
+    }
     classes: dict[str, Any] = {}
     added = []
     for mod_name, enums in specs.items():
@@ -76,19 +79,45 @@ def megatron_modules() -> Iterator[dict[str, Any]]:
 def megatron_args(cfg: NVLMConfig, tp: int, pp: int, vocab_rows: int, enums: dict[str, Any]) -> argparse.Namespace:
     lm = cfg.llm
     return argparse.Namespace(
-        num_layers=lm.num_layers, hidden_size=lm.hidden_size, ffn_hidden_size=lm.intermediate_size,
-        num_attention_heads=lm.num_heads, num_query_groups=lm.num_kv_heads, group_query_attention=True,
-        kv_channels=lm.head_dim, max_position_embeddings=lm.max_position_embeddings, seq_length=256,
-        position_embedding_type="rope", rotary_base=int(lm.rope_theta), rotary_percent=1.0,
-        rotary_interleaved=False, add_bias_linear=False, add_qkv_bias=True, swiglu=True,
-        untie_embeddings_and_output_weights=True, normalization="RMSNorm", norm_epsilon=1e-6,
-        apply_query_key_layer_scaling=False, attention_dropout=0.0, hidden_dropout=0.0,
-        tokenizer_type="MultimodalTokenizer", tokenizer_model="Qwen/Qwen2-72B-Instruct", padded_vocab_size=vocab_rows,
-        make_vocab_size_divisible_by=128, ckpt_format="torch", tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp, params_dtype=torch.float32, main_grads_dtype=torch.float32, bf16=False,
-        attention_backend=enums["AttnBackend"].auto, model_type=enums["ModelType"].encoder_and_decoder,
-        vision_model_type="internvit", freeze_ViT=True, use_tile_tags=True, image_tag_type="nvlm",
-    )  # fmt: skip
+        num_layers=lm.num_layers,
+        hidden_size=lm.hidden_size,
+        ffn_hidden_size=lm.intermediate_size,
+        num_attention_heads=lm.num_heads,
+        num_query_groups=lm.num_kv_heads,
+        group_query_attention=True,
+        kv_channels=lm.head_dim,
+        max_position_embeddings=lm.max_position_embeddings,
+        seq_length=256,
+        position_embedding_type="rope",
+        rotary_base=int(lm.rope_theta),
+        rotary_percent=1.0,
+        rotary_interleaved=False,
+        add_bias_linear=False,
+        add_qkv_bias=True,
+        swiglu=True,
+        untie_embeddings_and_output_weights=True,
+        normalization="RMSNorm",
+        norm_epsilon=1e-6,
+        apply_query_key_layer_scaling=False,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        tokenizer_type="MultimodalTokenizer",
+        tokenizer_model="Qwen/Qwen2-72B-Instruct",
+        padded_vocab_size=vocab_rows,
+        make_vocab_size_divisible_by=128,
+        ckpt_format="torch",
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        params_dtype=torch.float32,
+        main_grads_dtype=torch.float32,
+        bf16=False,
+        attention_backend=enums["AttnBackend"].auto,
+        model_type=enums["ModelType"].encoder_and_decoder,
+        vision_model_type="internvit",
+        freeze_ViT=True,
+        use_tile_tags=True,
+        image_tag_type="nvlm",
+    )
 
 
 def _extra(te_major: int) -> Any:
@@ -102,8 +131,9 @@ def _extra(te_major: int) -> Any:
 # ------------------------------------------------------------------------------------------ the checkpoint
 
 
-def megatron_tensors(cfg: NVLMConfig, tp: int, pp: int, vit_heads: int, vocab_rows: int, seed: int = 0,
-                     te_major: int = 1) -> Ranks:  # fmt: skip
+def megatron_tensors(
+    cfg: NVLMConfig, tp: int, pp: int, vit_heads: int, vocab_rows: int, seed: int = 0, te_major: int = 1
+) -> Ranks:
     """Each rank's ``model`` dict: random weights in Megatron's per-rank shapes, per-stage layer numbering."""
     g = torch.Generator().manual_seed(seed)
     v, lm, pj = cfg.vision, cfg.llm, cfg.projector
@@ -160,8 +190,13 @@ def megatron_tensors(cfg: NVLMConfig, tp: int, pp: int, vit_heads: int, vocab_ro
         rep(m + "mlp.linear_fc2.bias", rnd(c, scale=0.02))
         rep(m + "ls1", 0.1 + 0.02 * torch.randn(c, generator=g))
         rep(m + "ls2", 0.1 + 0.02 * torch.randn(c, generator=g))
-        for e in ("self_attention.core_attention", "self_attention.linear_qkv", "self_attention.linear_proj",
-                  "mlp.linear_fc1", "mlp.linear_fc2"):  # fmt: skip
+        for e in (
+            "self_attention.core_attention",
+            "self_attention.linear_qkv",
+            "self_attention.linear_proj",
+            "mlp.linear_fc1",
+            "mlp.linear_fc2",
+        ):
             extra(m + e)
     m = "vision_projection.encoder."
     rep(m + "linear_fc1.layer_norm_weight", norm(pj.input_size))
@@ -184,8 +219,13 @@ def megatron_tensors(cfg: NVLMConfig, tp: int, pp: int, vit_heads: int, vocab_ro
         row(m + "self_attention.linear_proj.weight", rnd(h, lm.num_heads * lhd), p)
         rep(m + "mlp.linear_fc1.layer_norm_weight", norm(h), p)
         row(m + "mlp.linear_fc2.weight", rnd(h, lm.intermediate_size), p)
-        for e in ("self_attention.core_attention", "self_attention.linear_qkv", "self_attention.linear_proj",
-                  "mlp.linear_fc1", "mlp.linear_fc2"):  # fmt: skip
+        for e in (
+            "self_attention.core_attention",
+            "self_attention.linear_qkv",
+            "self_attention.linear_proj",
+            "mlp.linear_fc1",
+            "mlp.linear_fc2",
+        ):
             extra(m + e, p)
     rep("language_model.decoder.final_layernorm.weight", norm(h), pp - 1)
     if te_major == 2:  # TE >= 1.13 RMSNorm keeps an extra state too
@@ -196,8 +236,16 @@ def megatron_tensors(cfg: NVLMConfig, tp: int, pp: int, vit_heads: int, vocab_ro
     return ranks
 
 
-def save_megatron(root: Path, ranks: Ranks, cfg: NVLMConfig, tp: int, pp: int, vocab_rows: int,
-                  release: bool = False, stale_pp_args: bool = False) -> Path:  # fmt: skip
+def save_megatron(
+    root: Path,
+    ranks: Ranks,
+    cfg: NVLMConfig,
+    tp: int,
+    pp: int,
+    vocab_rows: int,
+    release: bool = False,
+    stale_pp_args: bool = False,
+) -> Path:
     """Write ``ranks`` as Megatron does (``checkpointing.py``): tracker, iteration directory, one file per rank."""
     it = "release" if release else "iter_0031500"
     with megatron_modules() as enums:
@@ -207,22 +255,33 @@ def save_megatron(root: Path, ranks: Ranks, cfg: NVLMConfig, tp: int, pp: int, v
             d.mkdir(parents=True)
             np.random.seed(t)
             state = {
-                "args": args, "checkpoint_version": 3.0, "iteration": 31500, "model": model,
+                "args": args,
+                "checkpoint_version": 3.0,
+                "iteration": 31500,
+                "model": model,
                 "optimizer": {"optimizer": {"param_groups": [{"lr": 1e-5, "weight_decay": 0.1, "params": [0, 1]}]}},
                 "opt_param_scheduler": {"max_lr": 1e-5, "num_steps": 31500},
-                "rerun_state_machine": {"mode": enums["RerunMode"].disabled, "state": enums["RerunState"].NOT_RUNNING_YET,
-                                        "diagnostic": enums["RerunDiagnostic"].CORRECT_RESULT},
-                "rng_state": [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
-                               "torch_rng_state": torch.get_rng_state(), "rng_tracker_states": {}}],
+                "rerun_state_machine": {
+                    "mode": enums["RerunMode"].disabled,
+                    "state": enums["RerunState"].NOT_RUNNING_YET,
+                    "diagnostic": enums["RerunDiagnostic"].CORRECT_RESULT,
+                },
+                "rng_state": [
+                    {
+                        "random_rng_state": random.getstate(),
+                        "np_rng_state": np.random.get_state(),
+                        "torch_rng_state": torch.get_rng_state(),
+                        "rng_tracker_states": {},
+                    }
+                ],
                 "num_floating_point_operations_so_far": 1.5e21,
-            }  # fmt: skip
+            }
             torch.save(state, d / "model_optim_rng.pt")
     (root / "latest_checkpointed_iteration.txt").write_text("release" if release else "31500")
     return root / it
 
 
-def write_megatron(root: Path, cfg: NVLMConfig, tp: int, pp: int, seed: int = 0, te_major: int = 1,
-                   **kw: Any) -> Ranks:  # fmt: skip
+def write_megatron(root: Path, cfg: NVLMConfig, tp: int, pp: int, seed: int = 0, te_major: int = 1, **kw: Any) -> Ranks:
     """A tiny checkpoint under ``root`` (12 padded ViT heads, 576 vocabulary rows); returns the ranks' tensors."""
     ranks = megatron_tensors(cfg, tp, pp, vit_heads=12, vocab_rows=576, seed=seed, te_major=te_major)
     save_megatron(root, ranks, cfg, tp, pp, 576, **kw)
@@ -299,20 +358,32 @@ def _vision(ranks: Ranks, tp: int, cfg: NVLMConfig, pixels: torch.Tensor) -> tor
             )
         x = x + (attn + r0[m + "self_attention.linear_proj.bias"]) * r0[m + "ls1"]
         h = _rms(x, r0[m + "pre_mlp_layernorm.weight"], v.norm_eps)
-        mlp = sum(F.gelu(h @ ranks[(t, 0)][m + "mlp.linear_fc1.weight"].T + ranks[(t, 0)][m + "mlp.linear_fc1.bias"])
-                  @ ranks[(t, 0)][m + "mlp.linear_fc2.weight"].T for t in range(tp))  # fmt: skip
+        mlp = sum(
+            F.gelu(h @ ranks[(t, 0)][m + "mlp.linear_fc1.weight"].T + ranks[(t, 0)][m + "mlp.linear_fc1.bias"])
+            @ ranks[(t, 0)][m + "mlp.linear_fc2.weight"].T
+            for t in range(tp)
+        )
         x = x + (mlp + r0[m + "mlp.linear_fc2.bias"]) * r0[m + "ls2"]
     x = _pixel_shuffle(x[:, 1:])
     m = "vision_projection.encoder."
     x = F.layer_norm(
         x, (x.shape[-1],), r0[m + "linear_fc1.layer_norm_weight"], r0[m + "linear_fc1.layer_norm_bias"], 1e-6
     )
-    return sum(F.gelu(x @ ranks[(t, 0)][m + "linear_fc1.weight"].T) @ ranks[(t, 0)][m + "linear_fc2.weight"].T
-               for t in range(tp))  # fmt: skip
+    return sum(
+        F.gelu(x @ ranks[(t, 0)][m + "linear_fc1.weight"].T) @ ranks[(t, 0)][m + "linear_fc2.weight"].T
+        for t in range(tp)
+    )
 
 
-def megatron_logits(ranks: Ranks, tp: int, pp: int, cfg: NVLMConfig, input_ids: torch.Tensor,
-                    pixels: torch.Tensor | None = None, image_token_id: int = -1) -> torch.Tensor:  # fmt: skip
+def megatron_logits(
+    ranks: Ranks,
+    tp: int,
+    pp: int,
+    cfg: NVLMConfig,
+    input_ids: torch.Tensor,
+    pixels: torch.Tensor | None = None,
+    image_token_id: int = -1,
+) -> torch.Tensor:
     """Logits (B, T, vocab_size) of NVLM-D computed from Megatron's rank tensors, rank by rank."""
     lm = cfg.llm
     b, length = input_ids.shape

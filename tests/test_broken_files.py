@@ -139,7 +139,10 @@ BROKEN = {
     "index not JSON": (_raw(INDEX, b'{"weight_map": '), INDEX),
     "index not UTF-8": (_raw(INDEX, b'{"weight_map": {"\xff": 1}}'), INDEX),
     "index weight_map a list": (_json(INDEX, lambda i: i.update(weight_map=[S1])), INDEX),
-    "index shard name a number": (_json(INDEX, lambda i: i["weight_map"].update(dict.fromkeys(i["weight_map"], 7))), INDEX),
+    "index shard name a number": (
+        _json(INDEX, lambda i: i["weight_map"].update(dict.fromkeys(i["weight_map"], 7))),
+        INDEX,
+    ),
     "index lists a tensor twice": (_index_twice, INDEX),
     "index shard path absolute": (_index_shard(lambda o: str(o / S1)), INDEX),
     "index shard path with ..": (_index_shard(lambda o: f"../{o.name}/{S1}"), INDEX),
@@ -174,14 +177,16 @@ BROKEN = {
     "tokenizer_config.json not JSON": (_raw("tokenizer_config.json", b"{"), "tokenizer_config.json"),
     "tokenizer_config.json not UTF-8": (_raw("tokenizer_config.json", b'{"a": "\xff"}'), "tokenizer_config.json"),
     "tokenizer_config.json a list": (_raw("tokenizer_config.json", b"[1]"), "tokenizer_config.json"),
-    "eos_token not in the vocabulary": (_json("tokenizer_config.json", lambda t: t.update(eos_token="<nope>")),
-                                        "tokenizer_config.json"),
+    "eos_token not in the vocabulary": (
+        _json("tokenizer_config.json", lambda t: t.update(eos_token="<nope>")),
+        "tokenizer_config.json",
+    ),
     "special_tokens_map.json a string": (_raw("special_tokens_map.json", b'"x"'), "special_tokens_map.json"),
     "preprocessor_config.json not UTF-8": (_raw(PRE, b'{"a": "\xff"}'), PRE),
     "preprocessor_config.json a list": (_raw(PRE, b"[]"), PRE),
     "max_dynamic_patch a string": (_raw(PRE, b'{"max_dynamic_patch": "6"}'), PRE),
     "max_dynamic_patch 10^9": (_raw(PRE, b'{"max_dynamic_patch": 1000000000}'), PRE),
-}  # fmt: skip
+}
 
 
 def _load(path):
@@ -223,9 +228,11 @@ def test_absurd_sizes_are_refused_by_validate_before_anything_is_built():
     from nvlm.presets import preset
 
     tiny = preset("tiny-d")
-    for bad in (replace(tiny, llm=replace(tiny.llm, num_layers=10**7)),
-                replace(tiny, vision=replace(tiny.vision, hidden_size=10**9)),
-                replace(tiny, llm=replace(tiny.llm, num_heads=0))):  # fmt: skip
+    for bad in (
+        replace(tiny, llm=replace(tiny.llm, num_layers=10**7)),
+        replace(tiny, vision=replace(tiny.vision, hidden_size=10**9)),
+        replace(tiny, llm=replace(tiny.llm, num_heads=0)),
+    ):
         with pytest.raises(ConfigError, match="must be an integer in"):
             NVLM(bad)
     assert LIMITS["num_layers"] >= 80 and LIMITS["hidden_size"] >= 8192  # the released 72B fits

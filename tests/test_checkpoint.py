@@ -34,9 +34,18 @@ def test_released_config_reads_to_the_preset():
     cfg["vision_config"].update(
         hidden_size=3200, num_hidden_layers=45, num_attention_heads=25, intermediate_size=12800, image_size=448
     )
-    cfg["llm_config"].update(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
-                             num_key_value_heads=8, rope_theta=1000000.0, vocab_size=152064, max_position_embeddings=32768,
-                             bos_token_id=151643, eos_token_id=151645)  # fmt: skip
+    cfg["llm_config"].update(
+        hidden_size=8192,
+        intermediate_size=29568,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        rope_theta=1000000.0,
+        vocab_size=152064,
+        max_position_embeddings=32768,
+        bos_token_id=151643,
+        eos_token_id=151645,
+    )
     cfg["torch_dtype"] = "bfloat16"
     del cfg["image_token_id"]
     assert from_hf(cfg) == preset("nvlm-d-72b")
@@ -66,7 +75,7 @@ def test_save_writes_the_released_layout_and_round_trips_bit_identically(nvlm_d_
     assert cfg["architectures"] == ["NVLM_D"] and cfg["llm_config"]["architectures"] == ["Qwen2ForCausalLM"]
     assert cfg["vision_config"]["num_attention_heads"] == 5
     again = NVLM.from_pretrained(tmp_path / "out")
-    for (n1, p1), (n2, p2) in zip(model.state_dict().items(), again.state_dict().items()):
+    for (n1, p1), (n2, p2) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert n1 == n2 and torch.equal(p1, p2)
 
 
@@ -123,10 +132,10 @@ def test_misshapen_tensor_is_named(nvlm_d_dir, tmp_path):
 def test_unexpected_tensor_and_missing_shard_are_errors(nvlm_d_dir, tmp_path):
     dst = shutil.copytree(nvlm_d_dir, tmp_path / "c")
     save_file({"extra.weight": torch.zeros(2)}, str(dst / "model-00001-of-00003.safetensors"))
-    with pytest.raises(CheckpointError, match="unexpected tensor 'extra.weight'"):
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'extra\.weight'"):
         NVLM.from_pretrained(dst)
     (dst / "model-00002-of-00003.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="model-00002-of-00003.safetensors: missing"):
+    with pytest.raises(CheckpointError, match=r"model-00002-of-00003\.safetensors: missing"):
         NVLM.from_pretrained(dst)
 
 
@@ -155,7 +164,7 @@ def test_unparsable_config_and_no_weights(tmp_path):
     with pytest.raises(ConfigError, match="not valid JSON"):
         NVLM.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(to_hf(preset("tiny-d"))))
-    with pytest.raises(CheckpointError, match="no model.safetensors.index.json"):
+    with pytest.raises(CheckpointError, match=r"no model\.safetensors\.index\.json"):
         NVLM.from_pretrained(tmp_path)
 
 

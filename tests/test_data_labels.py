@@ -23,17 +23,23 @@ def _supervised_text(processor, ex) -> str:
 
 
 RECORDS = {
-    "messages": {"messages": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": "Color?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
-        {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "yes, red"}]},
+    "messages": {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": "Color?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+            {"role": "user", "content": "Sure?"},
+            {"role": "assistant", "content": "yes, red"},
+        ]
+    },
     "text-only": {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
-    "llava": {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nColor?"},
-                                                  {"from": "gpt", "value": "red"}]},
+    "llava": {
+        "image": "a.png",
+        "conversations": [{"from": "human", "value": "<image>\nColor?"}, {"from": "gpt", "value": "red"}],
+    },
     "caption": {"image": "a.png", "caption": "a red square"},
     "vqa": {"image": "a.png", "question": "What color?", "answer": "red"},
-}  # fmt: skip
+}
 ANSWERS = {
     "messages": ["red", "yes, red"],
     "text-only": ["4"],
@@ -80,15 +86,18 @@ def test_bad_records_are_skipped_and_counted(processor, tmp_path):
     Image.new("RGB", (56, 56)).save(tmp_path / "ok.png")
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     good = {"image": "ok.png", "caption": "fine"}
-    _write(tmp_path / "d.jsonl", [
-        good,
-        "{not json",
-        {"image": "missing.png", "caption": "x"},
-        {"image": "corrupt.png", "caption": "x"},
-        {"messages": []},
-        {"messages": [{"role": "user", "content": "a " * 3000}, {"role": "assistant", "content": "long"}]},
-        {"messages": [{"role": "user", "content": "no answer"}]},
-    ])  # fmt: skip
+    _write(
+        tmp_path / "d.jsonl",
+        [
+            good,
+            "{not json",
+            {"image": "missing.png", "caption": "x"},
+            {"image": "corrupt.png", "caption": "x"},
+            {"messages": []},
+            {"messages": [{"role": "user", "content": "a " * 3000}, {"role": "assistant", "content": "long"}]},
+            {"messages": [{"role": "user", "content": "no answer"}]},
+        ],
+    )
     blend = Blend(processor, [Source(str(tmp_path / "d.jsonl"))], max_len=512)
     examples = [blend.next_example() for _ in range(5)]  # only the good record can come out
     assert all(_supervised_text(processor, e) == "fine<|im_end|>" for e in examples)
@@ -144,42 +153,69 @@ BAD_LINES = {
     "<image> in a caption": ({"image": "ok.png", "caption": "a <image> here"}, "literal <image> text"),
     "<image> in a VQA answer": ({"image": "ok.png", "question": "What?", "answer": "<image>"}, "literal <image> text"),
     "two <image> in a VQA question, one image": (
-        {"image": "ok.png", "question": "<image> or <image>?", "answer": "x"}, "literal <image> text"),
+        {"image": "ok.png", "question": "<image> or <image>?", "answer": "x"},
+        "literal <image> text",
+    ),
     "<image> in a messages record": (_ok_user("look: <image>"), "literal <image> text"),
     "<image> in a messages text part": (
-        {"messages": [{"role": "user", "content": [{"type": "text", "text": "<image>"}]},
-                      {"role": "assistant", "content": "ok"}]}, "literal <image> text"),
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "<image>"}]},
+                {"role": "assistant", "content": "ok"},
+            ]
+        },
+        "literal <image> text",
+    ),
     "<image> in a LLaVA answer": (
         {"image": "ok.png", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "<image>"}]},
-        "literal <image> text"),
+        "literal <image> text",
+    ),
     "image token text in a question": (_ok_user("what is <|vision_pad|>?"), "image token text"),
     "image token text in a caption": ({"image": "ok.png", "caption": "x<|vision_pad|>"}, "image token text"),
     "image token text in a system prompt": (
-        {"messages": [{"role": "system", "content": "<|vision_pad|>"}, *_ok_user("hi")["messages"]]}, "image token text"),
+        {"messages": [{"role": "system", "content": "<|vision_pad|>"}, *_ok_user("hi")["messages"]]},
+        "image token text",
+    ),
     "image as a number": ({"image": 5, "caption": "x"}, "bad image field"),
     "image as a dict": ({"image": {"path": "ok.png"}, "caption": "x"}, "bad image field"),
     "image list of numbers": ({"images": [1, 2], "question": "q", "answer": "a"}, "bad image field"),
     "LLaVA image as a number": (
-        {"image": 3, "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "ok"}]}, "bad image field"),
+        {"image": 3, "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "ok"}]},
+        "bad image field",
+    ),
     "image part with a number": (
-        {"messages": [{"role": "user", "content": [{"type": "image", "image": 7}]}, {"role": "assistant", "content": "ok"}]},
-        "bad image field"),
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image", "image": 7}]},
+                {"role": "assistant", "content": "ok"},
+            ]
+        },
+        "bad image field",
+    ),
     "image in an answer": (
-        {"messages": [{"role": "user", "content": "hi"},
-                      {"role": "assistant", "content": [{"type": "image", "image": "ok.png"}]}]}, "image in an answer"),
-    "LLaVA role as a list": ({"conversations": [{"from": ["human"], "value": "hi"}, {"from": "gpt", "value": "ok"}]},
-                             "a LLaVA turn needs 'from' (human/gpt/system) and a string 'value'"),
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": [{"type": "image", "image": "ok.png"}]},
+            ]
+        },
+        "image in an answer",
+    ),
+    "LLaVA role as a list": (
+        {"conversations": [{"from": ["human"], "value": "hi"}, {"from": "gpt", "value": "ok"}]},
+        "a LLaVA turn needs 'from' (human/gpt/system) and a string 'value'",
+    ),
     "question as a number": ({"question": 3, "answer": "a"}, "bad question"),
     "a non-UTF-8 byte": (b'{"caption": "caf\xe9", "image": "ok.png"}', "not UTF-8"),
     "a list, not an object": (b"[1, 2]", "not a JSON object"),
     "a string, not an object": (b'"text"', "not a JSON object"),
     "deeply nested": (b"[" * 100_000 + b"]" * 100_000, "malformed JSON"),
     "an over-long integer": (b'{"caption": ' + b"9" * 5000 + b"}", "malformed JSON"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("kind", list(BAD_LINES))
-def test_each_bad_record_is_skipped_counted_and_reported_once_with_file_and_line(kind, processor, tmp_path, capsys):
+def test_each_bad_record_is_skipped_counted_and_reported_once_with_file_and_line(kind, processor, tmp_path, caplog):
     Image.new("RGB", (56, 56)).save(tmp_path / "ok.png")
     line, reason = BAD_LINES[kind]
     good = json.dumps({"image": "ok.png", "caption": "fine"}).encode()
@@ -188,7 +224,7 @@ def test_each_bad_record_is_skipped_counted_and_reported_once_with_file_and_line
     blend = Blend(processor, [Source(str(tmp_path / "d.jsonl"))], max_len=512)
     assert all(_supervised_text(processor, blend.next_example()) == "fine<|im_end|>" for _ in range(6))
     assert dict(blend.skipped) == {reason: blend.skipped[reason]} and blend.skipped[reason] >= 2
-    reports = [x for x in capsys.readouterr().err.splitlines() if x.startswith("skipping")]
+    reports = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "nvlm.data.blend"]
     assert len(reports) == 1 and reports[0].startswith(f"skipping {tmp_path / 'd.jsonl'} line 3: {reason}")
 
 

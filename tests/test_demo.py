@@ -67,9 +67,24 @@ def test_nvlm_chat_answers_from_the_trained_model(run):
     """`nvlm chat --model RUN_DIR` (the run directory: its model/ is the final model)."""
     record = json.loads((run / "data" / "heldout" / "read_number.jsonl").read_text().splitlines()[0])
     image = run / "data" / "heldout" / record["image"]
-    done = subprocess.run([sys.executable, "-m", "nvlm.cli", "chat", "--model", str(run), "--image",
-                           str(image), "--max-new-tokens", "4", record["question"]],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nvlm.cli",
+            "chat",
+            "--model",
+            str(run),
+            "--image",
+            str(image),
+            "--max-new-tokens",
+            "4",
+            record["question"],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     from nvlm import Chat
     from nvlm.pretrained import NVLM

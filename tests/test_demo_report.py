@@ -9,7 +9,7 @@ from nvlm.demo_report import answer_grid, loss_curves, read_losses
 
 def test_read_losses_orders_by_step(tmp_path):
     f = tmp_path / "metrics.jsonl"
-    f.write_text("".join(json.dumps({"step": s, "loss": l}) + "\n" for s, l in ((2, 1.5), (1, 3.0), (3, 0.5))))
+    f.write_text("".join(json.dumps({"step": s, "loss": loss}) + "\n" for s, loss in ((2, 1.5), (1, 3.0), (3, 0.5))))
     assert read_losses(f) == [3.0, 1.5, 0.5]
 
 

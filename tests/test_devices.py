@@ -49,8 +49,13 @@ def test_split_model_places_the_72b_as_the_card_describes():
         assert layers[:-1] == sorted(layers[:-1]) and layers[-1] == 0  # contiguous runs, the last layer on 0
         counts = [layers[:-1].count(g) for g in range(gpus)]
         assert counts[0] == math.ceil(per_gpu / 2) and counts[1:-1] == [per_gpu] * (gpus - 2) and counts[-1] <= per_gpu
-        for name in ("vision_model", "mlp1", "language_model.model.embed_tokens", "language_model.model.norm",
-                     "language_model.lm_head"):  # fmt: skip
+        for name in (
+            "vision_model",
+            "mlp1",
+            "language_model.model.embed_tokens",
+            "language_model.model.norm",
+            "language_model.lm_head",
+        ):
             assert device_map[name] == 0
 
 

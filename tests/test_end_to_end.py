@@ -39,9 +39,16 @@ def test_tiny_preset_matches_the_tiny_tokenizer():
 
 
 def test_chat_template_inputs_feed_model_and_generate(model, processor, reference):
-    messages = [{"role": "user", "content": [
-        {"type": "image", "image": _image(120, 60)}, {"type": "image", "image": _image(40, 40, 1)},
-        {"type": "text", "text": "What differs between these?"}]}]  # fmt: skip
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": _image(120, 60)},
+                {"type": "image", "image": _image(40, 40, 1)},
+                {"type": "text", "text": "What differs between these?"},
+            ],
+        }
+    ]
     inputs = processor.apply_chat_template(messages, add_generation_prompt=True)
     assert set(inputs) == {"input_ids", "attention_mask", "pixel_values"}
     n_crops = inputs["pixel_values"].shape[0]
@@ -73,7 +80,7 @@ def test_batched_chat_prompts_equal_single_prompts(model, processor):
 
 def test_image_count_mismatch_is_an_error(model, processor):
     inputs = processor("<image>\nDescribe.", images=[_image(56, 56)])
-    with pytest.raises(ImageTokenMismatch, match="4 image tokens .* 2 crops give 8 features"):
+    with pytest.raises(ImageTokenMismatch, match=r"4 image tokens .* 2 crops give 8 features"):
         model(inputs["input_ids"], pixel_values=torch.cat([inputs["pixel_values"]] * 2))
     with pytest.raises(ImageTokenMismatch, match="no pixel_values"):
         model(inputs["input_ids"])

@@ -4,9 +4,9 @@ H), per-row sampling, the repetition penalty, stop strings while streaming, canc
 
 import pytest
 import torch
+from conftest import open_gates
 from PIL import Image
 
-from conftest import open_gates
 from nvlm import NVLM, Chat, Processor
 from nvlm.engine import Engine
 from nvlm.eval.runner import Prompt, generate_batch

@@ -5,10 +5,10 @@ import json
 import threading
 
 import pytest
-
-import nvlm.eval.runner as runner
 from conftest import open_gates
 from eval_data import build, custom
+
+import nvlm.eval.runner as runner
 from nvlm import NVLM, Processor
 from nvlm.cli import main
 from nvlm.eval.runner import EvalConfig, Runner, generate_batch, rank_world, shard
@@ -37,8 +37,22 @@ def xh_dirs(tiny_model_dir, tmp_path_factory):
 
 
 def _eval(model, data, out, *extra):
-    return main(["eval", "--model", str(model), "--data", str(data), "--out", str(out), "--max-new-tokens", "4",
-                 "--batch-size", "4", *extra])  # fmt: skip
+    return main(
+        [
+            "eval",
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "4",
+            "--batch-size",
+            "4",
+            *extra,
+        ]
+    )
 
 
 class Counter:
@@ -163,13 +177,42 @@ def test_default_token_budgets_and_stop_strings(tiny_model_dir, data, tmp_path, 
     monkeypatch.setattr(runner, "generate_batch", seen)
     tasks = "vqav2_val,docvqa_val,ocrbench,mmmu_val,coco_caption,gsm8k,humaneval"
     for profile in ("official", "nvlm"):
-        main(["eval", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / profile),
-              "--tasks", tasks, "--limit", "1", "--profile", profile])  # fmt: skip
+        main(
+            [
+                "eval",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / profile),
+                "--tasks",
+                tasks,
+                "--limit",
+                "1",
+                "--profile",
+                profile,
+            ]
+        )
     assert seen.templates[:7] == [None] * 7 and seen.templates[7:] == [runner.MEGATRON_TEMPLATE] * 7
     budgets = [(n, s) for _, n, s in seen.budgets]
     stops = TASKS["humaneval"].stop
-    assert budgets == [(16, ()), (32, ()), (128, ()), (128, ()), (64, ()), (512, ()), (512, stops),
-                       (16, ()), (16, ()), (16, ()), (16, ()), (16, ()), (512, ()), (512, stops)]  # fmt: skip
+    assert budgets == [
+        (16, ()),
+        (32, ()),
+        (128, ()),
+        (128, ()),
+        (64, ()),
+        (512, ()),
+        (512, stops),
+        (16, ()),
+        (16, ()),
+        (16, ()),
+        (16, ()),
+        (16, ()),
+        (512, ()),
+        (512, stops),
+    ]
 
 
 def test_rendered_prompts_per_profile(tiny_model_dir, data):
@@ -178,12 +221,16 @@ def test_rendered_prompts_per_profile(tiny_model_dir, data):
     task = TASKS["vqav2_val"]
     s = task.load(data)[0]
     official = processor.render(runner._messages(task.prompt(s, "official"))).text
-    assert official == ("<|im_start|>system\nFollow the user's instruction and answer questions.<|im_end|>"
-                        "<|im_start|>user\n<image>\nHow many dogs?\nAnswer the question using a single word or phrase."
-                        "<|im_end|><|im_start|>assistant\n")  # fmt: skip
+    assert official == (
+        "<|im_start|>system\nFollow the user's instruction and answer questions.<|im_end|>"
+        "<|im_start|>user\n<image>\nHow many dogs?\nAnswer the question using a single word or phrase."
+        "<|im_end|><|im_start|>assistant\n"
+    )
     nvlm = processor.render(runner._messages(task.prompt(s, "nvlm")), chat_template=runner.MEGATRON_TEMPLATE).text
-    assert nvlm == ("<|im_start|>system\nAnswer the questions.<|im_end|>\n<|im_start|>user\n<image>\nHow many dogs?"
-                    "\nAnswer the question using a single word or phrase.<|im_end|>\n<|im_start|>assistant\n")  # fmt: skip
+    assert nvlm == (
+        "<|im_start|>system\nAnswer the questions.<|im_end|>\n<|im_start|>user\n<image>\nHow many dogs?"
+        "\nAnswer the question using a single word or phrase.<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_generate_batch_left_pads_and_stops(tiny_model_dir, data):
@@ -203,13 +250,22 @@ def test_sharding_gives_the_single_process_predictions(tiny_model_dir, data, tmp
     tasks = [TASKS["ai2d"], TASKS["vqav2_val"], TASKS["mmlu"]]
 
     def cfg(out):
-        return EvalConfig(model=str(tiny_model_dir), tasks=[], data=str(data), out=str(out), batch_size=1,
-                          max_new_tokens=3, poll_s=0.05, merge_timeout=60)  # fmt: skip
+        return EvalConfig(
+            model=str(tiny_model_dir),
+            tasks=[],
+            data=str(data),
+            out=str(out),
+            batch_size=1,
+            max_new_tokens=3,
+            poll_s=0.05,
+            merge_timeout=60,
+        )
 
     single = Runner(model, processor, cfg(tmp_path / "one")).run(tasks)
     rank0 = {}
-    thread = threading.Thread(target=lambda: rank0.update(Runner(model, processor, cfg(tmp_path / "two"), 0, 2).run(tasks)),
-                              daemon=True)  # fmt: skip
+    thread = threading.Thread(
+        target=lambda: rank0.update(Runner(model, processor, cfg(tmp_path / "two"), 0, 2).run(tasks)), daemon=True
+    )
     thread.start()  # rank 0 generates its shard, then waits for rank 1's
     assert Runner(model, processor, cfg(tmp_path / "two"), 1, 2).run(tasks) == {}
     thread.join(timeout=120)
@@ -234,11 +290,29 @@ def test_two_processes_under_torchrun_env(tiny_model_dir, data, tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    args = [sys.executable, "-m", "nvlm.cli", "eval", "--model", str(tiny_model_dir), "--data", str(data),
-            "--out", str(tmp_path), "--tasks", "ai2d,mmlu", "--max-new-tokens", "3", "--batch-size", "1"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "nvlm.cli",
+        "eval",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path),
+        "--tasks",
+        "ai2d,mmlu",
+        "--max-new-tokens",
+        "3",
+        "--batch-size",
+        "1",
+    ]
     env = {**os.environ, "WORLD_SIZE": "2", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(args, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for r in (0, 1)]  # fmt: skip
+    procs = [
+        subprocess.Popen(args, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for r in (0, 1)
+    ]
     outs = [p.communicate(timeout=240) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "| ai2d | accuracy | 3 |" in outs[0][0] and outs[1][0] == ""
@@ -270,7 +344,7 @@ def test_rank_and_world_from_torchrun_env(monkeypatch):
         rank_world()
     xs = list(range(7))
     parts = [shard(xs, r, 3) for r in range(3)]
-    assert sorted(sum(parts, [])) == xs and parts[0] == [0, 3, 6]
+    assert sorted(x for p in parts for x in p) == xs and parts[0] == [0, 3, 6]
 
 
 def test_missing_data_is_reported_and_other_tasks_go_on(tiny_model_dir, tmp_path, capsys):
@@ -298,17 +372,25 @@ def test_a_broken_image_names_its_sample(tiny_model_dir, tmp_path):
 def test_known_predictions_give_known_scores(tiny_model_dir, data, tmp_path, monkeypatch):
     heldout = custom(tmp_path)
     gold = {
-        "chartqa": ["45", "2019", "12"], "vqav2_val": ["2", "red", "no"], "docvqa_val": ["Coca cola", "$5", "Cat"],
-        "textvqa_val": ["two", "Red.", "yes"], "ai2d": ["B", "(A)", "D. adult"], "mmbench_en_dev": ["A", "b", "C"],
-        "realworldqa": ["A", "2", "yes."], "mmmu_val": ["C", "(B)", "The answer is 30."],
-        "mathvista_testmini": ["B", "14", "3.14"], "ocrbench": ["the word is centre.", "x^{2}", "May 5"],
-        "mmlu": ["C", "B", "A"], "gsm8k": ["So she makes \\boxed{18}.", "1234", "-3.5"],
-        "math": ["\\boxed{2}", "$\\boxed{0.5}$", "\\boxed{10}"], "jsonl:heldout": ["Red", "lime", "5"],
-    }  # fmt: skip
+        "chartqa": ["45", "2019", "12"],
+        "vqav2_val": ["2", "red", "no"],
+        "docvqa_val": ["Coca cola", "$5", "Cat"],
+        "textvqa_val": ["two", "Red.", "yes"],
+        "ai2d": ["B", "(A)", "D. adult"],
+        "mmbench_en_dev": ["A", "b", "C"],
+        "realworldqa": ["A", "2", "yes."],
+        "mmmu_val": ["C", "(B)", "The answer is 30."],
+        "mathvista_testmini": ["B", "14", "3.14"],
+        "ocrbench": ["the word is centre.", "x^{2}", "May 5"],
+        "mmlu": ["C", "B", "A"],
+        "gsm8k": ["So she makes \\boxed{18}.", "1234", "-3.5"],
+        "math": ["\\boxed{2}", "$\\boxed{0.5}$", "\\boxed{10}"],
+        "jsonl:heldout": ["Red", "lime", "5"],
+    }
     answers = {}
     for name, preds in gold.items():
         task = get_task(f"jsonl:{heldout}") if name.startswith("jsonl") else TASKS[name]
-        for s, p in zip(task.load(data), preds):
+        for s, p in zip(task.load(data), preds, strict=True):
             answers[task.prompt(s, "official").text] = p
     monkeypatch.setattr(runner, "generate_batch", Counter(answers=answers))
     tasks = ",".join(n if not n.startswith("jsonl") else f"jsonl:{heldout}" for n in gold)
@@ -316,8 +398,12 @@ def test_known_predictions_give_known_scores(tiny_model_dir, data, tmp_path, mon
     got = {n: r["metrics"] for n, r in json.loads((tmp_path / "out" / "results.json").read_text())["tasks"].items()}
     two_thirds = pytest.approx(200 / 3)
     assert got["chartqa"] == {"relaxed_overall": two_thirds, "relaxed_human": 100.0, "relaxed_augmented": 0.0}
-    assert got["vqav2_val"] == {"accuracy": two_thirds, "accuracy_number": 100.0, "accuracy_other": 100.0,
-                                "accuracy_yes/no": 0.0}  # fmt: skip
+    assert got["vqav2_val"] == {
+        "accuracy": two_thirds,
+        "accuracy_number": 100.0,
+        "accuracy_other": 100.0,
+        "accuracy_yes/no": 0.0,
+    }
     assert got["docvqa_val"] == {"anls": two_thirds}
     assert got["textvqa_val"] == {"accuracy": 100.0}  # EvalAI normalisation: "two" = "2", "Red." = "red"
     assert got["ai2d"] == {"accuracy": 100.0}
@@ -336,7 +422,11 @@ def test_known_predictions_give_known_scores(tiny_model_dir, data, tmp_path, mon
 def test_humaneval_pass_at_1(tiny_model_dir, data, tmp_path, monkeypatch):
     task = TASKS["humaneval"]
     answers = dict(
-        zip([task.prompt(s, "official").text for s in task.load(data)], ["    return a + b\n", "    return 2\n"])
+        zip(
+            [task.prompt(s, "official").text for s in task.load(data)],
+            ["    return a + b\n", "    return 2\n"],
+            strict=True,
+        )
     )
     monkeypatch.setattr(runner, "generate_batch", Counter(answers=answers))
     assert _eval(tiny_model_dir, data, tmp_path, "--tasks", "humaneval") == 0

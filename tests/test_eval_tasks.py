@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from eval_data import EXPECTED, build, custom, write_jsonl, write_parquet
+
 from nvlm.eval.tasks import TASKS, DataError, MissingData, ParquetImage, get_task
 from nvlm.eval.tasks.base import FOLLOW_SYSTEM, NVLM_SYSTEM, resolve_image
 from nvlm.image import load_image
@@ -42,8 +42,19 @@ def test_every_task_loads_and_prompts(name, original, hf_root, orig_root):
 
 
 def test_both_formats_read_the_same_questions(hf_root, orig_root):
-    for name in ("ocrbench", "chartqa", "docvqa_val", "textvqa_val", "vqav2_val", "mmbench_en_dev", "mmlu", "gsm8k",
-                 "math", "humaneval", "flickr30k"):  # fmt: skip
+    for name in (
+        "ocrbench",
+        "chartqa",
+        "docvqa_val",
+        "textvqa_val",
+        "vqav2_val",
+        "mmbench_en_dev",
+        "mmlu",
+        "gsm8k",
+        "math",
+        "humaneval",
+        "flickr30k",
+    ):
         a, b = _load(hf_root, name), _load(orig_root, name)
         assert [s.fields for s in a] == [s.fields for s in b], name
 
@@ -80,8 +91,10 @@ def test_mmmu_prompts(hf_root):
     mc, two, open_ = _load(hf_root, "mmmu_val")
     nvlm = TASKS["mmmu_val"].prompt(mc, "nvlm")
     assert nvlm.system == NVLM_SYSTEM
-    assert nvlm.text == ("<image>\nWhat is shown in ?\n(A) a cat\n(B) a dog\n(C) 120 volts\n\n"
-                         "Answer with the option's letter from the given choices directly.")  # fmt: skip
+    assert nvlm.text == (
+        "<image>\nWhat is shown in ?\n(A) a cat\n(B) a dog\n(C) 120 volts\n\n"
+        "Answer with the option's letter from the given choices directly."
+    )
     assert nvlm.images == mc.images[:1]
     assert TASKS["mmmu_val"].prompt(open_, "nvlm").text == (
         "<image>\nHow many squares are there?\nAnswer the question using a single word or phrase."
@@ -105,7 +118,8 @@ def test_mathvista_ai2d_mmbench_caption_text_prompts(hf_root):
     assert official.text.startswith("<image>\nPlease answer the question requiring an integer answer")
     a = _load(hf_root, "ai2d")[1]
     assert TASKS["ai2d"].prompt(a, "official").text == (
-        "<image>\nWhat eats grass?\nA. cow\nB. lion\nC. hawk\nAnswer with the option's letter from the given choices directly."
+        "<image>\nWhat eats grass?\nA. cow\nB. lion\nC. hawk\n"
+        "Answer with the option's letter from the given choices directly."
     )
     assert a.fields["answer"] == "A" and _load(hf_root, "ai2d")[0].fields["answer"] == "B"
     m = _load(hf_root, "mmbench_en_dev")
@@ -167,7 +181,7 @@ def test_missing_data_names_the_expected_layout(tmp_path):
     with pytest.raises(MissingData, match=r"(?s)chartqa: no directory 'chartqa'.*expected:.*data/test-\*\.parquet"):
         TASKS["chartqa"].load(tmp_path)
     (tmp_path / "ChartQA").mkdir()  # found case-insensitively, but empty
-    with pytest.raises(MissingData, match="test-\\*.parquet or test/test_human.json not found"):
+    with pytest.raises(MissingData, match=r"test-\*\.parquet or test/test_human\.json not found"):
         TASKS["chartqa"].load(tmp_path)
 
 
@@ -188,7 +202,7 @@ def test_malformed_records_name_file_and_record(tmp_path):
         get_task(f"jsonl:{tmp_path / 'img.jsonl'}").load()
     (tmp_path / "textvqa").mkdir()
     (tmp_path / "textvqa" / "TextVQA_0.5.1_val.json").write_text("{not json")
-    with pytest.raises(DataError, match="TextVQA_0.5.1_val.json: not valid JSON"):
+    with pytest.raises(DataError, match=r"TextVQA_0\.5\.1_val\.json: not valid JSON"):
         TASKS["textvqa_val"].load(tmp_path)
 
 
@@ -210,8 +224,11 @@ def test_submissions_for_hidden_answer_splits(hf_root):
     v = _load(hf_root, "vqav2_testdev")
     name, content = TASKS["vqav2_testdev"].submission(["2", "red", "yes"], v)
     assert name == "vqav2_testdev_submission.json"
-    assert json.loads(content) == [{"question_id": 10, "answer": "2"}, {"question_id": 20, "answer": "red"},
-                                   {"question_id": 30, "answer": "yes"}]  # fmt: skip
+    assert json.loads(content) == [
+        {"question_id": 10, "answer": "2"},
+        {"question_id": 20, "answer": "red"},
+        {"question_id": 30, "answer": "yes"},
+    ]
     d = _load(hf_root, "docvqa_test")
     assert json.loads(TASKS["docvqa_test"].submission(["a", "b", "c"], d)[1])[0] == {"questionId": 101, "answer": "a"}
     assert TASKS["vqav2_val"].submission(["x"] * 3, _load(hf_root, "vqav2_val")) is None

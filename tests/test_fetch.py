@@ -10,6 +10,7 @@ import ipaddress
 import socket
 import threading
 import time
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -19,10 +20,31 @@ import nvlm.serve.app as app_module
 from nvlm.serve import fetch as fetch_module
 from nvlm.serve.fetch import FETCH_FAILED, FetchError, fetch, is_public
 
-NOT_PUBLIC = ["127.0.0.1", "127.8.9.10", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1",
-              "0.0.0.0", "224.0.0.1", "239.1.1.1", "240.0.0.1", "255.255.255.255", "198.18.0.1", "::1", "::",
-              "fe80::1", "fc00::1", "ff02::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1", "2002:7f00:1::1",
-              "2001:0:4136:e378:8000:63bf:80ff:fffe", "2001:db8::1"]  # fmt: skip
+NOT_PUBLIC = [
+    "127.0.0.1",
+    "127.8.9.10",
+    "10.1.2.3",
+    "172.16.0.1",
+    "192.168.1.1",
+    "169.254.169.254",
+    "100.64.0.1",
+    "0.0.0.0",
+    "224.0.0.1",
+    "239.1.1.1",
+    "240.0.0.1",
+    "255.255.255.255",
+    "198.18.0.1",
+    "::1",
+    "::",
+    "fe80::1",
+    "fc00::1",
+    "ff02::1",
+    "::ffff:127.0.0.1",
+    "::ffff:10.0.0.1",
+    "2002:7f00:1::1",
+    "2001:0:4136:e378:8000:63bf:80ff:fffe",
+    "2001:db8::1",
+]
 PUBLIC = ["8.8.8.8", "93.184.216.34", "2606:4700:4700::1111", "2002:808:808::1"]
 
 
@@ -90,7 +112,7 @@ def test_one_private_address_among_public_ones_is_refused(monkeypatch):
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    routes: dict = {}
+    routes: ClassVar[dict[str, Any]] = {}
 
     def do_GET(self):
         status, headers, body = self.routes[self.path]
@@ -125,11 +147,14 @@ LOOPBACK_1 = lambda ip: str(ip) == "127.0.0.1"  # noqa: E731 (tests: one local "
 
 
 def test_redirect_hops_are_checked_like_the_first_url(web):
-    srv, base = web
+    _srv, base = web
     other = Listener("127.0.0.2")
     try:
-        _Handler.routes = {"/ok": (200, {}, b"PNGDATA"), "/hop": (302, {"Location": "/ok"}, b""),
-                           "/away": (302, {"Location": f"http://127.0.0.2:{other.port}/x"}, b"")}  # fmt: skip
+        _Handler.routes = {
+            "/ok": (200, {}, b"PNGDATA"),
+            "/hop": (302, {"Location": "/ok"}, b""),
+            "/away": (302, {"Location": f"http://127.0.0.2:{other.port}/x"}, b""),
+        }
         assert fetch(base + "/hop", 100, 2.0, allowed=LOOPBACK_1) == b"PNGDATA"
         with pytest.raises(FetchError):
             fetch(base + "/away", 100, 2.0, allowed=LOOPBACK_1)
@@ -140,7 +165,7 @@ def test_redirect_hops_are_checked_like_the_first_url(web):
 
 
 def test_the_size_cap_holds_while_streaming_and_the_deadline_is_overall(web):
-    srv, base = web
+    _srv, base = web
 
     def endless():
         while True:
@@ -151,8 +176,12 @@ def test_the_size_cap_holds_while_streaming_and_the_deadline_is_overall(web):
             time.sleep(0.2)
             yield b"x"
 
-    _Handler.routes = {"/big": (200, {"Content-Length": "999999"}, b"x"), "/endless": (200, {}, endless),
-                       "/slow": (200, {}, trickle), "/gone": (404, {}, b"no")}  # fmt: skip
+    _Handler.routes = {
+        "/big": (200, {"Content-Length": "999999"}, b"x"),
+        "/endless": (200, {}, endless),
+        "/slow": (200, {}, trickle),
+        "/gone": (404, {}, b"no"),
+    }
     for path in ("/big", "/endless", "/gone"):
         with pytest.raises(FetchError) as e:
             fetch(base + path, 50_000, 5.0, allowed=LOOPBACK_1)
@@ -171,8 +200,11 @@ def test_the_server_refuses_loopback_with_one_error_text_and_no_connection(tiny_
         closed.close()
         errors = []
         for port in (listener.port, closed_port):
-            r = httpx.post(s.url + "/v1/chat/completions", timeout=30,
-                           json={"model": "tiny", "messages": _image_msg(f"http://127.0.0.1:{port}/a.png")})  # fmt: skip
+            r = httpx.post(
+                s.url + "/v1/chat/completions",
+                timeout=30,
+                json={"model": "tiny", "messages": _image_msg(f"http://127.0.0.1:{port}/a.png")},
+            )
             assert r.status_code == 400
             errors.append(r.json()["error"])
         assert errors[0] == errors[1] and errors[0]["message"] == FETCH_FAILED  # no open/closed port oracle
@@ -183,7 +215,7 @@ def test_the_server_refuses_loopback_with_one_error_text_and_no_connection(tiny_
 
 
 def test_slow_image_hosts_do_not_hold_text_requests(tiny_model_dir, web, monkeypatch):
-    srv, base = web
+    _srv, base = web
 
     def trickle():
         for _ in range(50):
@@ -197,8 +229,11 @@ def test_slow_image_hosts_do_not_hold_text_requests(tiny_model_dir, web, monkeyp
 
         def slow(i):
             parts = [{"type": "image_url", "image_url": {"url": f"{base}/slow{k}"}} for k in range(8)]
-            return httpx.post(s.url + "/v1/chat/completions", timeout=30,
-                              json={"model": "tiny", "messages": [{"role": "user", "content": parts}]})  # fmt: skip
+            return httpx.post(
+                s.url + "/v1/chat/completions",
+                timeout=30,
+                json={"model": "tiny", "messages": [{"role": "user", "content": parts}]},
+            )
 
         threads = [threading.Thread(target=slow, args=(i,)) for i in range(8)]
         for t in threads:

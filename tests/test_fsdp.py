@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader
-
 from train_data import write_colors
 
 PY = sys.executable
@@ -38,9 +37,24 @@ def _losses(run: Path) -> list[float]:
 
 
 def _run(init: Path, data: Path, out: Path, **kw) -> dict:
-    base = dict(init=str(init), stage=2, data=[{"path": str(data / "train.jsonl"), "weight": 3}, {"path": str(data / "text.jsonl")}],
-                seq_len=256, micro_batch_size=1, grad_accum=1, pack=False, steps=4, lr=3e-3, min_lr=3e-4, warmup_steps=1,
-                max_tiles=2, out_dir=str(out), save_every=1000, log_every=1000, device="cpu")  # fmt: skip
+    base = dict(
+        init=str(init),
+        stage=2,
+        data=[{"path": str(data / "train.jsonl"), "weight": 3}, {"path": str(data / "text.jsonl")}],
+        seq_len=256,
+        micro_batch_size=1,
+        grad_accum=1,
+        pack=False,
+        steps=4,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=1,
+        max_tiles=2,
+        out_dir=str(out),
+        save_every=1000,
+        log_every=1000,
+        device="cpu",
+    )
     return {**base, **kw}
 
 
@@ -92,8 +106,13 @@ def test_kill_9_mid_step_and_mid_save_then_resume_and_reshard(tiny_model_dir, tm
     _check(_torchrun(2, SCRIPT, "train", json.dumps([cfg])))
     ckpt = tmp_path / "straight" / "checkpoints" / "step_00000012"
     names = sorted(p.name for p in ckpt.iterdir())
-    assert names == ["rank_00000.json", "rank_00001.json", "shard-00001-model-00001-of-00001.safetensors",
-                     "shard-00002-model-00001-of-00001.safetensors", "state.json"]  # fmt: skip
+    assert names == [
+        "rank_00000.json",
+        "rank_00001.json",
+        "shard-00001-model-00001-of-00001.safetensors",
+        "shard-00002-model-00001-of-00001.safetensors",
+        "state.json",
+    ]
     # no rank holds a full copy: each part has about half of the trained rows
     sizes = [(ckpt / n).stat().st_size for n in names if n.endswith(".safetensors")]
     assert max(sizes) < 0.75 * sum(sizes)
@@ -122,7 +141,7 @@ def test_kill_9_mid_step_and_mid_save_then_resume_and_reshard(tiny_model_dir, tm
             seen_tmp = True
         else:  # between two saves
             n = len(_losses(run))
-            _wait_for(lambda: (run / "metrics.jsonl").is_file() and len(_losses(run)) > n)
+            _wait_for(lambda: (run / "metrics.jsonl").is_file() and len(_losses(run)) > n)  # noqa: B023 (called now)
         _kill(proc)
         assert len(_losses(run)) < 12, "the run finished before it could be killed"
     assert seen_tmp
@@ -186,7 +205,9 @@ def test_build_fills_the_checkpoint_and_keeps_frozen_weights_in_their_dtype(tiny
     x2, _, _ = build(
         TrainConfig(init=str(tiny_model_dir), arch="X", stage=1, data=[{"path": "x.jsonl"}]), torch.device("cpu"), 1
     )
-    assert all(torch.equal(a, b) for a, b in zip(x1.xattn_layers.parameters(), x2.xattn_layers.parameters()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(x1.xattn_layers.parameters(), x2.xattn_layers.parameters(), strict=True)
+    )
     assert x1.xattn_layers[0].attn.q_proj.weight.std() > 0 and float(x1.xattn_layers[0].attn_gate.detach()) == 0.0
 
     with torch.device("meta"):
@@ -202,8 +223,10 @@ def test_background_saves_hold_the_state_of_their_step(tiny_model_dir, tmp_path)
     one a blocking save writes at that step, and only complete ones are ever visible. (NVLM-D, with steps where
     one rank's row has an image and the other's none: the ViT must be gathered before the embeddings on both.)"""
     data = write_colors(tmp_path / "data", wide=True)
-    runs = [_run(tiny_model_dir, data, tmp_path / name, steps=6, save_every=2, keep_last=3, async_save=name == "async")
-            for name in ("blocking", "async")]  # fmt: skip
+    runs = [
+        _run(tiny_model_dir, data, tmp_path / name, steps=6, save_every=2, keep_last=3, async_save=name == "async")
+        for name in ("blocking", "async")
+    ]
     _check(_torchrun(2, SCRIPT, "train", json.dumps(runs)))
     assert _losses(tmp_path / "async") == _losses(tmp_path / "blocking")
     for step in (2, 4, 6):
@@ -213,5 +236,8 @@ def test_background_saves_hold_the_state_of_their_step(tiny_model_dir, tmp_path)
         for k in ref:
             assert torch.equal(ours[k], ref[k]), (step, k)
         assert sorted(p.name for p in (tmp_path / "async" / "checkpoints" / f"step_{step:08d}").glob("*.json")) == [
-            "rank_00000.json", "rank_00001.json", "state.json"]  # fmt: skip
+            "rank_00000.json",
+            "rank_00001.json",
+            "state.json",
+        ]
     assert not list((tmp_path / "async" / "checkpoints").glob("*.tmp"))

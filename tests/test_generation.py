@@ -48,8 +48,9 @@ def test_batch_of_different_lengths_equals_one_by_one(model):
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     batched = model.generate(ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
     for row, p in enumerate(prompts):
-        single = model.generate(torch.tensor([p]), pixel_values=pixels if IMAGE_TOKEN_ID in p else None,
-                                max_new_tokens=8, eos_token_id=[])  # fmt: skip
+        single = model.generate(
+            torch.tensor([p]), pixel_values=pixels if IMAGE_TOKEN_ID in p else None, max_new_tokens=8, eos_token_id=[]
+        )
         assert batched[row].tolist() == single[0].tolist()
 
 

@@ -17,12 +17,14 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))  # `reference.*`, as conftest does
 
-from reference.model_card import dynamic_preprocess, find_closest_aspect_ratio  # noqa: E402
-from reference.model_card import load_image as card_load_image  # noqa: E402
+import itertools
 
-import nvlm.image as nvlm_image  # noqa: E402
-from nvlm.presets import preset  # noqa: E402
-from nvlm.image import DEFAULT_MAX_PIXELS, ImageError, ImageProcessor, load_image  # noqa: E402
+from reference.model_card import dynamic_preprocess, find_closest_aspect_ratio
+from reference.model_card import load_image as card_load_image
+
+import nvlm.image as nvlm_image
+from nvlm.image import DEFAULT_MAX_PIXELS, ImageError, ImageProcessor, load_image
+from nvlm.presets import preset
 
 RNG = np.random.default_rng(1234)
 
@@ -52,10 +54,29 @@ def test_matches_card_at_448(size):
 
 
 SMALL_SIZES = [
-    (1, 1), (1, 500), (500, 1), (2, 3), (55, 56), (56, 56), (57, 56), (56, 57), (79, 79), (80, 80),
-    (112, 56), (56, 112), (168, 112), (300, 40), (40, 300), (123, 77), (77, 123), (200, 200), (400, 70),
-    (1000, 30), (30, 1000), (333, 111),
-]  # fmt: skip
+    (1, 1),
+    (1, 500),
+    (500, 1),
+    (2, 3),
+    (55, 56),
+    (56, 56),
+    (57, 56),
+    (56, 57),
+    (79, 79),
+    (80, 80),
+    (112, 56),
+    (56, 112),
+    (168, 112),
+    (300, 40),
+    (40, 300),
+    (123, 77),
+    (77, 123),
+    (200, 200),
+    (400, 70),
+    (1000, 30),
+    (30, 1000),
+    (333, 111),
+]
 
 
 @pytest.mark.parametrize("max_tiles,thumb", [(6, True), (12, True), (12, False), (1, True), (2, True)])
@@ -70,7 +91,7 @@ def tie_sizes(tile: int, max_tiles: int) -> list[tuple[int, int]]:
     grids = ImageProcessor(tile, max_tiles).grids
     ratios = sorted({Fraction(i, j) for i, j in grids})
     out = {(1, 1)}
-    for lo, hi in [*zip(ratios, ratios[1:]), *((r, r) for r in ratios)]:
+    for lo, hi in [*itertools.pairwise(ratios), *((r, r) for r in ratios)]:
         mid = (lo + hi) / 2
         w0, h0 = mid.numerator, mid.denominator
         if abs(w0 / h0 - lo) != abs(w0 / h0 - hi):
@@ -103,9 +124,12 @@ def test_matches_card_on_aspect_ties(max_tiles):
 def card_ratios(min_num: int, max_num: int) -> list[tuple[int, int]]:
     """The candidate list exactly as the card's dynamic_preprocess builds it."""
     target_ratios = set(
-        (i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+        (i, j)
+        for n in range(min_num, max_num + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
         if i * j <= max_num and i * j >= min_num
-    )  # fmt: skip
+    )
     return sorted(target_ratios, key=lambda x: x[0] * x[1])
 
 
@@ -121,8 +145,10 @@ def test_grid_tie_rule_matches_card():
 def _mode_images() -> dict[str, Image.Image]:
     base = noise(150, 100)
     u16 = RNG.integers(0, 65536, (100, 150), dtype=np.uint16)
-    images = {m: base.convert(m) for m in ["RGBA", "L", "LA", "P", "PA", "CMYK", "1", "I", "F", "RGBX",
-                                           "RGBa", "YCbCr", "LAB", "HSV"]}  # fmt: skip
+    images = {
+        m: base.convert(m)
+        for m in ["RGBA", "L", "LA", "P", "PA", "CMYK", "1", "I", "F", "RGBX", "RGBa", "YCbCr", "LAB", "HSV"]
+    }
     rgba = np.asarray(base.convert("RGBA")).copy()
     rgba[..., 3] = RNG.integers(0, 256, (100, 150), dtype=np.uint8)  # real transparency
     images["RGBA+alpha"] = Image.fromarray(rgba)
@@ -195,9 +221,21 @@ def _resize(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
 
 def test_banded_resize_is_pils_resize(bands_always):
     rule = nvlm_image._pass_order()
-    cases = [(640, 480, 168, 112), (300, 200, 56, 56), (40, 120, 56, 336), (120, 40, 100, 10), (7, 900, 3, 50),
-             (5, 503, 5, 60), (9, 9, 1, 1), (1, 1, 56, 56), (200, 100, 210, 20), (100, 100, 90, 79),
-             (100, 100, 90, 80), (100, 100, 90, 81), (3, 301, 2, 300)]  # fmt: skip
+    cases = [
+        (640, 480, 168, 112),
+        (300, 200, 56, 56),
+        (40, 120, 56, 336),
+        (120, 40, 100, 10),
+        (7, 900, 3, 50),
+        (5, 503, 5, 60),
+        (9, 9, 1, 1),
+        (1, 1, 56, 56),
+        (200, 100, 210, 20),
+        (100, 100, 90, 79),
+        (100, 100, 90, 80),
+        (100, 100, 90, 81),
+        (3, 301, 2, 300),
+    ]
     seen = set()
     for W, H, w, h in cases:
         image = noise(W, H)
@@ -209,8 +247,11 @@ def test_banded_resize_is_pils_resize(bands_always):
 def test_matches_card_with_bands(bands_always):
     for size in SMALL_SIZES + tie_sizes(56, 6)[::3]:
         assert_matches_card(noise(*size), tile=56, max_tiles=6)
-    for image in [noise(170, 60).convert("P"), noise(60, 170).convert("CMYK"),
-                  Image.fromarray(RNG.integers(0, 65536, (60, 170), dtype=np.uint16))]:  # fmt: skip
+    for image in [
+        noise(170, 60).convert("P"),
+        noise(60, 170).convert("CMYK"),
+        Image.fromarray(RNG.integers(0, 65536, (60, 170), dtype=np.uint16)),
+    ]:
         assert_matches_card(image, tile=56)
 
 
@@ -238,8 +279,22 @@ def test_works_in_a_forked_child(bands_always):
 def test_grid_and_crops():
     proc = ImageProcessor()
     # the paper's 14 ratios, in the card's order (by tile count; ties in CPython's set order)
-    assert proc.grids == [(1, 1), (1, 2), (2, 1), (3, 1), (1, 3), (4, 1), (1, 4), (2, 2), (1, 5), (5, 1), (6, 1),
-                          (2, 3), (1, 6), (3, 2)]  # fmt: skip
+    assert proc.grids == [
+        (1, 1),
+        (1, 2),
+        (2, 1),
+        (3, 1),
+        (1, 3),
+        (4, 1),
+        (1, 4),
+        (2, 2),
+        (1, 5),
+        (5, 1),
+        (6, 1),
+        (2, 3),
+        (1, 6),
+        (3, 2),
+    ]
     assert proc.grid(448, 448) == (1, 1) and proc.num_crops(448, 448) == 1  # one tile: no thumbnail
     assert proc.grid(633, 633) == (1, 1) and proc.num_crops(633, 633) == 1  # 1:1 vs 2:2 tie, area too small
     assert proc.grid(634, 634) == (2, 2) and proc.num_crops(634, 634) == 5  # ... area > 2 * 448^2
@@ -352,10 +407,10 @@ def test_truncated(tmp_path, fmt):
     data = _encoded(fmt)
     path = tmp_path / f"cut.{fmt.lower()}"
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ImageError, match="(?i)truncated") as e:
+    with pytest.raises(ImageError, match=r"(?i)truncated") as e:
         load_image(path)
     assert path.name in str(e.value)
-    with pytest.raises(ImageError, match="(?i)truncated"):
+    with pytest.raises(ImageError, match=r"(?i)truncated"):
         load_image(data[: len(data) * 3 // 4])
 
 
@@ -367,7 +422,7 @@ def test_zero_sized(tmp_path):
             load_image(Image.new("RGB", (w, h)))
     path = tmp_path / "empty.png"
     path.write_bytes(_png(0, 7))
-    with pytest.raises(ImageError, match="zero-sized .*0x7") as e:
+    with pytest.raises(ImageError, match=r"zero-sized .*0x7") as e:
         load_image(path)
     assert "empty.png" in str(e.value)
 

@@ -46,8 +46,21 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 
 # Optional extras (pyproject.toml's server / train / eval / quant / dev extras, and what they bring): a function
 # may import these, or a module of ours that imports one of them at its top.
-EXTRAS = {"fastapi", "starlette", "uvicorn", "pydantic", "yaml", "tqdm", "torchao", "pyarrow", "transformers",
-          "matplotlib", "pycocoevalcap", "anls", "torch.utils.tensorboard"}  # fmt: skip
+EXTRAS = {
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "pydantic",
+    "yaml",
+    "tqdm",
+    "torchao",
+    "pyarrow",
+    "transformers",
+    "matplotlib",
+    "pycocoevalcap",
+    "anls",
+    "torch.utils.tensorboard",
+}
 
 NO_TORCH = ("nvlm", "nvlm.config", "nvlm.presets", "nvlm.hf_config")
 
@@ -114,8 +127,12 @@ def _graph() -> dict[str, set[str]]:
 
 def _layer_of(mod: str) -> int:
     rel = MODULES[mod].relative_to(PACKAGE).as_posix()
-    found = [i for i, (_, entries) in enumerate(LAYERS) for e in entries if rel == e or (e.endswith("/") and
-             rel.startswith(e))]  # fmt: skip
+    found = [
+        i
+        for i, (_, entries) in enumerate(LAYERS)
+        for e in entries
+        if rel == e or (e.endswith("/") and rel.startswith(e))
+    ]
     assert len(found) == 1, f"nvlm/{rel} is in {len(found)} layers of LAYERS, not one"
     return found[0]
 
@@ -139,9 +156,9 @@ def test_no_import_cycle() -> None:
         state[mod] = "open"
         for dep in sorted(graph[mod]):
             if state.get(dep) == "open":
-                cycles.append(" -> ".join(path[path.index(dep) :] + [mod, dep]))
+                cycles.append(" -> ".join([*path[path.index(dep) :], mod, dep]))
             elif dep not in state:
-                visit(dep, path + [mod])
+                visit(dep, [*path, mod])
         state[mod] = "done"
 
     for mod in sorted(graph):
@@ -151,8 +168,12 @@ def test_no_import_cycle() -> None:
 
 
 def test_imports_go_down_the_layers() -> None:
-    upward = [f"{mod} ({LAYERS[_layer_of(mod)][0]}) imports {dep} ({LAYERS[_layer_of(dep)][0]})"
-              for mod, deps in _graph().items() for dep in sorted(deps) if _layer_of(dep) > _layer_of(mod)]  # fmt: skip
+    upward = [
+        f"{mod} ({LAYERS[_layer_of(mod)][0]}) imports {dep} ({LAYERS[_layer_of(dep)][0]})"
+        for mod, deps in _graph().items()
+        for dep in sorted(deps)
+        if _layer_of(dep) > _layer_of(mod)
+    ]
     assert not upward, "imports from a higher layer:\n" + "\n".join(upward)
 
 
@@ -169,8 +190,12 @@ def test_function_level_imports_only_of_extras() -> None:
         return any(target == e or target.startswith(e + ".") for e in EXTRAS)
 
     gated = {m for m, f in MODULES.items() if any(is_extra(t) for t in _imports(f)[0])}  # ours that need an extra
-    found = [f"{file.relative_to(ROOT)}:{line}: {target}" for mod, file in MODULES.items()
-             for line, target in _imports(file)[1] if not is_extra(target) and target not in gated]  # fmt: skip
+    found = [
+        f"{file.relative_to(ROOT)}:{line}: {target}"
+        for mod, file in MODULES.items()
+        for line, target in _imports(file)[1]
+        if not is_extra(target) and target not in gated
+    ]
     assert not found, f"{len(found)} imports inside functions:\n" + "\n".join(found)
 
 
@@ -187,8 +212,13 @@ def test_architectures_are_told_apart_only_in_arch_py() -> None:
             if isinstance(node, ast.Compare):
                 sides = [node.left, *node.comparators]
                 values = [s.value for s in sides if isinstance(s, ast.Constant)]
-                values += [e.value for s in sides if isinstance(s, (ast.Tuple, ast.List, ast.Set)) for e in s.elts
-                           if isinstance(e, ast.Constant)]  # fmt: skip
+                values += [
+                    e.value
+                    for s in sides
+                    if isinstance(s, (ast.Tuple, ast.List, ast.Set))
+                    for e in s.elts
+                    if isinstance(e, ast.Constant)
+                ]
                 hit = names & set(values)
             elif isinstance(node, ast.Dict):
                 hit = names & {k.value for k in node.keys if isinstance(k, ast.Constant)}

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from loader_data import FailingImages, loader, processor, write_data
+
 from nvlm.data.blend import Blend
 from nvlm.data.loader import reshard
 
@@ -29,7 +29,7 @@ def sources(tmp_path_factory):
 
 def _assert_same(a: list, b: list) -> None:
     assert len(a) == len(b)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x.keys() == y.keys()
         for k in x:
             assert x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]), k
@@ -101,8 +101,10 @@ def test_resume_from_mid_stream_with_an_example_waiting(sources):
 
 
 def test_reshard_rule():
-    saved = [{"position": 40, "drawn": [10, 30], "skipped": {"image": 2}, "rank": 0, "world_size": 2},
-             {"position": 31, "drawn": [8, 23], "skipped": {"image": 1, "too long": 4}, "rank": 1, "world_size": 2}]  # fmt: skip
+    saved = [
+        {"position": 40, "drawn": [10, 30], "skipped": {"image": 2}, "rank": 0, "world_size": 2},
+        {"position": 31, "drawn": [8, 23], "skipped": {"image": 1, "too long": 4}, "rank": 1, "world_size": 2},
+    ]
     assert reshard(saved, 2) == saved
     one = reshard(saved, 1)
     assert one == [
@@ -174,12 +176,14 @@ def test_a_state_of_another_world_size_needs_reshard(sources):
 
 
 def test_a_worker_that_raises_or_dies_is_a_clear_error(sources):
-    with loader(sources, num_workers=2, processor=processor(FailingImages)) as data_loader:
-        with pytest.raises(
+    with (
+        loader(sources, num_workers=2, processor=processor(FailingImages)) as data_loader,
+        pytest.raises(
             RuntimeError, match=r"data worker \d of rank 0 failed on .*train\.jsonl line \d: RuntimeError: boom"
-        ):
-            for _ in range(20):
-                data_loader()
+        ),
+    ):
+        for _ in range(20):
+            data_loader()
     with loader(sources, num_workers=2) as data_loader:
         data_loader()
         os.kill(data_loader.blend._procs[1].pid, signal.SIGKILL)
@@ -206,8 +210,11 @@ def test_no_process_is_left_after_ctrl_c_or_kill_9(tmp_path):
     runs = {}
     for mode in ("interrupt", "wait"):
         (tmp_path / mode).mkdir()
-        runs[mode] = subprocess.Popen([PY, str(HERE / "loader_data.py"), mode, str(tmp_path / mode), str(tmp_path / mode)],
-                                      env=ENV, stderr=subprocess.PIPE)  # fmt: skip
+        runs[mode] = subprocess.Popen(
+            [PY, str(HERE / "loader_data.py"), mode, str(tmp_path / mode), str(tmp_path / mode)],
+            env=ENV,
+            stderr=subprocess.PIPE,
+        )
     pids = {}
     for mode, proc in runs.items():
         deadline = time.time() + 60

@@ -77,8 +77,9 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("pp", [1, 2])
 def test_converted_logits_equal_megatrons_forward(tmp_path: Path, tok_dir: Path, tp: int, pp: int) -> None:
     """Every TP x PP layout, TE 1.x and 2.x extra states, iter_* and release, stale PP in the split files' args."""
-    ranks = write_megatron(tmp_path, CFG, tp, pp, seed=tp + 10 * pp, te_major=2 if tp == 2 else 1,
-                           release=tp == 4, stale_pp_args=pp == 2)  # fmt: skip
+    ranks = write_megatron(
+        tmp_path, CFG, tp, pp, seed=tp + 10 * pp, te_major=2 if tp == 2 else 1, release=tp == 4, stale_pp_args=pp == 2
+    )
     model = NVLM.from_pretrained(tmp_path, tokenizer=tok_dir, config=CFG)
     assert model.config.projector.norm_eps == 1e-6  # Megatron's --norm-epsilon, not nn.LayerNorm's 1e-5
     _assert_matches(model, ranks, tp, pp)
@@ -240,21 +241,37 @@ def _broken(root: Path, kind: str) -> None:
     if kind == "other TP":  # a rank file of a TP 4 checkpoint in place of rank 1
         other = root.parent / "tp4"
         write_megatron(other, CFG, 4, 2)
-        shutil.copy(other / "iter_0031500" / "mp_rank_01_001" / "model_optim_rng.pt",
-                    root / "iter_0031500" / "mp_rank_01_001" / "model_optim_rng.pt")  # fmt: skip
+        shutil.copy(
+            other / "iter_0031500" / "mp_rank_01_001" / "model_optim_rng.pt",
+            root / "iter_0031500" / "mp_rank_01_001" / "model_optim_rng.pt",
+        )
 
 
 @pytest.mark.parametrize(
     "kind, message",
     [
-        ("unknown", r"mp_rank_00_001/model_optim_rng.pt: unknown tensor 'language_model.decoder.layers.0.mlp.router.weight'"),
-        ("missing", r"mp_rank_00_001/model_optim_rng.pt: missing tensor 'language_model.decoder.layers.1.self_attention.linear_qkv.weight'"),
-        ("one rank lacks it", r"mp_rank_01_001/model_optim_rng.pt: tensor 'language_model.decoder.layers.1.self_attention"),
-        ("shape", r"mp_rank_01_001/model_optim_rng.pt: tensor 'language_model.decoder.layers.1.self_attention.linear_qkv.weight' has shape \(56, 64\), expected \(64, 64\)"),
+        (
+            "unknown",
+            r"mp_rank_00_001/model_optim_rng.pt: unknown tensor 'language_model.decoder.layers.0.mlp.router.weight'",
+        ),
+        (
+            "missing",
+            r"mp_rank_00_001/model_optim_rng.pt: missing tensor "
+            r"'language_model.decoder.layers.1.self_attention.linear_qkv.weight'",
+        ),
+        (
+            "one rank lacks it",
+            r"mp_rank_01_001/model_optim_rng.pt: tensor 'language_model.decoder.layers.1.self_attention",
+        ),
+        (
+            "shape",
+            r"mp_rank_01_001/model_optim_rng.pt: tensor 'language_model.decoder.layers.1.self_attention.linear_qkv."
+            r"weight' has shape \(56, 64\), expected \(64, 64\)",
+        ),
         ("rank dir", r"mp_rank_01_001 is missing from the 2 x 2"),
         ("other TP", r"mp_rank_01_001/model_optim_rng.pt: args say TP 4, the directory holds 2 TP ranks"),
     ],
-)  # fmt: skip
+)
 def test_bad_file_sets_name_the_tensor_and_file(tmp_path: Path, tok_dir: Path, kind: str, message: str) -> None:
     _broken(tmp_path / "ck", kind)
     with pytest.raises(CheckpointError, match=message):
@@ -272,7 +289,7 @@ def test_layouts_found(tmp_path: Path, tok_dir: Path, mcore_tp2) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
     shutil.copytree(download / "checkpoints" / "iter_0031500", download / "checkpoints" / "iter_0000100")
     (download / "checkpoints" / "latest_checkpointed_iteration.txt").unlink()
-    with pytest.raises(CheckpointError, match="no latest_checkpointed_iteration.txt, and 2 iteration directories"):
+    with pytest.raises(CheckpointError, match=r"no latest_checkpointed_iteration\.txt, and 2 iteration directories"):
         NVLM.from_pretrained(download, tokenizer=tok_dir, config=CFG)
 
 

@@ -48,15 +48,30 @@ def test_a_field_of_another_type_is_refused() -> None:
     class Bad:
         items: list[str] = option(help="no option for a list")
 
-    with pytest.raises(TypeError, match="Bad.items"):
+    with pytest.raises(TypeError, match=r"Bad\.items"):
         add_options(argparse.ArgumentParser(), Bad)
 
 
 def test_nvlm_eval_options_are_evalconfigs_fields() -> None:
     args = build_parser().parse_args(["eval", "--model", "m", "--tasks", "chartqa"])
     assert from_args(EvalConfig, args, tasks=["chartqa"]) == EvalConfig(model="m", tasks=["chartqa"])
-    args = build_parser().parse_args(["eval", "--model", "m", "--tasks", "x", "--batch-size", "3", "--profile", "nvlm",
-                                      "--quantize", "int8", "--merge-timeout", "9"])  # fmt: skip
+    args = build_parser().parse_args(
+        [
+            "eval",
+            "--model",
+            "m",
+            "--tasks",
+            "x",
+            "--batch-size",
+            "3",
+            "--profile",
+            "nvlm",
+            "--quantize",
+            "int8",
+            "--merge-timeout",
+            "9",
+        ]
+    )
     cfg = from_args(EvalConfig, args, tasks=["x"])
     assert (cfg.batch_size, cfg.profile, cfg.quantize, cfg.merge_timeout) == (3, "nvlm", "int8", 9.0)
 
@@ -64,8 +79,23 @@ def test_nvlm_eval_options_are_evalconfigs_fields() -> None:
 def test_nvlm_serve_limits_are_limits_fields() -> None:
     args = build_parser().parse_args(["serve", "--model", "m"])
     assert from_args(Limits, args, max_body_bytes=args.max_body_mb * MIB) == Limits()
-    args = build_parser().parse_args(["serve", "--model", "m", "--timeout", "5", "--image-dir", "/x",
-                                      "--allow-remote-images", "--max-queue", "3", "--max-body-mb", "1"])  # fmt: skip
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--model",
+            "m",
+            "--timeout",
+            "5",
+            "--image-dir",
+            "/x",
+            "--allow-remote-images",
+            "--max-queue",
+            "3",
+            "--max-body-mb",
+            "1",
+        ]
+    )
     limits = from_args(Limits, args, max_body_bytes=args.max_body_mb * MIB)
-    assert limits == Limits(max_body_bytes=MIB, max_queue=3, timeout_s=5.0, allow_remote_images=True,
-                            local_image_dir="/x")  # fmt: skip
+    assert limits == Limits(
+        max_body_bytes=MIB, max_queue=3, timeout_s=5.0, allow_remote_images=True, local_image_dir="/x"
+    )

@@ -63,8 +63,14 @@ def test_greedy_decoding_matches_hf_generate(nvlm_d_dir, reference):
     ours = model.generate(ids, pixel_values=pixels, max_new_tokens=12, eos_token_id=[])
     embeds = reference.llm.get_input_embeddings()(ids).detach().clone()
     embeds[ids == IMAGE_TOKEN_ID] = reference.image_features(pixels).reshape(-1, 64)
-    hf = reference.llm.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=12,
-                                do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
+    hf = reference.llm.generate(
+        inputs_embeds=embeds,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     assert ours.tolist() == hf.tolist()
 
 
@@ -77,11 +83,20 @@ def test_llama_family_matches_transformers_llama():
 
     cfg = preset("tiny-d-llama").llm
     torch.manual_seed(0)
-    ref = LlamaForCausalLM(LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps, attention_bias=False, tie_word_embeddings=False,
-    )).eval()  # fmt: skip
+    ref = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads,
+            rope_theta=cfg.rope_theta,
+            rms_norm_eps=cfg.rms_norm_eps,
+            attention_bias=False,
+            tie_word_embeddings=False,
+        )
+    ).eval()
     with torch.no_grad():
         for p in ref.parameters():
             p.copy_(0.15 * torch.randn_like(p))

@@ -2,6 +2,7 @@
 fit, activations against what autograd really saves, the CLI (config.json only), and a measured CPU peak."""
 
 import contextlib
+import itertools
 import json
 import os
 import sys
@@ -76,7 +77,7 @@ def test_frozen_parameters_get_no_gradient_or_optimizer_state():
 def test_more_devices_need_less_memory_each_and_hsdp_shards_within_a_node():
     cfg, train = preset("nvlm-x-72b"), TrainConfig.load(RECIPES / "nvlm-x-72b-sft.yaml", ["--init", "null"])
     plans = [plan(cfg, train, n, 80) for n in (8, 16, 32, 64)]
-    for a, b in zip(plans, plans[1:]):
+    for a, b in itertools.pairwise(plans):
         assert b.parameters < a.parameters and b.optimizer < a.optimizer and b.total < a.total
         assert b.optimizer == pytest.approx(a.optimizer / 2, rel=1e-3)
         assert b.activations == a.activations  # per-device micro-batch: unchanged
@@ -117,8 +118,16 @@ def test_activation_count_matches_what_autograd_saves(arch, stage, kind):
     processor = Processor(
         build_tiny_tokenizer(), ImageProcessor(tile_size=56, max_tiles=2, min_tiles=1, use_thumbnail=True), cfg
     )
-    messages = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (112, 56), (200, 10, 10))},
-                                             {"type": "text", "text": "Color?"}]}, {"role": "assistant", "content": "red"}]  # fmt: skip
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": Image.new("RGB", (112, 56), (200, 10, 10))},
+                {"type": "text", "text": "Color?"},
+            ],
+        },
+        {"role": "assistant", "content": "red"},
+    ]
     batch = collate(processor, [[encode_example(processor, messages, 96)]] * 2, 96)
     targets = batch.pop("targets")
     for key in ("pixel_values", "memory_pixel_values"):
@@ -185,9 +194,28 @@ def test_measured_cpu_peak_agrees_with_the_plan(tmp_path):
     NVLM(cfg).save_pretrained(tmp_path / "model")
     build_tiny_tokenizer().save(tmp_path / "model")
     data = write_data(tmp_path / "data")
-    args = ["--init", str(tmp_path / "model"), "--stage", "2", "--data", json.dumps([{"path": str(data)}]),
-            "--device", "cpu", "--steps", "2", "--seq_len", "256", "--max_tiles", "2", "--micro_batch_size", "1",
-            "--warmup_steps", "1", "--save_every", "1000000"]  # fmt: skip
+    args = [
+        "--init",
+        str(tmp_path / "model"),
+        "--stage",
+        "2",
+        "--data",
+        json.dumps([{"path": str(data)}]),
+        "--device",
+        "cpu",
+        "--steps",
+        "2",
+        "--seq_len",
+        "256",
+        "--max_tiles",
+        "2",
+        "--micro_batch_size",
+        "1",
+        "--warmup_steps",
+        "1",
+        "--save_every",
+        "1000000",
+    ]
     measured = run(1, args, tmp_path / "run", {**os.environ, "OMP_NUM_THREADS": "2"})["train"] - baseline_mib()
     predicted = plan(cfg, TrainConfig.load(None, args), 1, 24).total / 2**20
     assert measured == pytest.approx(predicted, rel=0.25)

@@ -45,10 +45,10 @@ def test_image_strings(proc: Processor) -> None:
         proc.image_string(0)
 
 
-@pytest.mark.parametrize("size, crops, tags", [
-    ((56, 56), 1, ["<tile_global_thumbnail>"]),
-    ((112, 56), 3, ["<tile_1>", "<tile_2>", "<tile_global_thumbnail>"]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "size, crops, tags",
+    [((56, 56), 1, ["<tile_global_thumbnail>"]), ((112, 56), 3, ["<tile_1>", "<tile_2>", "<tile_global_thumbnail>"])],
+)
 def test_one_image(proc: Processor, size: tuple[int, int], crops: int, tags: list[str]) -> None:
     out = proc(f"<image>\n{Q}", [image(*size)])
     assert set(out) == {"input_ids", "attention_mask", "pixel_values"}
@@ -99,12 +99,15 @@ def test_no_images_no_pixel_values(proc: Processor) -> None:
     assert set(out.to("cpu")) == set(out)
 
 
-@pytest.mark.parametrize("text, images, match", [
-    ("<image>\n<image>\nQ", [image(56, 56)], "2 <image> placeholders but 1 images"),
-    ("Q", [image(56, 56)], "0 <image> placeholders but 1 images"),
-    (["<image>\nQ", "Q"], [[], [image(56, 56)]], "prompt 0 has 1 <image> placeholders but 0 images"),
-    (["<image>\nQ", "Q"], [[image(56, 56)]], "2 prompts but 1 per-prompt"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text, images, match",
+    [
+        ("<image>\n<image>\nQ", [image(56, 56)], "2 <image> placeholders but 1 images"),
+        ("Q", [image(56, 56)], "0 <image> placeholders but 1 images"),
+        (["<image>\nQ", "Q"], [[], [image(56, 56)]], "prompt 0 has 1 <image> placeholders but 0 images"),
+        (["<image>\nQ", "Q"], [[image(56, 56)]], "2 prompts but 1 per-prompt"),
+    ],
+)
 def test_count_mismatch(proc: Processor, text: object, images: list, match: str) -> None:
     with pytest.raises(PromptError, match=match):
         proc(text, images)

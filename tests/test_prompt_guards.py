@@ -56,8 +56,16 @@ def test_encode_counts_image_tokens_even_if_a_text_check_is_missed(proc, monkeyp
     assert len(proc.encode("a <image> b", [1]).input_ids) > 4
 
 
-TEXTS = ["hello world", " " * 500, "-" * 300 + "\n" * 40, "naïve café e\u0301\u0301", "한국어 텍스트 \u1100\u1161\u11a8",
-         "数字 12345 😀😀😀", "<|im_start|><|im_end|>" * 5, "".join(chr(c) for c in range(32, 2000))]  # fmt: skip
+TEXTS = [
+    "hello world",
+    " " * 500,
+    "-" * 300 + "\n" * 40,
+    "naïve café e\u0301\u0301",
+    "한국어 텍스트 \u1100\u1161\u11a8",
+    "数字 12345 😀😀😀",
+    "<|im_start|><|im_end|>" * 5,
+    "".join(chr(c) for c in range(32, 2000)),
+]
 
 
 @pytest.mark.parametrize("text", TEXTS, ids=range(len(TEXTS)))

@@ -15,20 +15,20 @@ import torch
 
 pytest.importorskip("torchao")
 
-from conftest import open_gates  # noqa: E402
+from conftest import open_gates
 
-from nvlm import NVLM, Processor, preset  # noqa: E402
-from nvlm.checkpoint import CheckpointError  # noqa: E402
+from nvlm import NVLM, Processor, preset
+from nvlm.checkpoint import CheckpointError
 from nvlm.quant import (
     QuantConfig,
     QuantizationError,
     Quantizer,
     int4_group_size,
-    is_quantized,  # noqa: E402
+    is_quantized,
     quantized_linears,
     storage_bytes,
 )
-from nvlm.tokenizer import build_tiny_tokenizer  # noqa: E402
+from nvlm.tokenizer import build_tiny_tokenizer
 
 AGREEMENT = {"int8": 0.99, "int4": 0.95}  # the share of held-out answers equal to bf16's, at least
 
@@ -99,8 +99,11 @@ def test_what_is_quantized_and_its_bytes(trained_dir):
     for fmt in ("int8", "int4"):
         model = NVLM.from_pretrained(trained_dir, quantize=fmt)
         linears = quantized_linears(model)
-        decoder = {n for n, m in model.named_modules()
-                   if isinstance(m, torch.nn.Linear) and n.startswith("language_model.model.layers.")}  # fmt: skip
+        decoder = {
+            n
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.startswith("language_model.model.layers.")
+        }
         assert set(linears) == decoder and len(decoder) == 7 * model.config.llm.num_layers
         for name, p in model.named_parameters():
             if not any(name == f"{n}.weight" for n in decoder):
@@ -123,9 +126,15 @@ def test_the_bf16_model_never_exists_whole(trained_dir, monkeypatch):
     original = Quantizer._quantize
 
     def watch(self, linear):
-        plain_counts.append(sum(isinstance(m, torch.nn.Linear) and n.startswith("language_model.model.layers.")
-                                and m.weight.device.type != "meta" and not is_quantized(m.weight)
-                                for n, m in self.model.named_modules()))  # fmt: skip
+        plain_counts.append(
+            sum(
+                isinstance(m, torch.nn.Linear)
+                and n.startswith("language_model.model.layers.")
+                and m.weight.device.type != "meta"
+                and not is_quantized(m.weight)
+                for n, m in self.model.named_modules()
+            )
+        )
         original(self, linear)
 
     monkeypatch.setattr(Quantizer, "_quantize", watch)
@@ -139,8 +148,10 @@ def test_a_setting_quantizes_the_vision_encoder_and_lm_head_too(trained_dir):
     assert "language_model.lm_head" in names and "mlp1.1" in names
     assert "vision_model.encoder.layers.0.attn.qkv" in names  # called as a module: a quantized ViT runs
     proc = Processor.from_pretrained(trained_dir)
-    inputs = proc.apply_chat_template([{"role": "user", "content": [{"type": "image", "image": _image()}, {"type": "text", "text": "123>"}]}],
-                                      add_generation_prompt=True)  # fmt: skip
+    inputs = proc.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image", "image": _image()}, {"type": "text", "text": "123>"}]}],
+        add_generation_prompt=True,
+    )
     assert model.generate(**inputs, max_new_tokens=2).shape == (1, 2)
 
 
@@ -166,8 +177,10 @@ def test_x_and_h_batched_and_streamed_equal_alone_and_bf16(arch, trained_dir, tm
     assert any(n.startswith("xattn_layers.") for n in quantized_linears(q))
     proc = Processor.from_pretrained(tmp_path / arch)
     questions = [("345>", [_image()]), ("417> and more text", [_image((20, 200, 20), (50, 120))]), ("300>", [])]
-    convs = [[{"role": "user", "content": [{"type": "image", "image": im} for im in ims] + [{"type": "text", "text": t}]}]
-             for t, ims in questions]  # fmt: skip
+    convs = [
+        [{"role": "user", "content": [{"type": "image", "image": im} for im in ims] + [{"type": "text", "text": t}]}]
+        for t, ims in questions
+    ]
     params = {"max_new_tokens": 4, "eos_token_id": []}
     alone = [torch.stack(list(stream(q, **proc.apply_chat_template(c), **params)), 1)[0].tolist() for c in convs]
     batch = proc.apply_chat_template(convs)
@@ -177,7 +190,7 @@ def test_x_and_h_batched_and_streamed_equal_alone_and_bf16(arch, trained_dir, tm
 
 
 def test_errors_are_clear_and_come_before_loading(trained_dir, monkeypatch):
-    with pytest.raises(QuantizationError, match="fp8.*CUDA.*8.9"):
+    with pytest.raises(QuantizationError, match=r"fp8.*CUDA.*8\.9"):
         NVLM.from_pretrained(trained_dir, quantize="fp8")
     with pytest.raises(QuantizationError, match="expected one of int8, int4, fp8"):
         NVLM.from_pretrained(trained_dir, quantize="int3")
@@ -197,15 +210,35 @@ def test_eval_and_chat_take_quantize(trained_dir):
 
     model, _ = load(EvalConfig(model=str(trained_dir), tasks=[], quantize="int4"))
     assert model.quantization.format == "int4" and quantized_linears(model)
-    done = subprocess.run([sys.executable, "-m", "nvlm.cli", "chat", "--model", str(trained_dir), "--quantize", "int8",
-                           "--max-new-tokens", "4", "213>"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nvlm.cli",
+            "chat",
+            "--model",
+            str(trained_dir),
+            "--quantize",
+            "int8",
+            "--max-new-tokens",
+            "4",
+            "213>",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     expected = Chat(NVLM.from_pretrained(trained_dir, quantize="int8"), Processor.from_pretrained(trained_dir)).ask(
         "213>", max_new_tokens=4
     )
     assert done.stdout.strip() == expected.strip()
-    bad = subprocess.run([sys.executable, "-m", "nvlm.cli", "chat", "--model", str(trained_dir), "--quantize", "fp8", "x"],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    bad = subprocess.run(
+        [sys.executable, "-m", "nvlm.cli", "chat", "--model", str(trained_dir), "--quantize", "fp8", "x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "fp8" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -216,9 +249,25 @@ def test_nvlm_serve_quantize_int8_streamed_and_batched_equal_alone(trained_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "nvlm.cli", "serve", "--model", str(trained_dir), "--port", str(port),
-                               "--quantize", "int8", "--served-model-name", "q"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nvlm.cli",
+            "serve",
+            "--model",
+            str(trained_dir),
+            "--port",
+            str(port),
+            "--quantize",
+            "int8",
+            "--served-model-name",
+            "q",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(600):
@@ -232,8 +281,9 @@ def test_nvlm_serve_quantize_int8_streamed_and_batched_equal_alone(trained_dir):
 
         def ask(i, **kw):
             text = f"{200 + 37 * i}>" + " please" * (i % 3)
-            return client.chat.completions.create(model="q", messages=[{"role": "user", "content": text}],
-                                                  max_tokens=6, temperature=0, **kw)  # fmt: skip
+            return client.chat.completions.create(
+                model="q", messages=[{"role": "user", "content": text}], max_tokens=6, temperature=0, **kw
+            )
 
         alone = [ask(i).choices[0].message.content for i in range(8)]
         with ThreadPoolExecutor(8) as pool:

@@ -70,12 +70,20 @@ def _qwen2_pair(dynamic: bool):
         dynamic_rope=dynamic,
     )
     torch.manual_seed(0)
-    ref = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=False,
-        rope_parameters={"rope_type": "dynamic", "factor": 3.0, "rope_theta": cfg.rope_theta},
-    )).eval()  # fmt: skip
+    ref = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads,
+            max_position_embeddings=cfg.max_position_embeddings,
+            rms_norm_eps=cfg.rms_norm_eps,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "dynamic", "factor": 3.0, "rope_theta": cfg.rope_theta},
+        )
+    ).eval()
     with torch.no_grad():
         for p in ref.parameters():
             p.copy_(0.15 * torch.randn_like(p))
@@ -91,8 +99,10 @@ def test_dynamic_rope_matches_transformers_past_max_positions():
     with torch.no_grad():
         want = ref(ids).logits
         torch.testing.assert_close(ours(ours.embed(ids), positions), want, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(ours(ours.embed(ids[:, :12]), positions[:, :12]), ref(ids[:, :12]).logits,
-                                   atol=1e-4, rtol=1e-4)  # fmt: skip  # within the limit: plain RoPE
+        # within the limit: plain RoPE
+        torch.testing.assert_close(
+            ours(ours.embed(ids[:, :12]), positions[:, :12]), ref(ids[:, :12]).logits, atol=1e-4, rtol=1e-4
+        )
         plain, _ = _qwen2_pair(dynamic=False)  # the default (the released code's choice) differs past 16
         assert (plain(plain.embed(ids), positions) - want).abs().max() > 1e-3  # 10x the tolerance above
 

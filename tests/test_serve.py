@@ -75,8 +75,15 @@ def test_completion_with_an_image_and_usage(server):
     assert r.usage.prompt_tokens > 4 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     # the engine answers what the library's own generation answers
     proc = server.engine.processor
-    conv = [{"role": "user", "content": [{"type": "image", "image": base64.b64decode(_data_url().split(",")[1])},
-                                         {"type": "text", "text": "what is it?"}]}]  # fmt: skip
+    conv = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": base64.b64decode(_data_url().split(",")[1])},
+                {"type": "text", "text": "what is it?"},
+            ],
+        }
+    ]
     ids = server.engine.model.generate(
         **proc.apply_chat_template(conv), max_new_tokens=10, eos_token_id=proc.eos_token_ids
     )
@@ -114,8 +121,12 @@ def test_stop_strings_and_local_files(server):
 
 
 def test_32_concurrent_clients_get_their_alone_answers_and_health_answers(server):
-    prompts = [_image_msg(_data_url(size=(40 + 10 * i, 60), color=(10 * i, 50, 200 - 5 * i))) if i % 3 == 0
-               else [{"role": "user", "content": f"question {i} " * (1 + i % 4)}] for i in range(32)]  # fmt: skip
+    prompts = [
+        _image_msg(_data_url(size=(40 + 10 * i, 60), color=(10 * i, 50, 200 - 5 * i)))
+        if i % 3 == 0
+        else [{"role": "user", "content": f"question {i} " * (1 + i % 4)}]
+        for i in range(32)
+    ]
     alone = [server.ask(p).choices[0].message.content for p in prompts]
     with ThreadPoolExecutor(32) as pool:
         futures = [pool.submit(server.ask, p, max_tokens=10) for p in prompts]
@@ -129,7 +140,11 @@ BAD = [
     ("malformed JSON", "{not json", 400),
     ("non-image data URL", {"messages": _image_msg("data:text/plain;base64,aGVsbG8=")}, 400),
     ("truncated base64 image", {"messages": _image_msg(_data_url()[:-40])}, 400),
-    ("too many images", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url()}}] * 4}]}, 400),
+    (
+        "too many images",
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url()}}] * 4}]},
+        400,
+    ),
     ("unknown model", {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}, 404),
     ("negative max_tokens", {"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, 400),
     ("http URL while disallowed", {"messages": _image_msg("http://127.0.0.1:9/cat.png")}, 400),
@@ -137,7 +152,7 @@ BAD = [
     ("over the context", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 100_000}, 400),
     ("placeholder without image", {"messages": [{"role": "user", "content": "look <image> here"}]}, 400),
     ("no messages", {"messages": []}, 400),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("name,body,status", BAD, ids=[b[0] for b in BAD])
@@ -173,10 +188,19 @@ def test_a_client_that_disconnects_stops_its_generation(server):
     """Left alone the request runs 4,000 decode steps (the tiny model never says EOS at temperature 0); a client
     that goes after 3 lines must take it out of the batch within a few steps, not at the end."""
     start = server.engine.steps
-    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=30,
-                      json={"model": "tiny", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 4000,
-                            "stream": True, "temperature": 0}) as r:  # fmt: skip
-        for _ in zip(range(3), r.iter_lines()):
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/chat/completions",
+        timeout=30,
+        json={
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "go on"}],
+            "max_tokens": 4000,
+            "stream": True,
+            "temperature": 0,
+        },
+    ) as r:
+        for _ in zip(range(3), r.iter_lines(), strict=False):  # the first three lines
             pass
     deadline = time.time() + 10
     while server.engine.running and time.time() < deadline:
@@ -206,8 +230,12 @@ def test_nvlm_x_and_h_are_served_with_continuous_batching(arch, tiny_model_dir):
             for block in s.engine.model.xattn_layers:
                 block.attn_gate.fill_(0.8)
                 block.ffn_gate.fill_(0.5)
-        prompts = [_image_msg(_data_url(size=(130, 60), color=(30 * i, 90, 20))) if i % 2 == 0
-                   else [{"role": "user", "content": f"plain {i}"}] for i in range(8)]  # fmt: skip
+        prompts = [
+            _image_msg(_data_url(size=(130, 60), color=(30 * i, 90, 20)))
+            if i % 2 == 0
+            else [{"role": "user", "content": f"plain {i}"}]
+            for i in range(8)
+        ]
         alone = [s.ask(p).choices[0].message.content for p in prompts]
         with ThreadPoolExecutor(8) as pool:
             together = list(pool.map(lambda p: s.ask(p).choices[0].message.content, prompts))

@@ -15,9 +15,10 @@ from nvlm.serve.engine import Job
 
 
 def _status_kb(key: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
     raise KeyError(key)
 
 
@@ -82,11 +83,19 @@ def test_a_12_mb_prompt_is_refused_before_tokenizing(tiny_model_dir):
 
 
 def test_image_token_text_is_400_and_batched_neighbours_get_their_solo_answers(server):
-    good = [[{"role": "user", "content": f"question {i} " * (1 + i % 3)}] if i % 8
-            else _image_msg(_data_url(size=(40 + 9 * i, 50)), f"image {i}") for i in range(31)]  # fmt: skip
+    good = [
+        [{"role": "user", "content": f"question {i} " * (1 + i % 3)}]
+        if i % 8
+        else _image_msg(_data_url(size=(40 + 9 * i, 50)), f"image {i}")
+        for i in range(31)
+    ]
     alone = [server.ask(p, max_tokens=4).choices[0].message.content for p in good]
-    bad = {"model": "tiny", "max_tokens": 4, "temperature": 0,
-           "messages": [{"role": "user", "content": "look: <|vision_pad|><|vision_pad|>"}]}  # fmt: skip
+    bad = {
+        "model": "tiny",
+        "max_tokens": 4,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "look: <|vision_pad|><|vision_pad|>"}],
+    }
     with ThreadPoolExecutor(32) as pool:
         futures = [pool.submit(server.ask, p, max_tokens=4) for p in good[:15]]
         refused = pool.submit(_post, server, bad)
@@ -120,18 +129,21 @@ def test_a_failing_prefill_fails_only_its_own_sequence(server):
     alone = [run([p])[0] for p in prompts]
     bad = proc.encode("bad", [])
     bad.input_ids = bad.input_ids + [proc.image_token_id] * 3  # reaches the model: its prefill raises
-    results = run(prompts[:4] + [bad] + prompts[4:])
+    results = run([*prompts[:4], bad, *prompts[4:]])
     assert results[4][-1][0] == "error"
     assert results[:4] + results[5:] == alone
 
 
 def test_a_non_streamed_request_stops_decoding_when_its_client_leaves(server):
-    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 3000,
-                       "temperature": 0}).encode()  # fmt: skip
+    body = json.dumps(
+        {"model": "tiny", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 3000, "temperature": 0}
+    ).encode()
     steps = server.engine.steps
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                     b"content-length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body), body)
+        )
         deadline = time.time() + 10
         while not server.engine.running and time.time() < deadline:
             time.sleep(0.01)
@@ -157,8 +169,10 @@ def test_bad_fields_are_400_in_the_openai_shape(server, name, fields, param):
 
 
 def test_the_largest_seed_still_works_for_every_choice(server):
-    r = _post(server, {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
-                       "seed": 2**64 - 1, "n": 3})  # fmt: skip
+    r = _post(
+        server,
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "seed": 2**64 - 1, "n": 3},
+    )
     assert r.status_code == 200 and len(r.json()["choices"]) == 3
 
 

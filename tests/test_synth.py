@@ -59,8 +59,11 @@ def test_records_read_as_training_conversations(synth):
         for i in range(len(f)):
             msgs = f.messages(i)
             assert [m["role"] for m in msgs] == ["user", "assistant"] and msgs[1]["content"]
-            images = [p["image"] for p in msgs[0]["content"] if isinstance(p, dict) and p.get("type") == "image"] \
-                if isinstance(msgs[0]["content"], list) else []  # fmt: skip
+            images = (
+                [p["image"] for p in msgs[0]["content"] if isinstance(p, dict) and p.get("type") == "image"]
+                if isinstance(msgs[0]["content"], list)
+                else []
+            )
             assert len(images) == (0 if name == "text.jsonl" else 1)
             for path in images:
                 Image.open(path).verify()

@@ -101,8 +101,10 @@ def test_checkpoint_format_is_qwen25() -> None:
         "<|im_start|>system\nSys.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>\n"
     )
     assert [(t, role) for t, role in r.segments if role != TEMPLATE] == [
-        ("Sys.", "system"), ("Hi", "user"), ("Yo<|im_end|>", "assistant")
-    ]  # fmt: skip
+        ("Sys.", "system"),
+        ("Hi", "user"),
+        ("Yo<|im_end|>", "assistant"),
+    ]
 
 
 def test_checkpoint_format_matches_transformers() -> None:

@@ -28,10 +28,22 @@ PY = sys.executable
 
 
 def _cfg(init, data, out, **kw) -> TrainConfig:
-    base = dict(init=str(init), stage=2, data=[{"path": str(data / "train.jsonl"), "weight": 3},
-                {"path": str(data / "text.jsonl"), "weight": 1}], seq_len=256, micro_batch_size=2, steps=60,
-                lr=3e-3, min_lr=3e-4, warmup_steps=5, max_tiles=1, out_dir=str(out), save_every=1000, log_every=1000,
-                device="cpu")  # fmt: skip
+    base = dict(
+        init=str(init),
+        stage=2,
+        data=[{"path": str(data / "train.jsonl"), "weight": 3}, {"path": str(data / "text.jsonl"), "weight": 1}],
+        seq_len=256,
+        micro_batch_size=2,
+        steps=60,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=5,
+        max_tiles=1,
+        out_dir=str(out),
+        save_every=1000,
+        log_every=1000,
+        device="cpu",
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -48,8 +60,15 @@ def test_a_tiny_model_learns_its_training_questions(arch, tiny_model_dir, tmp_pa
     model, processor = NVLM.from_pretrained(final), Processor.from_pretrained(final)
     assert model.config.arch == arch
     for name in COLORS:
-        conv = [{"role": "user", "content": [{"type": "image", "image": str(data / "images" / f"{name}.png")},
-                                             {"type": "text", "text": "Color?"}]}]  # fmt: skip
+        conv = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": str(data / "images" / f"{name}.png")},
+                    {"type": "text", "text": "Color?"},
+                ],
+            }
+        ]
         out = model.generate(
             **processor.apply_chat_template(conv), max_new_tokens=4, eos_token_id=processor.eos_token_ids
         )
@@ -82,10 +101,13 @@ def test_packed_and_unpacked_losses_are_equal(arch, tiny_model_dir, tmp_path):
 
 
 EXPECTED = {
-    ("D", 1): {"mlp1"}, ("X", 1): {"mlp1", "xattn_layers"}, ("H", 1): {"mlp1", "xattn_layers"},
-    ("D", 2): {"mlp1", "language_model"}, ("X", 2): {"mlp1", "xattn_layers", "language_model"},
+    ("D", 1): {"mlp1"},
+    ("X", 1): {"mlp1", "xattn_layers"},
+    ("H", 1): {"mlp1", "xattn_layers"},
+    ("D", 2): {"mlp1", "language_model"},
+    ("X", 2): {"mlp1", "xattn_layers", "language_model"},
     ("H", 2): {"mlp1", "xattn_layers", "language_model"},
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("arch,stage", list(EXPECTED))
@@ -166,9 +188,38 @@ def test_recipes_load_with_overrides_and_paper_defaults():
 
 def test_kill_9_then_resume_follows_the_uninterrupted_curve(tiny_model_dir, tmp_path):
     data = write_colors(tmp_path / "data")
-    args = ["--init", str(tiny_model_dir), "--stage", "2", "--data", json.dumps([{"path": str(data / "train.jsonl"), "weight": 3}, {"path": str(data / "text.jsonl")}]),
-            "--seq_len", "256", "--micro_batch_size", "2", "--grad_accum", "2", "--steps", "120", "--lr", "3e-3", "--min_lr", "3e-4",
-            "--warmup_steps", "5", "--max_tiles", "1", "--save_every", "5", "--keep_last", "2", "--log_every", "1000", "--device", "cpu"]  # fmt: skip
+    args = [
+        "--init",
+        str(tiny_model_dir),
+        "--stage",
+        "2",
+        "--data",
+        json.dumps([{"path": str(data / "train.jsonl"), "weight": 3}, {"path": str(data / "text.jsonl")}]),
+        "--seq_len",
+        "256",
+        "--micro_batch_size",
+        "2",
+        "--grad_accum",
+        "2",
+        "--steps",
+        "120",
+        "--lr",
+        "3e-3",
+        "--min_lr",
+        "3e-4",
+        "--warmup_steps",
+        "5",
+        "--max_tiles",
+        "1",
+        "--save_every",
+        "5",
+        "--keep_last",
+        "2",
+        "--log_every",
+        "1000",
+        "--device",
+        "cpu",
+    ]
     cmd = [PY, "-m", "nvlm.cli", "train"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
     subprocess.run([*cmd, *args, "--out_dir", str(tmp_path / "straight")], check=True, env=env, capture_output=True)
@@ -192,8 +243,10 @@ def test_start_from_a_vit_and_an_llm_checkpoint(reference, tmp_path):
     from safetensors.torch import save_file
 
     sd = reference.nvlm_d_state_dict()
-    save_file({k.removeprefix("vision_model."): v.contiguous() for k, v in sd.items() if k.startswith("vision_model.")},
-              str(tmp_path / "vit.safetensors"))  # fmt: skip
+    save_file(
+        {k.removeprefix("vision_model."): v.contiguous() for k, v in sd.items() if k.startswith("vision_model.")},
+        str(tmp_path / "vit.safetensors"),
+    )
     reference.llm.save_pretrained(tmp_path / "llm")
     (tmp_path / "vit").mkdir()
     (tmp_path / "vit.safetensors").rename(tmp_path / "vit" / "model.safetensors")

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-
 from conftest import IMAGE_TOKEN_ID, open_gates
+from PIL import Image
+from reference.gated_xattn import gated_xattn_block
+
 from nvlm import NVLM, Processor, preset
 from nvlm.models.xattn import GatedCrossAttentionBlock
-from reference.gated_xattn import gated_xattn_block
 
 WIDE = Image.new("RGB", (200, 90), (30, 90, 200))  # 2x1 tiles + thumbnail at 56 px
 SMALL = Image.new("RGB", (50, 50), (200, 10, 10))  # one crop
@@ -83,7 +83,7 @@ def test_h_with_closed_gates_is_nvlm_d_with_the_thumbnail(converted, reference):
 
 
 def test_h_single_tile_image_has_only_its_thumbnail(converted):
-    _, opened, processor = converted["H"]
+    _, _opened, processor = converted["H"]
     inputs = processor.apply_chat_template(_conv(SMALL, "what?"))
     assert "memory_pixel_values" not in inputs and inputs["pixel_values"].shape[0] == 1
 
@@ -142,8 +142,15 @@ def test_block_matches_a_naive_reference():
     reads[1, 2] = False
     ours, kv = block(x, memory, reads[:, None])
     assert torch.equal(block(x, memory, reads[:, None], kv)[0], ours)
-    ref = gated_xattn_block({n: p.detach() for n, p in block.named_parameters()}, x, memory, reads,
-                            cfg.llm.num_heads, cfg.llm.num_kv_heads, cfg.llm.rms_norm_eps)  # fmt: skip
+    ref = gated_xattn_block(
+        {n: p.detach() for n, p in block.named_parameters()},
+        x,
+        memory,
+        reads,
+        cfg.llm.num_heads,
+        cfg.llm.num_kv_heads,
+        cfg.llm.rms_norm_eps,
+    )
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(ours[0, 0], x[0, 0]) and torch.equal(ours[1, 2], x[1, 2])
 
@@ -157,9 +164,12 @@ def test_cached_decoding_equals_recomputing(arch, converted):
     for step in range(len(new)):
         # new tokens come after every image: they read all of their row's crops
         more = xmask[:, -1:].expand(-1, step, -1)
-        full = dict(inputs, input_ids=torch.cat([ids, new[None, :step]], 1),
-                    attention_mask=torch.ones(1, ids.shape[1] + step, dtype=torch.long),
-                    cross_attention_mask=torch.cat([xmask, more], 1))  # fmt: skip
+        full = dict(
+            inputs,
+            input_ids=torch.cat([ids, new[None, :step]], 1),
+            attention_mask=torch.ones(1, ids.shape[1] + step, dtype=torch.long),
+            cross_attention_mask=torch.cat([xmask, more], 1),
+        )
         assert int(opened(**full).logits[0, -1].argmax()) == int(new[step])
 
 

@@ -14,9 +14,20 @@ def write_colors(root: Path, wide: bool = False) -> Path:
     lines = []
     for name, rgb in COLORS.items():
         Image.new("RGB", (112, 56) if wide else (56, 56), rgb).save(root / "images" / f"{name}.png")
-        lines.append({"messages": [
-            {"role": "user", "content": [{"type": "image", "image": f"images/{name}.png"}, {"type": "text", "text": "Color?"}]},
-            {"role": "assistant", "content": name}]})  # fmt: skip
+        lines.append(
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image", "image": f"images/{name}.png"},
+                            {"type": "text", "text": "Color?"},
+                        ],
+                    },
+                    {"role": "assistant", "content": name},
+                ]
+            }
+        )
     (root / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     text = [
         {"messages": [{"role": "user", "content": f"{a}+{a}?"}, {"role": "assistant", "content": str(2 * a)}]}

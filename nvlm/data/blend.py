@@ -13,15 +13,18 @@ hold, one pass over every record decides, and ``DataError`` names the files and 
 
 from __future__ import annotations
 
+import logging
 import random
-import sys
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from nvlm.data.labels import Example, encode_example
 from nvlm.data.records import JsonlFile, RecordError
 from nvlm.processor import Processor
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -43,8 +46,15 @@ class DataError(ValueError):
 
 
 class Blend:
-    def __init__(self, processor: Processor, sources: Sequence[Source], max_len: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1) -> None:  # fmt: skip
+    def __init__(
+        self,
+        processor: Processor,
+        sources: Sequence[Source],
+        max_len: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         if not sources:
             raise ValueError("no data sources")
         if any(s.weight < 0 for s in sources) or not sum(s.weight for s in sources) > 0:
@@ -90,9 +100,9 @@ class Blend:
             return Skipped(_reason(e), f"{self.files[src].where(i)}: {e}")
 
     def count(self, skip: Skipped) -> None:
-        """Count an unusable record by reason, printing the first of each reason."""
+        """Count an unusable record by reason, logging (a warning) the first of each reason."""
         if not self.skipped[skip.reason]:
-            print(f"skipping {skip.message} (further such records are only counted)", file=sys.stderr)
+            log.warning("skipping %s (further such records are only counted)", skip.message)
         self.skipped[skip.reason] += 1
 
     def next_item(self) -> Example | Skipped:
@@ -109,13 +119,15 @@ class Blend:
                 return item
             self.count(item)
             misses += 1
-            if not self._usable and misses >= sum(len(f) for f, s in zip(self.files, self.sources) if s.weight > 0):
+            if not self._usable and misses >= sum(
+                len(f) for f, s in zip(self.files, self.sources, strict=True) if s.weight > 0
+            ):
                 self._check_usable()
 
     def _check_usable(self) -> None:
         """One pass over the weighted sources' records, up to the first usable one; ``DataError`` if none is."""
         reasons: Counter[str] = Counter()
-        used = [(f, s) for f, s in zip(self.files, self.sources) if s.weight > 0]
+        used = [(f, s) for f, s in zip(self.files, self.sources, strict=True) if s.weight > 0]
         for f, _ in used:
             for i in range(len(f)):
                 try:
@@ -126,8 +138,10 @@ class Blend:
                 self._usable = True
                 return
         counts = ", ".join(f"{r} {n}" for r, n in reasons.most_common())
-        raise DataError(f"no usable training record in {', '.join(s.path for _, s in used)} "
-                        f"(max_len {self.max_len}); skipped: {counts}")  # fmt: skip
+        raise DataError(
+            f"no usable training record in {', '.join(s.path for _, s in used)} "
+            f"(max_len {self.max_len}); skipped: {counts}"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"position": self.position, "drawn": list(self.drawn), "skipped": dict(self.skipped)}

@@ -20,8 +20,10 @@ def synth(out: str | Path, cfg: SynthConfig) -> Path:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    synth(args.out, SynthConfig(seed=args.seed, train=args.train, test=args.test, text=args.text,
-                                tile_size=args.tile_size))  # fmt: skip
+    synth(
+        args.out,
+        SynthConfig(seed=args.seed, train=args.train, test=args.test, text=args.text, tile_size=args.tile_size),
+    )
     return 0
 
 

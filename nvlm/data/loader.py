@@ -21,18 +21,19 @@ dict. ``reshard`` converts every rank's states for a different world size.
 from __future__ import annotations
 
 import itertools
+import logging
 import multiprocessing as mp
 import os
 import pickle
 import queue
 import signal
-import sys
 import threading
 import traceback
 import weakref
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -41,7 +42,9 @@ from nvlm.data.labels import Example
 from nvlm.data.packing import collate
 from nvlm.processor import BatchInputs, Processor
 
-_CONTEXT = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+log = logging.getLogger(__name__)
+
+_CONTEXT = mp.get_context("forkserver") if "forkserver" in mp.get_all_start_methods() else mp.get_context("spawn")
 
 
 class Batcher:
@@ -85,8 +88,19 @@ class Loader:
     holding up to ``prefetch`` encoded examples ahead (plus one in the pipe). Use it as a context manager
     or call ``close``."""
 
-    def __init__(self, processor: Processor, sources: Sequence[Source], seq_len: int, rows: int, pack: bool = True,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0, prefetch: int = 8) -> None:  # fmt: skip
+    def __init__(
+        self,
+        processor: Processor,
+        sources: Sequence[Source],
+        seq_len: int,
+        rows: int,
+        pack: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        prefetch: int = 8,
+    ) -> None:
         if num_workers < 0 or prefetch < 1:
             raise ValueError(f"num_workers must be >= 0 and prefetch >= 1, not {num_workers} and {prefetch}")
         args = (processor, sources, seq_len, seed, rank, world_size)
@@ -109,8 +123,10 @@ class Loader:
         ``reshard`` first. (A state without rank and world size, from before they were saved, is accepted.)"""
         saved = int(state.get("world_size", self.blend.world_size))
         if saved != self.blend.world_size:
-            raise ValueError(f"this data state was saved by a run of {saved} ranks, this one has {self.blend.world_size}: "
-                             "convert every rank's saved state with nvlm.data.loader.reshard first")  # fmt: skip
+            raise ValueError(
+                f"this data state was saved by a run of {saved} ranks, this one has {self.blend.world_size}: "
+                "convert every rank's saved state with nvlm.data.loader.reshard first"
+            )
         self.blend.load_state_dict(state)
         self.batcher.waiting = None
 
@@ -119,7 +135,7 @@ class Loader:
         if isinstance(self.blend, _WorkerBlend):
             self.blend.close()
 
-    def __enter__(self) -> "Loader":
+    def __enter__(self) -> Loader:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -152,8 +168,16 @@ def reshard(states: Sequence[dict[str, Any]], world_size: int) -> list[dict[str,
     counts: list[Counter[str]] = [Counter() for _ in range(world_size)]
     for r, s in enumerate(states):
         counts[r % world_size].update(s.get("skipped", {}))
-    return [{"position": int(first["position"]), "drawn": [int(n) for n in first["drawn"]], "skipped": dict(counts[j]),
-             "rank": j, "world_size": world_size} for j in range(world_size)]  # fmt: skip
+    return [
+        {
+            "position": int(first["position"]),
+            "drawn": [int(n) for n in first["drawn"]],
+            "skipped": dict(counts[j]),
+            "rank": j,
+            "world_size": world_size,
+        }
+        for j in range(world_size)
+    ]
 
 
 @dataclass(frozen=True)
@@ -167,8 +191,17 @@ class _WorkerBlend(Blend):
     """The blend whose items come from worker processes, in stream order (see the module docstring). The
     records here are read only to check the sources; the position, draws and skip counts are kept here."""
 
-    def __init__(self, processor: Processor, sources: Sequence[Source], max_len: int, seed: int, rank: int,
-                 world_size: int, num_workers: int, prefetch: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        processor: Processor,
+        sources: Sequence[Source],
+        max_len: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        prefetch: int,
+    ) -> None:
         super().__init__(processor, sources, max_len, seed, rank, world_size)
         self.num_workers, self.prefetch = num_workers, prefetch
         self._procs: list[Any] = []
@@ -192,7 +225,7 @@ class _WorkerBlend(Blend):
             ) from None
         if isinstance(msg, _Failure):
             self.close()
-            print(f"data worker {w} of rank {self.rank}:\n{msg.traceback}", file=sys.stderr, flush=True)
+            log.error("data worker %d of rank %d:\n%s", w, self.rank, msg.traceback)
             raise RuntimeError(f"data worker {w} of rank {self.rank} failed on {msg.where}: {msg.error}")
         self.position, self.drawn, item = msg
         self._read += 1
@@ -214,8 +247,19 @@ class _WorkerBlend(Blend):
         self._finalizer = weakref.finalize(self, _stop, self._procs, self._conns)
         for w in range(self.num_workers):
             reader, writer = _CONTEXT.Pipe(duplex=False)
-            args = (writer, self.processor, self.sources, self.max_len, self.seed, self.rank, self.world_size,
-                    start, w, self.num_workers, self.prefetch)  # fmt: skip
+            args = (
+                writer,
+                self.processor,
+                self.sources,
+                self.max_len,
+                self.seed,
+                self.rank,
+                self.world_size,
+                start,
+                w,
+                self.num_workers,
+                self.prefetch,
+            )
             proc = _CONTEXT.Process(target=_work, args=args, name=f"nvlm-data-{self.rank}.{w}", daemon=True)
             self._procs.append(proc)
             self._conns.append(reader)
@@ -237,8 +281,19 @@ def _stop(procs: list[Any], conns: list[Any]) -> None:
                 proc.join()
 
 
-def _work(conn: Any, processor: Processor, sources: Sequence[Source], max_len: int, seed: int, rank: int,
-          world_size: int, start: dict[str, Any], index: int, count: int, prefetch: int) -> None:  # fmt: skip
+def _work(
+    conn: Any,
+    processor: Processor,
+    sources: Sequence[Source],
+    max_len: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    start: dict[str, Any],
+    index: int,
+    count: int,
+    prefetch: int,
+) -> None:
     """A worker: encode items ``n % count == index`` of the stream from ``start``; send (position after
     the item, draws after it, item) per item, or a ``_Failure`` and stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle

@@ -8,7 +8,7 @@ own, and its targets were shifted inside the example, so packing changes nothing
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

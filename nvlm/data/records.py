@@ -44,7 +44,7 @@ class JsonlFile:
     numbers: tuple[int, ...]  # each record's 1-based line number in the file
 
     @classmethod
-    def read(cls, path: str | Path) -> "JsonlFile":
+    def read(cls, path: str | Path) -> JsonlFile:
         path = Path(path)
         raw = path.read_bytes().removeprefix(codecs.BOM_UTF8).splitlines()
         kept = [(n, line) for n, line in enumerate(raw, start=1) if line.strip()]
@@ -139,8 +139,12 @@ def _llava(turns: Any, images: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if not isinstance(turns, list) or not turns:
         raise RecordError("empty conversation")
     for t in turns:
-        if not isinstance(t, dict) or not isinstance(t.get("from"), str) or t["from"] not in LLAVA_ROLES \
-                or not isinstance(t.get("value"), str):  # fmt: skip
+        if (
+            not isinstance(t, dict)
+            or not isinstance(t.get("from"), str)
+            or t["from"] not in LLAVA_ROLES
+            or not isinstance(t.get("value"), str)
+        ):
             raise RecordError("a LLaVA turn needs 'from' (human/gpt/system) and a string 'value'")
         if LLAVA_ROLES[t["from"]] == "assistant" and IMAGE_PLACEHOLDER in t["value"]:
             raise RecordError(f"{LITERAL_MARK}: in an answer")

@@ -21,19 +21,45 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 from PIL import Image, ImageDraw, ImageFont
 
 from nvlm.data.records import CAPTION_PROMPT, VQA_PROMPT
 from nvlm.tokenizer import _TINY_CORPUS, TINY_BASE_VOCAB, Tokenizer, train_tokenizer
 
-COLORS = {"red": (210, 30, 30), "green": (30, 150, 40), "blue": (30, 60, 210), "black": (15, 15, 15),
-          "orange": (235, 130, 20), "purple": (130, 40, 170)}  # fmt: skip
-WORDS = ("apple", "river", "tiger", "cloud", "stone", "green", "house", "light", "music", "paper", "smile",
-         "train", "water", "zebra", "bread", "chair", "dream", "earth", "flame", "grape")  # fmt: skip
+COLORS = {
+    "red": (210, 30, 30),
+    "green": (30, 150, 40),
+    "blue": (30, 60, 210),
+    "black": (15, 15, 15),
+    "orange": (235, 130, 20),
+    "purple": (130, 40, 170),
+}
+WORDS = (
+    "apple",
+    "river",
+    "tiger",
+    "cloud",
+    "stone",
+    "green",
+    "house",
+    "light",
+    "music",
+    "paper",
+    "smile",
+    "train",
+    "water",
+    "zebra",
+    "bread",
+    "chair",
+    "dream",
+    "earth",
+    "flame",
+    "grape",
+)
 SHAPES = ("circle", "square", "triangle")
 READ_NUMBER = "What number is written in the image?"
 READ_WORD = "What word is written in the image?"
@@ -68,8 +94,14 @@ def _background(rng: random.Random) -> tuple[int, int, int]:
     return tuple(rng.randrange(215, 256) for _ in range(3))  # type: ignore[return-value]
 
 
-def _place_text(rng: random.Random, canvas: tuple[int, int], text: str, size: int, color: tuple[int, int, int],
-                bg: tuple[int, int, int]) -> Image.Image:  # fmt: skip
+def _place_text(
+    rng: random.Random,
+    canvas: tuple[int, int],
+    text: str,
+    size: int,
+    color: tuple[int, int, int],
+    bg: tuple[int, int, int],
+) -> Image.Image:
     img = Image.new("RGB", canvas, bg)
     draw = ImageDraw.Draw(img)
     while True:  # shrink until the text fits
@@ -78,14 +110,15 @@ def _place_text(rng: random.Random, canvas: tuple[int, int], text: str, size: in
         if (right - left <= canvas[0] - 2 and bottom - top <= canvas[1] - 2) or size <= 6:
             break
         size -= 1
-    x = rng.randrange(0, max(1, canvas[0] - (right - left))) - left
-    y = rng.randrange(0, max(1, canvas[1] - (bottom - top))) - top
+    x = rng.randrange(0, max(1, int(canvas[0] - (right - left)))) - left
+    y = rng.randrange(0, max(1, int(canvas[1] - (bottom - top)))) - top
     draw.text((x, y), text, fill=color, font=font)
     return img
 
 
-def _draw_number(rng: random.Random, img: Image.Image, text: str, cell: int, col: int, row: int,
-                 color: tuple[int, int, int]) -> None:  # fmt: skip
+def _draw_number(
+    rng: random.Random, img: Image.Image, text: str, cell: int, col: int, row: int, color: tuple[int, int, int]
+) -> None:
     """One digit per ``cell``-px square from (col, row), each centred in its square at its own size."""
     draw = ImageDraw.Draw(img)
     for k, ch in enumerate(text):
@@ -117,8 +150,9 @@ def number_item(rng: random.Random, cfg: SynthConfig, small: bool = False) -> It
     tile = rng.randrange(tiles)
     col, row = (2 * tile, rng.randrange(2)) if wide else (0, 2 * tile + rng.randrange(2))
     _draw_number(rng, img, text, cell, col, row, color)
-    return Item(img, f"The number {text} written in {color_name}.", READ_NUMBER, text,
-                "read_small" if small else "read_number")  # fmt: skip
+    return Item(
+        img, f"The number {text} written in {color_name}.", READ_NUMBER, text, "read_small" if small else "read_number"
+    )
 
 
 def word_item(rng: random.Random, cfg: SynthConfig) -> Item:
@@ -144,12 +178,12 @@ def chart_item(rng: random.Random, cfg: SynthConfig) -> Item:
     base, top = h - t // 4, t // 3
     unit = (base - top) / 9
     color = COLORS[rng.choice(("red", "green", "blue", "orange", "purple"))]
-    for i, (label, v) in enumerate(zip(labels, values)):
+    for i, (label, v) in enumerate(zip(labels, values, strict=True)):
         x0 = i * t + t // 4
         draw.rectangle((x0, base - v * unit, x0 + t // 2, base), fill=color)
         draw.text((x0 + t // 8, base + 1), label, fill=(0, 0, 0), font=font)
         draw.text((x0 + t // 8, base - v * unit - t // 4 - 1), str(v), fill=(0, 0, 0), font=font)
-    listing = ", ".join(f"{lab} {v}" for lab, v in zip(labels, values))
+    listing = ", ".join(f"{lab} {v}" for lab, v in zip(labels, values, strict=True))
     caption = f"A bar chart with {n} bars: {listing}."
     if rng.random() < 0.6:
         i = rng.randrange(n)
@@ -173,7 +207,7 @@ def shapes_item(rng: random.Random, cfg: SynthConfig) -> Item:
     cells = [(x, y) for x in range(w // (3 * r)) for y in range(h // (3 * r))]
     spots = rng.sample(cells, min(len(cells), count + 1))
     kinds = [shape] * count + ([other] if len(spots) > count and rng.random() < 0.5 else [])
-    for kind, (cx, cy) in zip(kinds, spots):
+    for kind, (cx, cy) in zip(kinds, spots, strict=False):  # a spot left over stays empty
         x, y = cx * 3 * r + r + r // 2, cy * 3 * r + r + r // 2
         fill = COLORS[color_name] if kind == shape else (120, 120, 120)
         if kind == "circle":
@@ -186,8 +220,13 @@ def shapes_item(rng: random.Random, cfg: SynthConfig) -> Item:
     caption = f"{count} {color_name} {plural}" + (f" and a grey {other}." if len(kinds) > count else ".")
     if rng.random() < 0.5:
         return Item(img, caption, f"How many {shape}s are there?", str(count), "count")
-    return Item(img, caption, f"What colour is the {shape}?" if count == 1 else f"What colour are the {shape}s?",
-                color_name, "color")  # fmt: skip
+    return Item(
+        img,
+        caption,
+        f"What colour is the {shape}?" if count == 1 else f"What colour are the {shape}s?",
+        color_name,
+        "color",
+    )
 
 
 def arithmetic(rng: random.Random) -> tuple[str, str]:
@@ -247,14 +286,24 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), progress: Callab
         path = f"images/train/{i:06d}.png"
         item.image.save(out / path)
         pretrain.append({"image": path, "caption": item.caption})
-        sft.append({"messages": [
-            {"role": "user", "content": [{"type": "image", "image": path}, {"type": "text", "text": item.question}]},
-            {"role": "assistant", "content": item.answer}]})  # fmt: skip
+        sft.append(
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image", "image": path}, {"type": "text", "text": item.question}],
+                    },
+                    {"role": "assistant", "content": item.answer},
+                ]
+            }
+        )
     _write_jsonl(out / "pretrain.jsonl", pretrain)
     _write_jsonl(out / "sft.jsonl", sft)
-    text = [dict(zip(("q", "a"), arithmetic(rng))) for _ in range(cfg.text)]
-    _write_jsonl(out / "text.jsonl", [{"messages": [{"role": "user", "content": t["q"]},
-                                                    {"role": "assistant", "content": t["a"]}]} for t in text])  # fmt: skip
+    text = [dict(zip(("q", "a"), arithmetic(rng), strict=True)) for _ in range(cfg.text)]
+    _write_jsonl(
+        out / "text.jsonl",
+        [{"messages": [{"role": "user", "content": t["q"]}, {"role": "assistant", "content": t["a"]}]} for t in text],
+    )
     progress(f"{out}: {cfg.train} training images, {cfg.text} text-only examples")
     for k, (skill, maker) in enumerate(HELDOUT.items()):
         held = random.Random(f"heldout-{cfg.seed}-{k}")  # other seeds: no image repeats training's
@@ -274,7 +323,7 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), progress: Callab
     return out
 
 
-def train_demo_tokenizer(out: str | Path) -> "Tokenizer":
+def train_demo_tokenizer(out: str | Path) -> Tokenizer:
     """A tokenizer trained on the data set's text (plus a little general English and the tile tags), with
     the tiny presets' ids for ``<|im_end|>`` (491) and the image placeholder ``<|vision_pad|>`` (500)."""
     return train_tokenizer(corpus(out) + _TINY_CORPUS.splitlines(), TINY_BASE_VOCAB)

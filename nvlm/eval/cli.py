@@ -6,8 +6,6 @@ Under ``torchrun --nproc_per_node N -m nvlm.cli eval ...`` the samples are split
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 
 from nvlm.eval.runner import EvalConfig, evaluate, markdown, rank_world
 from nvlm.eval.tasks import TASKS, get_task
@@ -32,8 +30,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 def run(cfg: EvalConfig) -> int:
     """``nvlm eval`` of ``cfg``: evaluate, print the results table (rank 0); 1 when a task failed, else 0."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="nvlm eval: %(message)s", stream=sys.stderr)
     results = evaluate(cfg)
     if rank_world()[0] != 0:
         return 0
@@ -43,9 +39,12 @@ def run(cfg: EvalConfig) -> int:
 
 
 def add_subcommand(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate on benchmarks (MMMU, DocVQA, ...) beside the paper's numbers",
-                       description="Each task reads DATA/<its folder> (see docs/EVAL.md, or --list-tasks); "
-                                   "predictions are cached in OUT/predictions, so a rerun resumes.")  # fmt: skip
+    p = sub.add_parser(
+        "eval",
+        help="evaluate on benchmarks (MMMU, DocVQA, ...) beside the paper's numbers",
+        description="Each task reads DATA/<its folder> (see docs/EVAL.md, or --list-tasks); "
+        "predictions are cached in OUT/predictions, so a rerun resumes.",
+    )
     p.add_argument("--tasks", help="comma-separated task names, 'all', or jsonl:PATH for your own data")
     add_options(p, EvalConfig)
     add_quantize_argument(p)

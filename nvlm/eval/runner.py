@@ -22,9 +22,10 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -40,7 +41,7 @@ from nvlm.processor import Processor
 from nvlm.sampling import SamplingParams
 from nvlm.template import MEGATRON_TEMPLATE
 
-log = logging.getLogger("nvlm.eval")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,8 +54,11 @@ class EvalConfig:
     data: str | None = option(None, "directory holding one folder per benchmark (not needed for jsonl:PATH)")
     out: str | None = option(None, "output directory (default runs/eval/<model name>)")
     limit: int | None = option(None, "only the first N samples of each task")
-    profile: str = option("official", "official: NVLM prompts + official scoring; nvlm: Megatron NVLM-1.0 prompts "
-                          "and scoring", choices=PROFILES)  # fmt: skip
+    profile: str = option(
+        "official",
+        "official: NVLM prompts + official scoring; nvlm: Megatron NVLM-1.0 prompts and scoring",
+        choices=PROFILES,
+    )
     batch_size: int = option(8, "prompts generated together")
     max_new_tokens: int | None = option(None, "override every task's token budget")
     max_tiles: int | None = option(None, "tiles per image (default: the checkpoint's, 6)")
@@ -101,8 +105,14 @@ def model_fingerprint(path: str | Path) -> str:
 
 
 def prompt_hash(p: Prompt) -> str:
-    images = [f"{i.column}@{i.row_group}:{i.row}" if isinstance(i, ParquetImage) else
-              Path(i).name if isinstance(i, (str, Path)) else type(i).__name__ for i in p.images]  # fmt: skip
+    images = [
+        f"{i.column}@{i.row_group}:{i.row}"
+        if isinstance(i, ParquetImage)
+        else Path(i).name
+        if isinstance(i, (str, Path))
+        else type(i).__name__
+        for i in p.images
+    ]
     return hashlib.sha1(json.dumps([p.system, p.text, p.chat, images]).encode()).hexdigest()[:12]
 
 
@@ -143,16 +153,17 @@ class PredictionCache:
                 self.dropped[f.name] = bad
         return out
 
-    def writer(self, rank: int) -> "_Writer":
+    def writer(self, rank: int) -> _Writer:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.path(rank)
         if path.is_file():
-            with open(path, "rb") as fh:
-                same = _header(fh.readline()) == self.fingerprint
+            with open(path, "rb") as old:
+                same = _header(old.readline()) == self.fingerprint
             if same:
                 _trim_partial_line(path)
                 return _Writer(open(path, "a", encoding="utf-8"))
-        fh = open(path, "w", encoding="utf-8")  # another model or settings: its predictions are of no use here
+        # another model or settings: its predictions are of no use here
+        fh = open(path, "w", encoding="utf-8")  # noqa: SIM115 (the _Writer closes it)
         fh.write(json.dumps({"fingerprint": self.fingerprint, "task": self.key, "rank": rank}) + "\n")
         fh.flush()
         return _Writer(fh)
@@ -181,7 +192,7 @@ class _Writer:
         self.fh.flush()
         os.fsync(self.fh.fileno())
 
-    def __enter__(self) -> "_Writer":
+    def __enter__(self) -> _Writer:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -207,8 +218,8 @@ def _trim_partial_line(path: Path) -> None:
 
 
 def generate_batch(
-    model: "NVLM",
-    processor: "Processor",
+    model: NVLM,
+    processor: Processor,
     prompts: Sequence[Prompt],
     max_new_tokens: int,
     stop: Sequence[str] = (),
@@ -238,10 +249,10 @@ def generate_batch(
 
 def _messages(p: Prompt) -> list[dict[str, str]]:
     system = [{"role": "system", "content": p.system}] if p.system is not None else []
-    return system + [{"role": "user", "content": p.text}]
+    return [*system, {"role": "user", "content": p.text}]
 
 
-def _tiler(processor: "Processor", n_images: int) -> Any:
+def _tiler(processor: Processor, n_images: int) -> Any:
     base = processor.image_processor
     if n_images <= 1:
         return base
@@ -293,7 +304,7 @@ class _Prepared:
 class Runner:
     """One model, many tasks; see the module docstring."""
 
-    def __init__(self, model: "NVLM", processor: "Processor", cfg: EvalConfig, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, model: NVLM, processor: Processor, cfg: EvalConfig, rank: int = 0, world: int = 1) -> None:
         self.model, self.processor, self.cfg = model, processor, cfg
         self.rank, self.world = rank, world
         self.out = Path(cfg.out or Path("runs/eval") / Path(cfg.model).resolve().name)
@@ -328,7 +339,7 @@ class Runner:
         root = self.cfg.data
         if root is None and task.dirname:
             raise DataError(f"{task.name}: no --data directory given")
-        samples = task.load(root)
+        samples = task.load(root or "")  # a task without a folder (jsonl:PATH) reads none
         n_total = len(samples)
         if self.cfg.limit is not None:
             samples = samples[: self.cfg.limit]
@@ -336,9 +347,16 @@ class Runner:
         hashes = {s.id: prompt_hash(task.prompt(s, profile)) for s in samples}
         max_new = self.cfg.max_new_tokens or task.max_new_tokens(profile)
         ip = self.processor.image_processor
-        settings = {"model": self.model_fp, "task": task.name, "version": task.version, "profile": profile,
-                    "max_new_tokens": max_new, "tiles": [ip.max_tiles, ip.min_tiles, ip.use_thumbnail],
-                    "dtype": _dtype_name(self.model), "template": self.template or self.processor.chat_template}  # fmt: skip
+        settings = {
+            "model": self.model_fp,
+            "task": task.name,
+            "version": task.version,
+            "profile": profile,
+            "max_new_tokens": max_new,
+            "tiles": [ip.max_tiles, ip.min_tiles, ip.use_thumbnail],
+            "dtype": _dtype_name(self.model),
+            "template": self.template or self.processor.chat_template,
+        }
         fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
         cache = PredictionCache(self.pred_dir, task.key, fingerprint)
         return _Prepared(task, samples, n_total, hashes, cache, max_new)
@@ -361,19 +379,34 @@ class Runner:
                     ordered = sorted(chunk, key=lambda s: (-len(prompts[s.id].images), -len(prompts[s.id].text)))
                     for batch in _chunks(ordered, self.cfg.batch_size):
                         try:
-                            raws = generate_batch(self.model, self.processor, [prompts[s.id] for s in batch],
-                                                  p.max_new_tokens, task.stop, self.template)  # fmt: skip
+                            raws = generate_batch(
+                                self.model,
+                                self.processor,
+                                [prompts[s.id] for s in batch],
+                                p.max_new_tokens,
+                                task.stop,
+                                self.template,
+                            )
                         except ImageError as e:  # say which samples: the image error names only the file
                             raise DataError(f"{task.name}: samples {[s.id for s in batch]}: {e}") from None
-                        out.write([{"sample_id": s.id, "prompt_hash": p.hashes[s.id],
-                                    "prediction": task.postprocess(r, profile), "raw": r}
-                                   for s, r in zip(batch, raws)])  # fmt: skip
+                        out.write(
+                            [
+                                {
+                                    "sample_id": s.id,
+                                    "prompt_hash": p.hashes[s.id],
+                                    "prediction": task.postprocess(r, profile),
+                                    "raw": r,
+                                }
+                                for s, r in zip(batch, raws, strict=True)
+                            ]
+                        )
                         p.generated += len(batch)
                         bar.update(len(batch))
         except Exception as e:
             if self.world > 1:
-                p.cache.error_path(self.rank).write_text(json.dumps({"fingerprint": p.cache.fingerprint,
-                                                                     "error": f"{type(e).__name__}: {e}"}))  # fmt: skip
+                p.cache.error_path(self.rank).write_text(
+                    json.dumps({"fingerprint": p.cache.fingerprint, "error": f"{type(e).__name__}: {e}"})
+                )
             raise
         finally:
             bar.close()
@@ -405,10 +438,17 @@ class Runner:
             predictions = self.merged(p)
             metrics = task.score(predictions, p.samples, self.cfg.profile) if task.has_answers else {}
             entry: dict[str, Any] = {
-                "split": task.split, "n": len(p.samples), "n_total": p.n_total, "limit": self.cfg.limit,
-                "max_new_tokens": p.max_new_tokens, "main_metric": task.main_metric if task.has_answers else None,
-                "metrics": metrics, "generated": p.generated, "cached": p.cached, "seconds": round(p.seconds, 2),
-            }  # fmt: skip
+                "split": task.split,
+                "n": len(p.samples),
+                "n_total": p.n_total,
+                "limit": self.cfg.limit,
+                "max_new_tokens": p.max_new_tokens,
+                "main_metric": task.main_metric if task.has_answers else None,
+                "metrics": metrics,
+                "generated": p.generated,
+                "cached": p.cached,
+                "seconds": round(p.seconds, 2),
+            }
             sub = task.submission(predictions, p.samples)
             if sub is not None:
                 name, content = sub
@@ -434,10 +474,16 @@ class Runner:
     # ---- results files
 
     def _load_results(self) -> dict[str, Any]:
-        head = {"model": str(Path(self.cfg.model).resolve()), "model_name": Path(self.cfg.model).resolve().name,
-                "model_fingerprint": self.model_fp, "arch": self.model.config.arch, "profile": self.cfg.profile,
-                "max_tiles": self.processor.image_processor.max_tiles, "dtype": _dtype_name(self.model).removeprefix("torch."),
-                "world_size": self.world}  # fmt: skip
+        head = {
+            "model": str(Path(self.cfg.model).resolve()),
+            "model_name": Path(self.cfg.model).resolve().name,
+            "model_fingerprint": self.model_fp,
+            "arch": self.model.config.arch,
+            "profile": self.cfg.profile,
+            "max_tiles": self.processor.image_processor.max_tiles,
+            "dtype": _dtype_name(self.model).removeprefix("torch."),
+            "world_size": self.world,
+        }
         old_path = self.out / "results.json"
         tasks: dict[str, Any] = {}
         if old_path.is_file():  # keep the other tasks of earlier runs of this same model, profile and dtype
@@ -474,15 +520,18 @@ def markdown(results: dict[str, Any]) -> str:
     """Our main metric per task beside the paper's NVLM-D/X/H 72B numbers (ours in its architecture's column)."""
     arch = results.get("arch", "D")
     cols = list(COLUMNS)
-    lines = [f"# {results['model_name']} (NVLM-{arch}), profile `{results['profile']}`", "",
-             "| Task | Metric | n | Ours | " + " | ".join(COLUMNS[c] for c in cols) + " | Notes |",
-             "|---|---|---|---|" + "---|" * len(cols) + "---|"]  # fmt: skip
+    lines = [
+        f"# {results['model_name']} (NVLM-{arch}), profile `{results['profile']}`",
+        "",
+        "| Task | Metric | n | Ours | " + " | ".join(COLUMNS[c] for c in cols) + " | Notes |",
+        "|---|---|---|---|" + "---|" * len(cols) + "---|",
+    ]
     details = []
     for name, r in results["tasks"].items():
         paper = PAPER.get(name)
         count = name == "ocrbench"
         refs = [_fmt(paper.get(c), count) if paper else "–" for c in cols]
-        refs = [f"**{v}**" if c == arch and v != "–" else v for c, v in zip(cols, refs)]
+        refs = [f"**{v}**" if c == arch and v != "–" else v for c, v in zip(cols, refs, strict=True)]
         notes = [paper.note] if paper and paper.note else []
         if "error" in r:
             first = r["error"].splitlines()[0]
@@ -498,9 +547,12 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {main or '–'} | {n} | {ours} | " + " | ".join(refs) + f" | {'; '.join(notes)} |")
         if len(r["metrics"]) > 1:
             details.append(f"- **{name}**: " + ", ".join(f"{k} {_fmt(v, count)}" for k, v in r["metrics"].items()))
-    lines += ["", "Paper: NVLM 1.0 (arXiv 2409.11402) Tables 7/8, 72B models; HF: the nvidia/NVLM-D-72B card. "
-              "The paper's VQAv2 is test-dev and its DocVQA test; MMMU test, VQAv2 test-dev and DocVQA test are "
-              "scored by their servers from the files in `submissions/`."]  # fmt: skip
+    lines += [
+        "",
+        "Paper: NVLM 1.0 (arXiv 2409.11402) Tables 7/8, 72B models; HF: the nvidia/NVLM-D-72B card. "
+        "The paper's VQAv2 is test-dev and its DocVQA test; MMMU test, VQAv2 test-dev and DocVQA test are "
+        "scored by their servers from the files in `submissions/`.",
+    ]
     if details:
         lines += ["", "## All metrics", "", *details]
     return "\n".join(lines) + "\n"
@@ -513,13 +565,13 @@ def _md(text: str) -> str:
 # -------------------------------------------------------------------------------------------- API
 
 
-def _dtype_name(model: "NVLM") -> str:
+def _dtype_name(model: NVLM) -> str:
     """The model's dtype, with its quantization ("torch.bfloat16+int8"): predictions are kept apart by it."""
     q = getattr(model, "quantization", None)
     return str(model.dtype) + (f"+{q.format}" if q is not None else "")
 
 
-def load(cfg: EvalConfig) -> tuple["NVLM", "Processor"]:
+def load(cfg: EvalConfig) -> tuple[NVLM, Processor]:
     device = cfg.device
     if device is None and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"

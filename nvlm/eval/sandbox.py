@@ -50,10 +50,11 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Any
 
 import numpy as np
 
@@ -387,11 +388,11 @@ def _run(
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _wait(command: list[str], work: str, out: IO[bytes], timeout: float, uid: int | None) -> int | None | Outcome:
+def _wait(command: list[str], work: str, out: IO[bytes], timeout: float, uid: int | None) -> int | Outcome | None:
     """Run ``command`` (as ``uid`` when given) until it exits or ``timeout`` + 1 s; then nothing of it is left:
     its process group is killed, and every process of ``uid``. Returns the exit status (None: killed on time)."""
     env = {"PATH": _PATH, "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}
-    user = {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
+    user: dict[str, Any] = {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
     try:
         proc = subprocess.Popen(
             command,
@@ -466,7 +467,7 @@ def evaluate_humaneval(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         outcomes = list(pool.map(lambda pair: check_humaneval(by_id[pair[0]], pair[1], timeout=timeout), pairs))
     per_task: dict[str, dict] = {t: {"n": 0, "passed": 0, "outcomes": []} for t in by_id}
-    for (task, _), outcome in zip(pairs, outcomes):
+    for (task, _), outcome in zip(pairs, outcomes, strict=True):
         per_task[task]["n"] += 1
         per_task[task]["passed"] += outcome.passed
         per_task[task]["outcomes"].append(outcome)

@@ -24,8 +24,10 @@ def _convert(args: argparse.Namespace) -> int:
         if args.tp or args.pp or args.iteration is not None:
             raise CheckpointError("--tp, --pp and --iteration are for --to mcore")
         if args.tokenizer is None:
-            raise CheckpointError("--tokenizer DIR is needed: a Megatron checkpoint holds no tokenizer "
-                                  "(Qwen2-72B-Instruct's or NVLM-D-72B's)")  # fmt: skip
+            raise CheckpointError(
+                "--tokenizer DIR is needed: a Megatron checkpoint holds no tokenizer "
+                "(Qwen2-72B-Instruct's or NVLM-D-72B's)"
+            )
         cfg = convert_to_hf(args.src, args.dst, args.tokenizer, args.config, int(args.max_shard_size * 1024**3))
         print(f"wrote {args.dst}: NVLM-D ({cfg.llm.num_layers} LM layers, {cfg.llm.vocab_size} tokens), HF layout")
         return 0
@@ -41,12 +43,19 @@ def add_subcommand(sub: Any) -> None:
     p.add_argument("src", help="a Megatron checkpoint directory, or an NVLM-D-72B-layout directory")
     p.add_argument("dst", help="the output directory (new or empty)")
     p.add_argument("--to", choices=["hf", "mcore"], default=None, help="default: the other format")
-    p.add_argument("--tp", type=int, default=None, help="--to mcore: tensor parallelism (default 1; Megatron's "
-                   "NVLM-D-72B example runs TP 8)")  # fmt: skip
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=None,
+        help="--to mcore: tensor parallelism (default 1; Megatron's NVLM-D-72B example runs TP 8)",
+    )
     p.add_argument("--pp", type=int, default=None, help="--to mcore: pipeline stages (default 1)")
     p.add_argument("--iteration", type=int, default=None, help="--to mcore: write iter_N (default: release/)")
     p.add_argument("--tokenizer", default=None, help="mcore source: a Qwen2-72B-Instruct or NVLM-D-72B tokenizer dir")
-    p.add_argument("--config", default=None, help="mcore source: a preset or config.json giving the ViT and vocabulary "
-                   "(default nvlm-d-72b)")  # fmt: skip
+    p.add_argument(
+        "--config",
+        default=None,
+        help="mcore source: a preset or config.json giving the ViT and vocabulary (default nvlm-d-72b)",
+    )
     p.add_argument("--max-shard-size", type=float, default=5.0, help="--to hf: GiB per safetensors shard")
     p.set_defaults(func=_convert)

@@ -75,8 +75,9 @@ def iteration_dir(path: str | Path) -> Path:
     found = sorted(p for p in base.iterdir() if ITER_DIR.match(p.name) and _has_ranks(p))
     if len(found) != 1:
         names = ", ".join(p.name for p in found) or "none"
-        raise CheckpointError(f"{base}: no {TRACKER}, and {len(found)} iteration directories ({names}): "
-                              "give one of them")  # fmt: skip
+        raise CheckpointError(
+            f"{base}: no {TRACKER}, and {len(found)} iteration directories ({names}): give one of them"
+        )
     return found[0]
 
 
@@ -90,8 +91,10 @@ def scan(path: str | Path) -> Layout:
             continue
         m = RANK_DIR.match(d.name)
         if m is None:
-            raise CheckpointError(f"{d}: not a rank directory this reader knows (mp_rank_TT or mp_rank_TT_PPP; "
-                                  "expert parallelism is not supported)")  # fmt: skip
+            raise CheckpointError(
+                f"{d}: not a rank directory this reader knows (mp_rank_TT or mp_rank_TT_PPP; "
+                "expert parallelism is not supported)"
+            )
         suffixed.add(m.group(2) is not None)
         ranks[(int(m.group(1)), int(m.group(2) or 0))] = d / RANK_FILE
     if len(suffixed) > 1:

@@ -16,8 +16,9 @@ Names here are global (a layer's index counts from the first layer of the whole 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 
@@ -85,15 +86,22 @@ def piece(rule: Rule, merged: Tensor, tp: int, rank: int) -> Tensor:
 def check_geometry(cfg: NVLMConfig, geo: Geometry) -> None:
     """Every split dimension divisible by the TP size, the padded sizes large enough: else ``CheckpointError``."""
     v, lm = cfg.vision, cfg.llm
-    sizes = {"LLM query groups": lm.num_kv_heads, "LLM FFN width": lm.intermediate_size,
-             "padded vocabulary": geo.padded_vocab, "padded ViT heads": geo.vit_heads,
-             "ViT MLP width": v.intermediate_size, "projector width": cfg.projector.hidden_size}  # fmt: skip
+    sizes = {
+        "LLM query groups": lm.num_kv_heads,
+        "LLM FFN width": lm.intermediate_size,
+        "padded vocabulary": geo.padded_vocab,
+        "padded ViT heads": geo.vit_heads,
+        "ViT MLP width": v.intermediate_size,
+        "projector width": cfg.projector.hidden_size,
+    }
     bad = [f"{k} {n}" for k, n in sizes.items() if n % geo.tp]
     if bad:
         raise CheckpointError(f"tensor parallelism {geo.tp} does not divide the {', '.join(bad)}")
     if geo.padded_vocab < lm.vocab_size or geo.vit_heads < v.num_heads:
-        raise CheckpointError(f"the Megatron layout has {geo.padded_vocab} vocabulary rows and {geo.vit_heads} ViT "
-                              f"heads; the config needs {lm.vocab_size} and {v.num_heads}")  # fmt: skip
+        raise CheckpointError(
+            f"the Megatron layout has {geo.padded_vocab} vocabulary rows and {geo.vit_heads} ViT "
+            f"heads; the config needs {lm.vocab_size} and {v.num_heads}"
+        )
     if not cfg.architecture.released or cfg.projector.num_layers != 2:
         raise CheckpointError(f"NVLM-{cfg.arch}: only NVLM-D has a Megatron-Core layout (examples/multimodal)")
 
@@ -145,35 +153,83 @@ def _llm(cfg: NVLMConfig, geo: Geometry) -> list[Rule]:
         return torch.cat([gate, up], dim=0)
 
     vocab = (geo.padded_vocab, h)
-    out = [Rule("language_model.embedding.word_embeddings.weight", "col", vocab, ("language_model.model.embed_tokens.weight",),
-                vocab_to_ours, vocab_from_ours)]  # fmt: skip
+    out = [
+        Rule(
+            "language_model.embedding.word_embeddings.weight",
+            "col",
+            vocab,
+            ("language_model.model.embed_tokens.weight",),
+            vocab_to_ours,
+            vocab_from_ours,
+        )
+    ]
     rows = (lm.num_heads + 2 * ng) * hd
     for i in range(lm.num_layers):
         m, o = f"language_model.decoder.layers.{i}.", f"language_model.model.layers.{i}."
         qkv = tuple(f"{o}self_attn.{p}_proj." for p in "qkv")
         out += [
-            _plain(f"{m}self_attention.linear_qkv.layer_norm_weight", f"{o}input_layernorm.weight", "rep", (h,), layer=i),
-            Rule(f"{m}self_attention.linear_qkv.weight", "col", (rows, h), tuple(p + "weight" for p in qkv),
-                 qkv_to_ours, qkv_from_ours, layer=i),
-        ]  # fmt: skip
+            _plain(
+                f"{m}self_attention.linear_qkv.layer_norm_weight", f"{o}input_layernorm.weight", "rep", (h,), layer=i
+            ),
+            Rule(
+                f"{m}self_attention.linear_qkv.weight",
+                "col",
+                (rows, h),
+                tuple(p + "weight" for p in qkv),
+                qkv_to_ours,
+                qkv_from_ours,
+                layer=i,
+            ),
+        ]
         if lm.qkv_bias:
-            out.append(Rule(f"{m}self_attention.linear_qkv.bias", "col", (rows,), tuple(p + "bias" for p in qkv),
-                            qkv_to_ours, qkv_from_ours, layer=i))  # fmt: skip
+            out.append(
+                Rule(
+                    f"{m}self_attention.linear_qkv.bias",
+                    "col",
+                    (rows,),
+                    tuple(p + "bias" for p in qkv),
+                    qkv_to_ours,
+                    qkv_from_ours,
+                    layer=i,
+                )
+            )
         out += [
-            _plain(f"{m}self_attention.linear_proj.weight", f"{o}self_attn.o_proj.weight", "row", (h, lm.num_heads * hd), layer=i),
+            _plain(
+                f"{m}self_attention.linear_proj.weight",
+                f"{o}self_attn.o_proj.weight",
+                "row",
+                (h, lm.num_heads * hd),
+                layer=i,
+            ),
             _plain(f"{m}mlp.linear_fc1.layer_norm_weight", f"{o}post_attention_layernorm.weight", "rep", (h,), layer=i),
-            Rule(f"{m}mlp.linear_fc1.weight", "glu", (2 * f, h), (f"{o}mlp.gate_proj.weight", f"{o}mlp.up_proj.weight"),
-                 glu_to_ours, glu_from_ours, layer=i),
+            Rule(
+                f"{m}mlp.linear_fc1.weight",
+                "glu",
+                (2 * f, h),
+                (f"{o}mlp.gate_proj.weight", f"{o}mlp.up_proj.weight"),
+                glu_to_ours,
+                glu_from_ours,
+                layer=i,
+            ),
             _plain(f"{m}mlp.linear_fc2.weight", f"{o}mlp.down_proj.weight", "row", (h, f), layer=i),
-        ]  # fmt: skip
+        ]
     out.append(
         _plain(
             "language_model.decoder.final_layernorm.weight", "language_model.model.norm.weight", "rep", (h,), last=True
         )
     )
     if not lm.tie_word_embeddings:
-        out.append(Rule("language_model.output_layer.weight", "col", vocab, ("language_model.lm_head.weight",),
-                        vocab_to_ours, vocab_from_ours, last=True))  # fmt: skip
+        out.append(
+            Rule(
+                "language_model.output_layer.weight",
+                "col",
+                vocab,
+                ("language_model.lm_head.weight",),
+                vocab_to_ours,
+                vocab_from_ours,
+                last=True,
+            )
+        )
     return out
 
 
@@ -221,25 +277,60 @@ def _vision(cfg: NVLMConfig, geo: Geometry) -> list[Rule]:
         _plain(f"{m}class_token", f"{o}class_embedding", "rep", (1, 1, c)),
         _plain(f"{m}conv1.weight", f"{o}patch_embedding.weight", "rep", (c, 3, p, p)),
         _plain(f"{m}conv1.bias", f"{o}patch_embedding.bias", "rep", (c,)),
-        Rule(f"{m}position_embeddings.weight", "rep", (v.num_patches + 1, c), (f"{o}position_embedding",),
-             pos_to_ours, pos_from_ours),
-    ]  # fmt: skip
+        Rule(
+            f"{m}position_embeddings.weight",
+            "rep",
+            (v.num_patches + 1, c),
+            (f"{o}position_embedding",),
+            pos_to_ours,
+            pos_from_ours,
+        ),
+    ]
     for j in range(v.num_layers):
         m, o = f"vision_model.decoder.layers.{j}.", f"vision_model.encoder.layers.{j}."
         out += [
             _plain(f"{m}input_layernorm.weight", f"{o}norm1.weight", "rep", (c,)),
-            Rule(f"{m}self_attention.linear_qkv.weight", "col", (3 * width, c), (f"{o}attn.qkv.weight",),
-                 qkv_to_ours, qkv_from_ours),
-        ]  # fmt: skip
+            Rule(
+                f"{m}self_attention.linear_qkv.weight",
+                "col",
+                (3 * width, c),
+                (f"{o}attn.qkv.weight",),
+                qkv_to_ours,
+                qkv_from_ours,
+            ),
+        ]
         if v.qkv_bias:
-            out.append(Rule(f"{m}self_attention.linear_qkv.bias", "col", (3 * width,), (f"{o}attn.qkv.bias",),
-                            qkv_to_ours, qkv_from_ours))  # fmt: skip
+            out.append(
+                Rule(
+                    f"{m}self_attention.linear_qkv.bias",
+                    "col",
+                    (3 * width,),
+                    (f"{o}attn.qkv.bias",),
+                    qkv_to_ours,
+                    qkv_from_ours,
+                )
+            )
         if v.qk_norm:
-            out += [Rule(f"{m}self_attention.{q}_layernorm.weight", "col", (width,), (f"{o}attn.{q}_norm.weight",),
-                         norm_to_ours, norm_from_ours) for q in "qk"]  # fmt: skip
+            out += [
+                Rule(
+                    f"{m}self_attention.{q}_layernorm.weight",
+                    "col",
+                    (width,),
+                    (f"{o}attn.{q}_norm.weight",),
+                    norm_to_ours,
+                    norm_from_ours,
+                )
+                for q in "qk"
+            ]
         out += [
-            Rule(f"{m}self_attention.linear_proj.weight", "row", (c, width), (f"{o}attn.proj.weight",),
-                 proj_to_ours, proj_from_ours),
+            Rule(
+                f"{m}self_attention.linear_proj.weight",
+                "row",
+                (c, width),
+                (f"{o}attn.proj.weight",),
+                proj_to_ours,
+                proj_from_ours,
+            ),
             _plain(f"{m}self_attention.linear_proj.bias", f"{o}attn.proj.bias", "rep", (c,)),
             _plain(f"{m}pre_mlp_layernorm.weight", f"{o}norm2.weight", "rep", (c,)),
             _plain(f"{m}mlp.linear_fc1.weight", f"{o}mlp.fc1.weight", "col", (v.intermediate_size, c)),
@@ -248,7 +339,7 @@ def _vision(cfg: NVLMConfig, geo: Geometry) -> list[Rule]:
             _plain(f"{m}mlp.linear_fc2.bias", f"{o}mlp.fc2.bias", "rep", (c,)),
             _plain(f"{m}ls1", f"{o}ls1", "rep", (c,)),
             _plain(f"{m}ls2", f"{o}ls2", "rep", (c,)),
-        ]  # fmt: skip
+        ]
     return out
 
 
@@ -264,14 +355,23 @@ def _projector(cfg: NVLMConfig) -> list[Rule]:
 
 def extra_state_keys(cfg: NVLMConfig) -> list[tuple[str, int | None, bool]]:
     """The ``_extra_state`` entries a TE >= 1.8 Megatron expects (global name, LM layer, last stage), all ``None``."""
-    attn = ("self_attention.core_attention", "self_attention.linear_qkv", "self_attention.linear_proj",
-            "mlp.linear_fc1", "mlp.linear_fc2")  # fmt: skip
+    attn = (
+        "self_attention.core_attention",
+        "self_attention.linear_qkv",
+        "self_attention.linear_proj",
+        "mlp.linear_fc1",
+        "mlp.linear_fc2",
+    )
     out: list[tuple[str, int | None, bool]] = [
         (f"vision_model.decoder.layers.{j}.{m}._extra_state", None, False)
-        for j in range(cfg.vision.num_layers) for m in attn
-    ]  # fmt: skip
+        for j in range(cfg.vision.num_layers)
+        for m in attn
+    ]
     out += [(f"vision_projection.encoder.{m}._extra_state", None, False) for m in ("linear_fc1", "linear_fc2")]
-    out += [(f"language_model.decoder.layers.{i}.{m}._extra_state", i, False)
-            for i in range(cfg.llm.num_layers) for m in attn]  # fmt: skip
+    out += [
+        (f"language_model.decoder.layers.{i}.{m}._extra_state", i, False)
+        for i in range(cfg.llm.num_layers)
+        for m in attn
+    ]
     out.append(("language_model.output_layer._extra_state", None, True))
     return out

@@ -29,10 +29,17 @@ from nvlm.checkpoint import CheckpointError
 
 # The legacy typed-storage classes torch.save names, and the dtypes they stand for.
 STORAGE_DTYPES = {
-    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "ByteStorage": torch.uint8, "CharStorage": torch.int8,
-    "ShortStorage": torch.int16, "IntStorage": torch.int32, "LongStorage": torch.int64, "BoolStorage": torch.bool,
-}  # fmt: skip
+    "FloatStorage": torch.float32,
+    "DoubleStorage": torch.float64,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "ByteStorage": torch.uint8,
+    "CharStorage": torch.int8,
+    "ShortStorage": torch.int16,
+    "IntStorage": torch.int32,
+    "LongStorage": torch.int64,
+    "BoolStorage": torch.bool,
+}
 
 
 class Inert:
@@ -58,20 +65,28 @@ def _stand_in(name: str) -> type:
 
 
 INERT = (
-    "megatron.core.enums.ModelType", "megatron.core.transformer.enums.AttnBackend",
-    "megatron.core.transformer.enums.AttnMaskType", "megatron.core.transformer.enums.AttnType",
-    "megatron.core.rerun_state_machine.RerunMode", "megatron.core.rerun_state_machine.RerunState",
-    "megatron.core.rerun_state_machine.RerunDiagnostic", "numpy.core.multiarray._reconstruct",
-    "numpy._core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype", "numpy.dtypes.UInt32DType",
-    "_io.BytesIO", "io.BytesIO",
-)  # fmt: skip
+    "megatron.core.enums.ModelType",
+    "megatron.core.transformer.enums.AttnBackend",
+    "megatron.core.transformer.enums.AttnMaskType",
+    "megatron.core.transformer.enums.AttnType",
+    "megatron.core.rerun_state_machine.RerunMode",
+    "megatron.core.rerun_state_machine.RerunState",
+    "megatron.core.rerun_state_machine.RerunDiagnostic",
+    "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray._reconstruct",
+    "numpy.ndarray",
+    "numpy.dtype",
+    "numpy.dtypes.UInt32DType",
+    "_io.BytesIO",
+    "io.BytesIO",
+)
 
 
 @dataclass
 class TensorRef:
     """A tensor of a rank file, not read yet: ``load()`` maps it, ``release()`` drops its pages again."""
 
-    file: "RankFile"
+    file: RankFile
     key: str  # the storage record's key
     dtype: torch.dtype
     offset: int  # in elements, into the storage
@@ -103,7 +118,7 @@ class RankFile:
             raise CheckpointError(f"{path}: truncated or not a torch zip file ({e})") from None
         self._records = {i.filename[len(prefix) + 5 :]: i for i in infos if i.filename.startswith(prefix + "data/")}
         self._offsets: dict[str, tuple[int, int]] = {}
-        self._file = open(path, "rb")
+        self._file = open(path, "rb")  # noqa: SIM115 (held for lazy reads; close() closes it)
         self._size = path.stat().st_size
         self._map: mmap.mmap | None = None
         try:
@@ -114,7 +129,7 @@ class RankFile:
 
     # ---- records
 
-    def storage(self, key: str, dtype: torch.dtype, numel: int) -> "_Storage":
+    def storage(self, key: str, dtype: torch.dtype, numel: int) -> _Storage:
         """Check that the storage ``key`` is a complete uncompressed record of ``numel`` elements."""
         info = self._records.get(key)
         if info is None:
@@ -129,8 +144,10 @@ class RankFile:
         start = info.header_offset + 30 + name_len + extra_len
         nbytes = numel * dtype.itemsize
         if info.file_size != nbytes or start + nbytes > self._size:
-            raise CheckpointError(f"{self.path}: storage record {key!r} holds {info.file_size} bytes, "
-                                  f"{nbytes} expected, or runs past the end of the file (truncated?)")  # fmt: skip
+            raise CheckpointError(
+                f"{self.path}: storage record {key!r} holds {info.file_size} bytes, "
+                f"{nbytes} expected, or runs past the end of the file (truncated?)"
+            )
         self._offsets[key] = (start, nbytes)
         return _Storage(key, dtype, numel)
 
@@ -217,8 +234,10 @@ class _Unpickler(pickle.Unpickler):
             return _latin1
         if full in INERT:
             return _stand_in(full)
-        raise CheckpointError(f"{self._rank.path}: refused to unpickle the global {full} "
-                              "(not one a Megatron checkpoint holds); nothing was run")  # fmt: skip
+        raise CheckpointError(
+            f"{self._rank.path}: refused to unpickle the global {full} "
+            "(not one a Megatron checkpoint holds); nothing was run"
+        )
 
     def persistent_load(self, pid: Any) -> Any:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
@@ -253,7 +272,10 @@ def _refs(obj: Any, rank: RankFile) -> Any:
         if (
             len(obj.shape) != len(obj.stride)
             or min((*obj.shape, *obj.stride, obj.offset), default=0) < 0
-            or (all(obj.shape) and obj.offset + sum((n - 1) * st for n, st in zip(obj.shape, obj.stride)) >= s.numel)
+            or (
+                all(obj.shape)
+                and obj.offset + sum((n - 1) * st for n, st in zip(obj.shape, obj.stride, strict=True)) >= s.numel
+            )
         ):
             raise CheckpointError(f"{rank.path}: a tensor {obj.shape} reaches outside its storage {s.key!r}")
         return TensorRef(rank, s.key, s.dtype, obj.offset, obj.shape, obj.stride)

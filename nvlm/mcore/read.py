@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -89,8 +90,10 @@ class McoreCheckpoint:
             hint = " (virtual pipeline stages, 'model0', ... are not supported)" if "model0" in f.state else ""
             raise CheckpointError(f"{f.path}: no 'model' state dict{hint}")
         if not isinstance(version, (int, float)) or version < 2.0:
-            raise CheckpointError(f"{f.path}: checkpoint_version {version!r}; versions before 2.0 order q/k/v "
-                                  "differently and are not supported")  # fmt: skip
+            raise CheckpointError(
+                f"{f.path}: checkpoint_version {version!r}; versions before 2.0 order q/k/v "
+                "differently and are not supported"
+            )
 
     def _index(self) -> dict[str, list[tuple[Path, TensorRef, str]]]:
         """Global name -> per TP rank (file, tensor, name in the file); LM layers renumbered across stages."""
@@ -105,8 +108,10 @@ class McoreCheckpoint:
                 theirs = [k for k in other.state["model"] if not k.endswith("._extra_state")]
                 if set(theirs) != set(keys):
                     odd = sorted(set(theirs) ^ set(keys))[0]
-                    raise CheckpointError(f"{other.path}: tensor {odd!r} is in one of it and {ref.path}, not both "
-                                          "(ranks of one pipeline stage hold the same tensors)")  # fmt: skip
+                    raise CheckpointError(
+                        f"{other.path}: tensor {odd!r} is in one of it and {ref.path}, not both "
+                        "(ranks of one pipeline stage hold the same tensors)"
+                    )
             layers = sorted({int(m.group(1)) for k in keys if (m := LM_LAYER.match(k))})
             if layers != list(range(len(layers))):
                 raise CheckpointError(f"{ref.path}: LM layers {layers[:8]}... are not numbered 0.. within the stage")
@@ -143,8 +148,10 @@ class McoreCheckpoint:
             raise CheckpointError(f"{self.files[(0, 0)].path}: no vision_model.decoder.layers.0 attention")
         rows = qkv[0][1].shape[0] * self.layout.tp
         if rows % (3 * v.head_dim):
-            raise CheckpointError(f"{qkv[0][0]}: ViT qkv rows {rows} are not 3 x heads x head size {v.head_dim} "
-                                  "(does --config give the right ViT?)")  # fmt: skip
+            raise CheckpointError(
+                f"{qkv[0][0]}: ViT qkv rows {rows} are not 3 x heads x head size {v.head_dim} "
+                "(does --config give the right ViT?)"
+            )
         return rows // (3 * v.head_dim)
 
     def _check_names(self) -> None:
@@ -154,20 +161,23 @@ class McoreCheckpoint:
         lm, v = self.config.llm, self.config.vision
         for name, pieces in self.index.items():
             if name not in known:
-                raise CheckpointError(f"{pieces[0][0]}: unknown tensor {pieces[0][2]!r} for an NVLM-D of "
-                                      f"{lm.num_layers} LM and {v.num_layers} ViT layers")  # fmt: skip
+                raise CheckpointError(
+                    f"{pieces[0][0]}: unknown tensor {pieces[0][2]!r} for an NVLM-D of "
+                    f"{lm.num_layers} LM and {v.num_layers} ViT layers"
+                )
         tp = self.layout.tp
         for rule in self.rules:
-            pieces = self.index.get(rule.mcore)
-            if pieces is None:
+            found = self.index.get(rule.mcore)
+            if found is None:
                 file, local = self._home(rule)
                 raise CheckpointError(f"{file}: missing tensor {local!r} (in this stage's TP rank files)")
             want = rule.piece_shape(tp)
-            for file, ref, key in pieces:
+            for file, ref, key in found:
                 if ref.shape != want:
-                    raise CheckpointError(f"{file}: tensor {key!r} has shape {ref.shape}, expected {want} "
-                                          f"(TP {tp} of {rule.shape})")  # fmt: skip
-                if not ref.dtype.is_floating_point or ref.dtype != pieces[0][1].dtype:
+                    raise CheckpointError(
+                        f"{file}: tensor {key!r} has shape {ref.shape}, expected {want} (TP {tp} of {rule.shape})"
+                    )
+                if not ref.dtype.is_floating_point or ref.dtype != found[0][1].dtype:
                     raise CheckpointError(f"{file}: tensor {key!r} is {ref.dtype}, not a weight like the others")
 
     # ---- tensors
@@ -212,8 +222,13 @@ def prepare_tokenizer(path: str | Path, cfg: NVLMConfig) -> tuple[Any, NVLMConfi
 # ----------------------------------------------------------------------------------------- outputs
 
 
-def convert_to_hf(src: str | Path, dst: str | Path, tokenizer: str | Path, config: str | Path | NVLMConfig | None = None,
-                  max_shard_size: int = 5 * 1024**3) -> NVLMConfig:  # fmt: skip
+def convert_to_hf(
+    src: str | Path,
+    dst: str | Path,
+    tokenizer: str | Path,
+    config: str | Path | NVLMConfig | None = None,
+    max_shard_size: int = 5 * 1024**3,
+) -> NVLMConfig:
     """Write ``dst`` in the NVLM-D-72B layout (config, sharded safetensors + index, tokenizer, preprocessor)
     from the Megatron checkpoint ``src``, streaming one tensor at a time. Everything is checked before ``dst``
     is touched; ``dst`` must be new or empty."""
@@ -228,8 +243,12 @@ def convert_to_hf(src: str | Path, dst: str | Path, tokenizer: str | Path, confi
         try:
             write_sharded(groups, dst, max_shard_size)
             (dst / "config.json").write_text(json.dumps(to_hf(cfg), indent=2) + "\n")
-            images = ImageProcessor(tile_size=cfg.tile_size, max_tiles=cfg.max_tiles, min_tiles=cfg.min_tiles,
-                                    use_thumbnail=cfg.use_thumbnail)  # fmt: skip
+            images = ImageProcessor(
+                tile_size=cfg.tile_size,
+                max_tiles=cfg.max_tiles,
+                min_tiles=cfg.min_tiles,
+                use_thumbnail=cfg.use_thumbnail,
+            )
             Processor(tok, images, cfg, chat_template="checkpoint").save_pretrained(dst)  # Megatron's format
         except BaseException:
             shutil.rmtree(dst, ignore_errors=True)
@@ -250,7 +269,7 @@ def _groups(ckpt: McoreCheckpoint, cfg: NVLMConfig) -> list[Any]:
         return pad_vit_attention(name, t, head_dim).contiguous() if VIT_ATTENTION.match(name) else t
 
     def producer(rule: Rule) -> Any:
-        return lambda: [released(n, t) for n, t in zip(rule.ours, rule.to_ours(ckpt.merged(rule)))]
+        return lambda: [released(n, t) for n, t in zip(rule.ours, rule.to_ours(ckpt.merged(rule)), strict=True)]
 
     groups = []
     for rule in ckpt.rules:

@@ -37,8 +37,10 @@ def for_megatron_model(path: str | Path, cfg: NVLMConfig) -> Tokenizer:
         extra = tok.config.get("additional_special_tokens") or []
         tok.config["additional_special_tokens"] = [*extra, cfg.image_token]
     if tok.vocab_size > cfg.llm.vocab_size:
-        raise TokenizerError(f"{path}: {tok.vocab_size} tokens (with the image token) do not fit the model's "
-                             f"{cfg.llm.vocab_size}-row vocabulary")  # fmt: skip
+        raise TokenizerError(
+            f"{path}: {tok.vocab_size} tokens (with the image token) do not fit the model's "
+            f"{cfg.llm.vocab_size}-row vocabulary"
+        )
     pattern = tag_pattern(cfg)
     if cfg.tile_tag and cfg.thumbnail_tag and json.dumps(pattern)[1:-1] not in tk.to_str():  # not yet isolated
         isolate = pre_tokenizers.Split(Regex(pattern), behavior="isolated")

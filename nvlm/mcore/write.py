@@ -19,9 +19,9 @@ import torch
 from safetensors import safe_open
 
 from nvlm.checkpoint import (
+    NUM_DUMMY_HEADS,
     VIT_ATTENTION,
     CheckpointError,
-    NUM_DUMMY_HEADS,
     read_config,
     tensor_index,
     unpad_vit_attention,
@@ -102,7 +102,9 @@ def convert_to_mcore(src: str | Path, dst: str | Path, tp: int = 1, pp: int = 1,
             stage_rules = [r for r in all_rules if _stage(r.layer, r.last, per_stage, pp) == p]
             extras = [n for n, layer, last in extra_state_keys(cfg) if _stage(layer, last, per_stage, pp) == p]
             for t in range(tp):
-                model = {_local(r.mcore, per_stage): _piece(r, source, tp, t) for r in stage_rules}
+                model: dict[str, torch.Tensor | None] = {
+                    _local(r.mcore, per_stage): _piece(r, source, tp, t) for r in stage_rules
+                }
                 model.update({_local(n, per_stage): None for n in extras})
                 name = f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "")
                 (it_dir / name).mkdir(parents=True)

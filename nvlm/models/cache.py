@@ -32,13 +32,13 @@ class Memory:
         b = self.key_mask.shape[0]
         return self.key_mask.view(b, -1, self.tokens_per_crop).any(-1)
 
-    def select(self, rows: torch.Tensor) -> "Memory":
+    def select(self, rows: torch.Tensor) -> Memory:
         """The memory of these batch rows only, block keys and values included."""
         kv = {i: (k[rows], v[rows]) for i, (k, v) in self.kv.items()}
         return Memory(self.embeds[rows], self.key_mask[rows], self.tokens_per_crop, kv, self.keep_kv)
 
     @staticmethod
-    def concat(memories: "list[Memory | None]", rows: list[int]) -> "Memory":
+    def concat(memories: list[Memory | None], rows: list[int]) -> Memory:
         """Stack rows of several batches (``None``: rows without images), padding to the most crops."""
         ref = next(m for m in memories if m is not None)
         size = max(m.key_mask.shape[1] for m in memories if m is not None)
@@ -52,12 +52,20 @@ class Memory:
             widths = [0, 0] * (x.dim() - dim - 1) + [0, size - x.shape[dim]]
             return torch.nn.functional.pad(x, widths)
 
-        embeds = torch.cat([pad(m and m.embeds, r, 1, ref.embeds) for m, r in zip(memories, rows)])
-        key_mask = torch.cat([pad(m and m.key_mask, r, 1, ref.key_mask) for m, r in zip(memories, rows)])
+        embeds = torch.cat(
+            [pad(None if m is None else m.embeds, r, 1, ref.embeds) for m, r in zip(memories, rows, strict=True)]
+        )
+        key_mask = torch.cat(
+            [pad(None if m is None else m.key_mask, r, 1, ref.key_mask) for m, r in zip(memories, rows, strict=True)]
+        )
         kv = {}
         for i in blocks:
-            ks = [pad(m and m.kv[i][0], r, 2, ref.kv[i][0]) for m, r in zip(memories, rows)]
-            vs = [pad(m and m.kv[i][1], r, 2, ref.kv[i][1]) for m, r in zip(memories, rows)]
+            ks = [
+                pad(None if m is None else m.kv[i][0], r, 2, ref.kv[i][0]) for m, r in zip(memories, rows, strict=True)
+            ]
+            vs = [
+                pad(None if m is None else m.kv[i][1], r, 2, ref.kv[i][1]) for m, r in zip(memories, rows, strict=True)
+            ]
             kv[i] = (torch.cat(ks), torch.cat(vs))
         return Memory(embeds, key_mask, ref.tokens_per_crop, kv, ref.keep_kv)
 
@@ -67,8 +75,10 @@ class Memory:
         if cross_attention_mask is None:
             cross_attention_mask = crops[:, None, :].expand(-1, num_new, -1)
         elif cross_attention_mask.shape != (crops.shape[0], num_new, crops.shape[1]):
-            raise ValueError(f"cross_attention_mask has shape {tuple(cross_attention_mask.shape)}; the batch needs "
-                             f"(B, T, K) = {(crops.shape[0], num_new, crops.shape[1])}")  # fmt: skip
+            raise ValueError(
+                f"cross_attention_mask has shape {tuple(cross_attention_mask.shape)}; the batch needs "
+                f"(B, T, K) = {(crops.shape[0], num_new, crops.shape[1])}"
+            )
         tokens = cross_attention_mask.to(crops.device).bool().repeat_interleave(self.tokens_per_crop, dim=-1)
         return (tokens & self.key_mask[:, None, :])[:, None]
 
@@ -109,13 +119,14 @@ class KVCache:
         b, h, t, d = k.shape
         if self.length + t > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {self.length} + {t} do not fit")
-        if self.k[layer] is None:
-            self.k[layer] = k.new_zeros(b, h, self.max_len, d)
-            self.v[layer] = v.new_zeros(b, h, self.max_len, d)
+        keys, values = self.k[layer], self.v[layer]
+        if keys is None or values is None:
+            keys = self.k[layer] = k.new_zeros(b, h, self.max_len, d)
+            values = self.v[layer] = v.new_zeros(b, h, self.max_len, d)
         end = self.length + t
-        self.k[layer][:, :, self.length : end] = k
-        self.v[layer][:, :, self.length : end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        keys[:, :, self.length : end] = k
+        values[:, :, self.length : end] = v
+        return keys[:, :, :end], values[:, :, :end]
 
     def advance(self, t: int) -> None:
         self.length += t
@@ -127,7 +138,7 @@ class KVCache:
         k = next((k for k in self.k if k is not None), None)
         return 0 if k is None else k.shape[0]
 
-    def select(self, rows: torch.Tensor) -> "KVCache":
+    def select(self, rows: torch.Tensor) -> KVCache:
         """A cache of only these batch rows, in this order (the cross-attention memory too)."""
         out = KVCache(len(self.k), self.max_len)
         out.length = self.length
@@ -136,31 +147,38 @@ class KVCache:
         out.memory = None if self.memory is None else self.memory.select(rows)
         return out
 
-    def realign(self, length: int, max_len: int) -> "KVCache":
+    def realign(self, length: int, max_len: int) -> KVCache:
         """The same rows right-aligned at ``length`` positions (left-padded with zeros, or their oldest
         columns dropped), in a buffer of ``max_len``. Padding columns must be masked out by the caller."""
         out = KVCache(len(self.k), max_len)
         out.length, out.memory = length, self.memory
         keep = min(length, self.length)
-        for i, (k, v) in enumerate(zip(self.k, self.v)):
-            if k is None:
+        for i, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
+            if k is None or v is None:
                 continue
-            out.k[i] = k.new_zeros(k.shape[0], k.shape[1], max_len, k.shape[3])
-            out.v[i] = v.new_zeros(v.shape[0], v.shape[1], max_len, v.shape[3])
-            out.k[i][:, :, length - keep : length] = k[:, :, self.length - keep : self.length]
-            out.v[i][:, :, length - keep : length] = v[:, :, self.length - keep : self.length]
+            keys = out.k[i] = k.new_zeros(k.shape[0], k.shape[1], max_len, k.shape[3])
+            values = out.v[i] = v.new_zeros(v.shape[0], v.shape[1], max_len, v.shape[3])
+            keys[:, :, length - keep : length] = k[:, :, self.length - keep : self.length]
+            values[:, :, length - keep : length] = v[:, :, self.length - keep : self.length]
         return out
 
     @staticmethod
-    def concat(caches: "list[KVCache]", max_len: int) -> "KVCache":
+    def concat(caches: list[KVCache], max_len: int) -> KVCache:
         """Stack the rows of several caches, right-aligned at the longest one's length."""
         caches = [c for c in caches if c.rows]
         length = max(c.length for c in caches)
         aligned = [c.realign(length, max_len) for c in caches]
         out = KVCache(len(caches[0].k), max_len)
         out.length = length
-        out.k = [torch.cat([c.k[i] for c in aligned]) for i in range(len(out.k))]
-        out.v = [torch.cat([c.v[i] for c in aligned]) for i in range(len(out.v))]
+        out.k = [torch.cat([_written(c.k[i]) for c in aligned]) for i in range(len(out.k))]
+        out.v = [torch.cat([_written(c.v[i]) for c in aligned]) for i in range(len(out.v))]
         if any(c.memory is not None for c in caches):
             out.memory = Memory.concat([c.memory for c in caches], [c.rows for c in caches])
         return out
+
+
+def _written(t: torch.Tensor | None) -> torch.Tensor:
+    """A layer's keys or values of a cache with rows: every forward writes every layer."""
+    if t is None:
+        raise ValueError("a KV cache with rows has a layer that was never written")
+    return t

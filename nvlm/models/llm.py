@@ -7,7 +7,7 @@ HF checkpoints, RMSNorm, SwiGLU. Module names follow HF's ``Qwen2ForCausalLM`` s
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -144,7 +144,7 @@ class LanguageModel(nn.Module):
         for i, layer in enumerate(self.model.layers):
             if before_layer is not None:
                 x = before_layer(i, x)
-            device = layer.input_layernorm.weight.device  # layers may sit on several devices
+            device = next(layer.parameters()).device  # layers may sit on several devices
             x, position_ids = x.to(device), position_ids.to(device)
             cos, sin = rope_cos_sin(position_ids, cfg.head_dim, base, x.dtype)
             x = layer(x, cos, sin, None if mask is None else mask.to(device), cache)
@@ -163,7 +163,7 @@ def attention_mask_4d(attention_mask: torch.Tensor, num_new: int) -> torch.Tenso
     packed row numbers its samples 1, 2, ... and each token attends only earlier tokens of its own
     document. A padded query position may still see itself, so that no row is all-masked (SDPA would give NaN).
     """
-    b, s = attention_mask.shape
+    _b, s = attention_mask.shape
     offset = s - num_new
     q_pos = torch.arange(offset, s, device=attention_mask.device)[:, None]  # (T, 1)
     k_pos = torch.arange(s, device=attention_mask.device)[None, :]  # (1, S)

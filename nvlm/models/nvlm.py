@@ -77,8 +77,9 @@ class NVLMModel(nn.Module):
         x = x.to(self.mlp1[0].weight.device)
         return self.mlp1(x.to(self.mlp1[0].weight.dtype))
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              feats: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def embed(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, feats: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Token embeddings with the image features (of ``pixel_values``, or given) scattered into the
         image-token positions."""
         input_ids = input_ids.to(self.device)
@@ -98,8 +99,9 @@ class NVLMModel(nn.Module):
             )
         return embeds.masked_scatter(slots[..., None], feats.to(embeds.device, embeds.dtype))
 
-    def image_features(self, pixel_values: torch.Tensor | None,
-                       memory_pixel_values: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    def image_features(
+        self, pixel_values: torch.Tensor | None, memory_pixel_values: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """One ViT pass over every crop of the batch -> (the sequence's crops' features, the memory's)."""
         parts = [p for p in (pixel_values, memory_pixel_values) if p is not None]
         if not parts:

@@ -15,21 +15,22 @@ import base64
 import binascii
 import json
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nvlm.sampling import SamplingParams
+from nvlm.engine import Sequence
 from nvlm.image import ImageError, load_image
 from nvlm.processor import Processor
+from nvlm.sampling import SamplingParams
 from nvlm.serve import protocol as api
 from nvlm.serve.body import BodyLimit
-from nvlm.engine import Sequence
 from nvlm.serve.engine import EngineThread, Job, QueueFull
 from nvlm.serve.fetch import FETCH_FAILED, FetchError, fetch
 from nvlm.serve.limits import Limits
@@ -88,8 +89,12 @@ def create_app(engine: EngineThread, model_name: str, limits: Limits | None = No
     @app.post("/v1/chat/completions")
     async def chat(req: api.ChatCompletionRequest, request: Request) -> Any:
         if req.model != model_name:
-            raise api.APIError(404, f"model {req.model!r} is not served here (this server serves {model_name!r})",
-                               code="model_not_found", param="model")  # fmt: skip
+            raise api.APIError(
+                404,
+                f"model {req.model!r} is not served here (this server serves {model_name!r})",
+                code="model_not_found",
+                param="model",
+            )
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = limits.default_max_tokens if max_tokens is None else max_tokens
         budget = context - max_tokens  # tokens the prompt may have
@@ -108,10 +113,17 @@ def create_app(engine: EngineThread, model_name: str, limits: Limits | None = No
             def emit(kind: str, value: Any, i: int = i) -> None:
                 loop.call_soon_threadsafe(events.put_nowait, (i, kind, value))
 
-            params = SamplingParams(max_new_tokens=max_tokens, do_sample=req.temperature > 0,
-                                    temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                                    repetition_penalty=req.repetition_penalty, seed=req.choice_seed(i),
-                                    stop=tuple(req.stops), eos_token_id=processor.eos_token_ids)  # fmt: skip
+            params = SamplingParams(
+                max_new_tokens=max_tokens,
+                do_sample=req.temperature > 0,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                top_k=req.top_k,
+                repetition_penalty=req.repetition_penalty,
+                seed=req.choice_seed(i),
+                stop=tuple(req.stops),
+                eos_token_id=processor.eos_token_ids,
+            )
             requests.append(Job(prompt, pixels, params, emit))
         seqs: list[Sequence] = []
         if max_tokens == 0:
@@ -130,18 +142,23 @@ def create_app(engine: EngineThread, model_name: str, limits: Limits | None = No
             use = api.usage(len(prompt.input_ids), stream.completion_tokens)
             return api.completion(id_, model_name, stream.texts, stream.reasons, use)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_sse(stream, id_, model_name, len(prompt.input_ids), req.n, include_usage),
-                                 media_type="text/event-stream")  # fmt: skip
+        return StreamingResponse(
+            _sse(stream, id_, model_name, len(prompt.input_ids), req.n, include_usage), media_type="text/event-stream"
+        )
 
     return app
 
 
 def _too_long(prompt: str, max_tokens: int, context: int) -> api.APIError:
-    return api.APIError(400, f"{prompt} plus max_tokens ({max_tokens}) exceed the model's context of {context} tokens",
-                        code="context_length_exceeded", param="messages")  # fmt: skip
+    return api.APIError(
+        400,
+        f"{prompt} plus max_tokens ({max_tokens}) exceed the model's context of {context} tokens",
+        code="context_length_exceeded",
+        param="messages",
+    )
 
 
-async def _drain_unless_disconnected(stream: "_Choices", request: Request) -> bool:
+async def _drain_unless_disconnected(stream: _Choices, request: Request) -> bool:
     """Wait for every choice of a non-streamed request; False if the client left first (its sequences are
     cancelled then, so they stop decoding at the next step)."""
     done = asyncio.ensure_future(_drain(stream))
@@ -159,7 +176,7 @@ async def _drain_unless_disconnected(stream: "_Choices", request: Request) -> bo
     return True
 
 
-async def _drain(stream: "_Choices") -> None:
+async def _drain(stream: _Choices) -> None:
     async for _ in stream:
         pass
 
@@ -196,7 +213,7 @@ class _Choices:
         while None in self.reasons:
             try:
                 i, kind, value = await asyncio.wait_for(self.events.get(), self.deadline - time.monotonic())
-            except (asyncio.TimeoutError, ValueError):
+            except (TimeoutError, ValueError):
                 self.cancel()
                 raise api.APIError(504, "the request timed out", "timeout_error", "timeout") from None
             if self.reasons[i] is not None:
@@ -238,11 +255,13 @@ async def _sse(
 # ------------------------------------------------------------------------------ requests -> prompts
 
 
-def _render(req: api.ChatCompletionRequest, processor: Processor, limits: Limits, budget: int, max_tokens: int,
-            context: int) -> Rendered:  # fmt: skip
+def _render(
+    req: api.ChatCompletionRequest, processor: Processor, limits: Limits, budget: int, max_tokens: int, context: int
+) -> Rendered:
     """Messages -> the rendered prompt (images still as URLs), refused before anything costly when its text
     alone must take more than ``budget`` tokens; runs in a worker thread."""
-    messages, n_images = [], 0
+    messages: list[dict[str, Any]] = []
+    n_images = 0
     for m in req.messages:
         if isinstance(m.content, list):
             parts = []
@@ -291,8 +310,11 @@ def _check_url(url: str, limits: Limits) -> None:
         return
     if url.startswith(("http://", "https://")):
         if not limits.allow_remote_images:
-            raise api.APIError(400, "http(s) image URLs are disabled on this server (start it with --allow-remote-images)",
-                               code="remote_images_disabled")  # fmt: skip
+            raise api.APIError(
+                400,
+                "http(s) image URLs are disabled on this server (start it with --allow-remote-images)",
+                code="remote_images_disabled",
+            )
         return
     if "\x00" in url:
         raise api.APIError(400, "an image path cannot hold a NUL character", code="invalid_image")
@@ -313,8 +335,8 @@ async def _fetch_all(urls: list[str], limits: Limits, pool: ThreadPoolExecutor) 
     loop = asyncio.get_running_loop()
     jobs = [loop.run_in_executor(pool, fetch, u, limits.max_body_bytes, limits.fetch_timeout_s) for u in remote]
     try:
-        return dict(zip(remote, await asyncio.wait_for(asyncio.gather(*jobs), limits.fetch_timeout_s)))
-    except (FetchError, asyncio.TimeoutError):
+        return dict(zip(remote, await asyncio.wait_for(asyncio.gather(*jobs), limits.fetch_timeout_s), strict=True))
+    except (TimeoutError, FetchError):
         for j in jobs:
             j.cancel()
         raise api.APIError(400, FETCH_FAILED, code="invalid_image", param="messages") from None

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from nvlm.options import add_options, from_args
 from nvlm.pretrained import NVLM
 from nvlm.processor import Processor
 from nvlm.quant import add_quantize_argument
-from nvlm.options import add_options, from_args
 from nvlm.serve.engine import MAX_BATCH, EngineThread
 from nvlm.serve.limits import MIB, Limits
 

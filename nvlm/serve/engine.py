@@ -9,8 +9,9 @@ engine's (see there); this thread only steps it while there is work, and sleeps 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -41,7 +42,7 @@ class Job:
 
 class EngineThread:
     def __init__(
-        self, model: "NVLM", processor: Processor, max_batch: int = MAX_BATCH, max_waiting: int = MAX_WAITING
+        self, model: NVLM, processor: Processor, max_batch: int = MAX_BATCH, max_waiting: int = MAX_WAITING
     ) -> None:
         self.engine = Engine(model, processor, max_batch)
         self.model, self.processor, self.max_waiting = model, processor, max_waiting
@@ -57,8 +58,12 @@ class EngineThread:
             waiting = self.engine.num_waiting
             if waiting + len(requests) > self.max_waiting:
                 raise QueueFull(f"{waiting} sequences are already waiting")
-            seqs = self.engine.add([r.prompt for r in requests], [r.pixels for r in requests],
-                                   [r.params for r in requests], [r.emit for r in requests])  # fmt: skip
+            seqs = self.engine.add(
+                [r.prompt for r in requests],
+                [r.pixels for r in requests],
+                [r.params for r in requests],
+                [r.emit for r in requests],
+            )
         self._wake.set()
         return seqs
 

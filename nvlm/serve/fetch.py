@@ -21,7 +21,7 @@ import ipaddress
 import socket
 import ssl
 import time
-from typing import Callable
+from collections.abc import Callable
 from urllib.parse import urljoin, urlsplit
 
 FETCH_FAILED = "could not fetch the image URL"
@@ -53,11 +53,17 @@ def is_public(ip: Address) -> bool:
 
 def resolve(host: str, port: int) -> list[str]:
     """Every address ``host`` resolves to (what the socket layer would connect to)."""
-    return sorted({info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
+    return sorted({str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
 
 
-def fetch(url: str, max_bytes: int, timeout_s: float, *, resolver: Resolver = resolve,
-          allowed: Callable[[Address], bool] = is_public) -> bytes:  # fmt: skip
+def fetch(
+    url: str,
+    max_bytes: int,
+    timeout_s: float,
+    *,
+    resolver: Resolver = resolve,
+    allowed: Callable[[Address], bool] = is_public,
+) -> bytes:
     """The body of an http(s) URL, under the guarantees in the module docstring."""
     deadline = time.monotonic() + timeout_s
     try:
@@ -73,8 +79,9 @@ def fetch(url: str, max_bytes: int, timeout_s: float, *, resolver: Resolver = re
         raise FetchError() from e
 
 
-def _get(url: str, max_bytes: int, deadline: float, resolver: Resolver,
-         allowed: Callable[[Address], bool]) -> tuple[int, str | None, bytes]:  # fmt: skip
+def _get(
+    url: str, max_bytes: int, deadline: float, resolver: Resolver, allowed: Callable[[Address], bool]
+) -> tuple[int, str | None, bytes]:
     """One GET: (status, redirect location or None, body)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -98,7 +105,8 @@ def _get(url: str, max_bytes: int, deadline: float, resolver: Resolver,
         size = r.getheader("content-length")
         if size is not None and size.isdigit() and int(size) > max_bytes:
             raise _Refused(f"Content-Length {size} is over {max_bytes} bytes")
-        chunks, total = [], 0
+        chunks: list[bytes] = []
+        total = 0
         while True:
             sock.settimeout(_left(deadline))
             chunk = r.read1(CHUNK) if r.status == 200 else b""

@@ -8,15 +8,20 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 
 class APIError(Exception):
     """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with an HTTP status."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
 
@@ -79,19 +84,38 @@ def completion_id() -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
-def completion(id_: str, model: str, texts: list[str], reasons: list[str], use: dict[str, int]) -> dict[str, Any]:
-    choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r, "logprobs": None}
-               for i, (t, r) in enumerate(zip(texts, reasons))]  # fmt: skip
-    return {"id": id_, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": choices, "usage": use}  # fmt: skip
+def completion(
+    id_: str, model: str, texts: list[str], reasons: list[str | None], use: dict[str, int]
+) -> dict[str, Any]:
+    choices = [
+        {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r, "logprobs": None}
+        for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
+    ]
+    return {
+        "id": id_,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": use,
+    }
 
 
-def chunk(id_: str, model: str, index: int | None, delta: dict[str, Any] | None = None,
-          finish_reason: str | None = None, use: dict[str, int] | None = None) -> dict[str, Any]:  # fmt: skip
+def chunk(
+    id_: str,
+    model: str,
+    index: int | None,
+    delta: dict[str, Any] | None = None,
+    finish_reason: str | None = None,
+    use: dict[str, int] | None = None,
+) -> dict[str, Any]:
     choices = (
         []
         if index is None

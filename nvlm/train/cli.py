@@ -38,7 +38,7 @@ def run(cfg: TrainConfig) -> Path:
     return path
 
 
-def _plan(cfg: "TrainConfig", args: argparse.Namespace) -> int:
+def _plan(cfg: TrainConfig, args: argparse.Namespace) -> int:
     config = model_config(cfg)
     per_node = args.devices_per_node if args.devices_per_node is not None else 8
     memory = args.device_memory if args.device_memory is not None else 80.0
@@ -54,8 +54,12 @@ def _plan(cfg: "TrainConfig", args: argparse.Namespace) -> int:
 
 
 def add_subcommand(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train an NVLM (stage 1 or 2) from a YAML recipe", allow_abbrev=False,
-                       description="Any recipe field can be overridden: --steps 100 --lr 1e-5 --data '[{path: a.jsonl}]'")  # fmt: skip
+    p = sub.add_parser(
+        "train",
+        help="train an NVLM (stage 1 or 2) from a YAML recipe",
+        allow_abbrev=False,
+        description="Any recipe field can be overridden: --steps 100 --lr 1e-5 --data '[{path: a.jsonl}]'",
+    )
     p.add_argument("--config", default=None, help="YAML recipe (see recipes/)")
     plan = p.add_argument_group("memory plan (no weights read, no step run)")
     plan.add_argument(

@@ -7,11 +7,27 @@ stage (``nvlm.train.stages.PAPER``), so a recipe states only what it changes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from nvlm.train.stages import PAPER
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The stage settings of a resolved run: the recipe's, or the paper's where it left them unset."""
+
+    seq_len: int
+    max_tiles: int
+    steps: int
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    betas: tuple[float, float]
+    weight_decay: float
+    grad_clip: float
 
 
 @dataclass
@@ -64,19 +80,31 @@ class TrainConfig:
                 except ValueError:
                     raise ValueError(f"{key}: {value!r} is not a number") from None
 
-    def resolve(self, arch: str) -> "TrainConfig":
+    def resolve(self, arch: str) -> TrainConfig:
         """Fill unset fields with the paper's values for (arch, stage)."""
         paper = PAPER[(arch, self.stage)]
         for key, value in paper.items():
             if hasattr(self, key) and getattr(self, key) is None:
                 setattr(self, key, value)
-        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        if self.betas is not None:
+            if len(self.betas) != 2:
+                raise ValueError(f"betas: two numbers, got {self.betas!r}")
+            self.betas = (float(self.betas[0]), float(self.betas[1]))
         if not self.data:
             raise ValueError("no training data: set data: [{path: train.jsonl, weight: 1.0}, ...]")
         return self
 
+    @property
+    def schedule(self) -> Schedule:
+        """The stage settings, once ``resolve`` has filled them (else ``ValueError`` naming those unset)."""
+        values = {f.name: getattr(self, f.name) for f in fields(Schedule)}
+        unset = [k for k, v in values.items() if v is None]
+        if unset:
+            raise ValueError(f"training settings not resolved: {', '.join(unset)}")
+        return Schedule(**values)
+
     @classmethod
-    def load(cls, path: str | Path | None = None, overrides: Sequence[str] = ()) -> "TrainConfig":
+    def load(cls, path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
         """A YAML recipe (optional) then ``--key value`` overrides (values parsed as YAML)."""
         yaml = _yaml()
         data: dict[str, Any] = {}
@@ -90,9 +118,10 @@ class TrainConfig:
                 raise ValueError(f"expected --key value, got {flag!r}")
             key, _, value = flag[2:].partition("=")
             if not value:
-                value = next(it, None)
-                if value is None:
+                following = next(it, None)
+                if following is None:
                     raise ValueError(f"{flag} needs a value")
+                value = following
             data[key.replace("-", "_")] = yaml.safe_load(value)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import resource
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,9 @@ from torch import nn
 from torch.distributed._composable import checkpoint
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+if TYPE_CHECKING:
+    from nvlm.models.nvlm import NVLMModel
 
 
 def setup(device: str | None) -> tuple[int, int, torch.device]:
@@ -55,14 +59,15 @@ def device_mesh(device: torch.device, shard_size: int | None):
     return init_device_mesh(device.type, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
 
 
-def blocks(model: nn.Module) -> list[nn.Module]:
+def blocks(model: NVLMModel) -> list[nn.Module]:
     """The repeated blocks: the units of sharding, activation checkpointing and compilation."""
     out = list(model.vision_model.encoder.layers) + list(model.language_model.model.layers)
     return out + list(getattr(model, "xattn_layers", []))
 
 
-def parallelize(model: nn.Module, mesh, compute_dtype: torch.dtype | None, activation_checkpointing: bool,
-                compile_blocks: bool) -> None:  # fmt: skip
+def parallelize(
+    model: NVLMModel, mesh, compute_dtype: torch.dtype | None, activation_checkpointing: bool, compile_blocks: bool
+) -> None:
     """Activation checkpointing, ``torch.compile`` per block, then FSDP2 (``mesh`` None: one process, no FSDP)."""
     if activation_checkpointing:
         apply_activation_checkpointing(model)
@@ -82,7 +87,7 @@ def parallelize(model: nn.Module, mesh, compute_dtype: torch.dtype | None, activ
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)  # the root: what no unit holds
 
 
-def units(model: nn.Module) -> list[list[nn.Module]]:
+def units(model: NVLMModel) -> list[list[nn.Module]]:
     """The FSDP2 units below the root, in order: each block, the projector, the token embeddings, and the
     final norm with the LM head (with the embeddings too when they share a weight)."""
     llm = model.language_model
@@ -92,7 +97,7 @@ def units(model: nn.Module) -> list[list[nn.Module]]:
     return [[b] for b in blocks(model)] + [[model.mlp1], [llm.model.embed_tokens], head]
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
+def apply_activation_checkpointing(model: NVLMModel) -> None:
     """Recompute each block's activations in the backward pass instead of keeping them (the composable
     ``checkpoint``: module hooks, so names, ``forward`` and FSDP2 units are untouched)."""
     for block in blocks(model):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import math
 import os
 import shutil
@@ -35,9 +36,11 @@ from nvlm.pretrained import NVLM
 from nvlm.processor import Processor
 from nvlm.tokenizer import Tokenizer
 from nvlm.train import distributed, state
-from nvlm.train.config import TrainConfig
+from nvlm.train.config import Schedule, TrainConfig
 from nvlm.train.stages import set_trainable
 from nvlm.train.weights import fill, set_dtypes, starting_point
+
+log = logging.getLogger(__name__)
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense bf16
 
@@ -78,17 +81,20 @@ def cpu_threads(num_workers: int, ranks_here: int = 1) -> int:
 def make_optimizer(model: NVLM, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the trained parameters only (no weight decay on vectors: norms, biases, gates)."""
     trained = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW([{"params": [p for p in trained if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-                              {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0}],
-                             lr=cfg.lr, betas=cfg.betas)  # fmt: skip
+    s = cfg.schedule
+    groups: list[dict[str, Any]] = [
+        {"params": [p for p in trained if p.ndim >= 2], "weight_decay": s.weight_decay},
+        {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=s.lr, betas=s.betas)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, s: Schedule) -> float:
     """Linear warmup to ``lr``, then cosine decay to ``min_lr`` at ``steps``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+    if step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    progress = min(1.0, (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps))
+    return s.min_lr + 0.5 * (s.lr - s.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -99,16 +105,20 @@ def train(cfg: TrainConfig) -> Path:
         torch.set_num_threads(cpu_threads(cfg.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     model, tokenizer, export_dtype = build(cfg, device, world)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    c = model.config
-    images = ImageProcessor(tile_size=c.tile_size, max_tiles=cfg.max_tiles, min_tiles=min(c.min_tiles, cfg.max_tiles),
-                            use_thumbnail=c.use_thumbnail)  # fmt: skip
+    c, s = model.config, cfg.schedule
+    images = ImageProcessor(
+        tile_size=c.tile_size,
+        max_tiles=s.max_tiles,
+        min_tiles=min(c.min_tiles, s.max_tiles),
+        use_thumbnail=c.use_thumbnail,
+    )
     processor = Processor(tokenizer, images, c, chat_template=cfg.chat_template)
     sharded = world > 1 and cfg.fsdp
     params = dict(model.named_parameters())
     optimizer = make_optimizer(model, cfg)
     sources = [Source(d["path"], float(d.get("weight", 1.0))) for d in cfg.data]
     loader = Loader(
-        processor, sources, cfg.seq_len, cfg.micro_batch_size, cfg.pack, cfg.seed, rank, world, cfg.num_workers
+        processor, sources, s.seq_len, cfg.micro_batch_size, cfg.pack, cfg.seed, rank, world, cfg.num_workers
     )
     with loader:  # the data workers end on every path out
         out = Path(cfg.out_dir)
@@ -120,18 +130,21 @@ def train(cfg: TrainConfig) -> Path:
             step = saved["step"]
             loader.load_state_dict(reshard([r["data"] for r in ranks], world)[rank])
             if rank == 0:
-                print(f"resuming from {last} (step {step})", file=sys.stderr)
-        log = Metrics(out, step, rank == 0)
+                log.info("resuming from %s (step %d)", last, step)
+        metrics = Metrics(out, step, rank == 0)
         use_amp = device.type == "cuda" and not sharded  # FSDP2 casts to bf16 itself (MixedPrecisionPolicy)
         n_params = sum(p.numel() for p in params.values())
-        peak = cfg.peak_tflops or (next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
-                                   if device.type == "cuda" else None)  # fmt: skip
-        progress = _progress(cfg.steps, step, rank == 0)
+        peak = cfg.peak_tflops or (
+            next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+            if device.type == "cuda"
+            else None
+        )
+        progress = _progress(s.steps, step, rank == 0)
         background = state.background_group() if cfg.async_save else None
         pending: state.Pending | None = None
-        while step < cfg.steps:
+        while step < s.steps:
             t0 = time.perf_counter()
-            lr = lr_at(step, cfg)
+            lr = lr_at(step, s)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro = [loader() for _ in range(cfg.grad_accum)]
@@ -150,26 +163,41 @@ def train(cfg: TrainConfig) -> Path:
                 loss_sum += float(loss.detach())
             if world > 1 and not sharded:
                 distributed.average_gradients([params[n] for n in trainable])
-            grad_norm = float(torch.nn.utils.clip_grad_norm_([params[n] for n in trainable], cfg.grad_clip))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_([params[n] for n in trainable], s.grad_clip))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             seconds = time.perf_counter() - t0
-            record = {"step": step, "loss": distributed.all_sum(loss_sum, device) / supervised, "lr": lr,
-                      "grad_norm": grad_norm, "tokens": int(tokens), "supervised_tokens": int(supervised),
-                      "tokens_per_s": tokens / seconds, "padding": sum(map(padding_fraction, micro)) / len(micro),
-                      "skipped": int(distributed.all_sum(sum(loader.skipped.values()), device))}  # fmt: skip
+            record: dict[str, Any] = {
+                "step": step,
+                "loss": distributed.all_sum(loss_sum, device) / supervised,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": int(tokens),
+                "supervised_tokens": int(supervised),
+                "tokens_per_s": tokens / seconds,
+                "padding": sum(map(padding_fraction, micro)) / len(micro),
+                "skipped": int(distributed.all_sum(sum(loader.skipped.values()), device)),
+            }
             peaks = distributed.peak_memory_gib(device)
             record.update(peak_memory_gib=max(peaks), peak_memory_gib_per_rank=peaks)
             if peak:
                 record["mfu"] = 6 * n_params * tokens / seconds / (world * peak * 1e12)
-            log(record, verbose=step % cfg.log_every == 0 or step == cfg.steps)
+            metrics(record, verbose=step % cfg.log_every == 0 or step == s.steps)
             progress(record)
-            if step % cfg.save_every == 0 or step == cfg.steps:
+            if step % cfg.save_every == 0 or step == s.steps:
                 if pending is not None:
                     pending.commit()  # the previous background save, before this one starts
-                pending = state.save(ckpt_root, step, model, optimizer, {"data": loader.state_dict()},
-                                     {"config": _jsonable(asdict(cfg))}, cfg.keep_last, background)  # fmt: skip
+                pending = state.save(
+                    ckpt_root,
+                    step,
+                    model,
+                    optimizer,
+                    {"data": loader.state_dict()},
+                    {"config": _jsonable(asdict(cfg))},
+                    cfg.keep_last,
+                    background,
+                )
         if pending is not None:
             pending.commit()
     return _save_final(model, processor, out / "model", rank, export_dtype)
@@ -228,17 +256,17 @@ class Metrics:
                 except (ValueError, KeyError, TypeError):
                     dropped += bool(line.strip())
             if dropped:
-                print(f"{self.path}: dropped {dropped} unreadable line(s), e.g. one cut short by a full disk",
-                      file=sys.stderr)  # fmt: skip
+                log.warning("%s: dropped %d unreadable line(s), e.g. one cut short by a full disk", self.path, dropped)
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.path)
+        self.tb: Any = None  # a SummaryWriter when tensorboard is installed
         try:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(out / "tensorboard"))
         except ImportError:
-            self.tb = None
+            pass
 
     def __call__(self, record: dict[str, Any], verbose: bool) -> None:
         if not self.active:
@@ -252,8 +280,9 @@ class Metrics:
                     raise OSError(errno.ENOSPC, "short write")
             except OSError as e:
                 os.ftruncate(fd, size)
-                raise OSError(e.errno, f"{self.path}: metrics line of step {record.get('step')} not written "
-                                       f"({e.strerror})") from None  # fmt: skip
+                raise OSError(
+                    e.errno, f"{self.path}: metrics line of step {record.get('step')} not written ({e.strerror})"
+                ) from None
         finally:
             os.close(fd)
         if self.tb is not None:
@@ -261,8 +290,7 @@ class Metrics:
                 if k != "step":
                     self.tb.add_scalar(k, v, record["step"])
         if verbose:
-            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
-                  file=sys.stderr, flush=True)  # fmt: skip
+            log.info(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
 
 
 def _progress(total: int, start: int, active: bool):

@@ -124,8 +124,13 @@ class MemoryPlan:
         return self.total <= self.usable
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "activations": self.activations, "total": self.total, "usable": self.usable,
-                "fits": self.fits}  # fmt: skip
+        return {
+            **asdict(self),
+            "activations": self.activations,
+            "total": self.total,
+            "usable": self.usable,
+            "fits": self.fits,
+        }
 
 
 def model_config(train: TrainConfig) -> NVLMConfig:
@@ -145,7 +150,7 @@ def model_config(train: TrainConfig) -> NVLMConfig:
     return config.with_arch(train.arch) if train.arch else config  # type: ignore[arg-type]
 
 
-def meta_model(config: NVLMConfig, train: TrainConfig) -> nn.Module:
+def meta_model(config: NVLMConfig, train: TrainConfig) -> NVLM:
     """The model on the meta device (no memory, no weights) with the recipe's trainable set marked."""
     with torch.device("meta"):
         model = NVLM(config)
@@ -157,7 +162,7 @@ def meta_model(config: NVLMConfig, train: TrainConfig) -> nn.Module:
     return model
 
 
-def count_units(model: nn.Module, shard_group: int) -> list[Unit]:
+def count_units(model: NVLM, shard_group: int) -> list[Unit]:
     """Every FSDP2 unit of a (meta) model, blocks first and the root last, with its parameter elements."""
     return _units(_shapes(model), shard_group)
 
@@ -165,7 +170,7 @@ def count_units(model: nn.Module, shard_group: int) -> list[Unit]:
 _Shapes = list[tuple[str, list[tuple[int, int, bool]]]]  # per unit: (dim-0 rows, elements, trained) per parameter
 
 
-def _shapes(model: nn.Module) -> _Shapes:
+def _shapes(model: NVLM) -> _Shapes:
     def rows(params: Any) -> list[tuple[int, int, bool]]:
         return [(p.shape[0] if p.dim() else 1, p.numel(), p.requires_grad) for p in params]
 
@@ -214,7 +219,7 @@ class Activations:
         """The forward's ViT pass, or the backward's start, or one block's backward (recomputed first when
         checkpointed), whichever is larger."""
         if checkpointing:
-            recompute = max((s + w for s, w in zip(self.blocks, self.working)), default=0)
+            recompute = max((s + w for s, w in zip(self.blocks, self.working, strict=True)), default=0)
             kept = sum(self.boundaries) + self.root + self.logits
             return max(self.vit, kept + max(self.head_backward, recompute))
         return max(self.vit, self.saved + self.logits + max([self.head_backward, *self.working]))
@@ -230,7 +235,7 @@ def _attention(layout: Layout, lm: Any, keys: int, out_trains: bool) -> tuple[in
     return 2 * a * c + a * keys + 4 * lm.num_heads, 2 * a * lm.num_kv_heads * lm.head_dim
 
 
-def count_activations(model: nn.Module, train: TrainConfig, layout: Layout) -> Activations:
+def count_activations(model: NVLM, train: TrainConfig, layout: Layout) -> Activations:
     """The activations of one micro-batch for a (meta) model with its trainable set marked and ``train``
     resolved, counted tensor by tensor from what each module saves (see the module docstring)."""
     config: NVLMConfig = model.config
@@ -238,10 +243,10 @@ def count_activations(model: nn.Module, train: TrainConfig, layout: Layout) -> A
     lm, v = config.llm, config.vision
     c, f, d, h = lm.hidden_size, lm.intermediate_size, lm.head_dim, lm.num_heads
     kv = lm.num_kv_heads * d
-    rows, t = train.micro_batch_size, train.seq_len
+    rows, t, tiles = train.micro_batch_size, train.schedule.seq_len, train.schedule.max_tiles
     tokens = rows * t
     math = layout.masked_gqa_math and h != lm.num_kv_heads
-    crops = train.max_tiles + (1 if config.use_thumbnail and train.max_tiles > 1 else 0)
+    crops = tiles + (1 if config.use_thumbnail and tiles > 1 else 0)
     arch = config.architecture
     seq_crops, mem_crops = arch.sequence_crops(crops), arch.memory_crops(crops)
     per_crop = config.tokens_per_tile
@@ -250,7 +255,11 @@ def count_activations(model: nn.Module, train: TrainConfig, layout: Layout) -> A
     projector_trains = _trains(model.mlp1)
     # gradients reach a block when it or anything before it trains; only then does it save anything
     flows = _trains(llm.model.embed_tokens) or (projector_trains and seq_crops > 0)
-    before = dict(zip(config.xattn.layer_indices(), getattr(model, "xattn_layers", []))) if arch.cross_attention else {}
+    before = (
+        dict(zip(config.xattn.layer_indices(), getattr(model, "xattn_layers", []), strict=True))
+        if arch.cross_attention
+        else {}
+    )
     blocks, working, boundaries = [], [], []
     root = rows * t * t  # the boolean causal/document mask, built once
     fx = config.xattn.intermediate_size
@@ -288,8 +297,9 @@ def count_activations(model: nn.Module, train: TrainConfig, layout: Layout) -> A
     vit = (
         crops * rows * (v.num_patches + 1) * (a * (2 * v.intermediate_size + 4 * v.hidden_size) + _F32 * v.hidden_size)
     )
-    return Activations(tuple(blocks), tuple(working), tuple(boundaries), root, a * vocab * tokens,
-                       2 * _F32 * vocab * tokens, vit)  # fmt: skip
+    return Activations(
+        tuple(blocks), tuple(working), tuple(boundaries), root, a * vocab * tokens, 2 * _F32 * vocab * tokens, vit
+    )
 
 
 def plan(
@@ -344,14 +354,23 @@ class _Counted:
     activations: dict[Layout, Activations]
 
     @classmethod
-    def of(cls, model: nn.Module, train: TrainConfig) -> "_Counted":
+    def of(cls, model: NVLM, train: TrainConfig) -> _Counted:
         return cls(train, _shapes(model), {p: count_activations(model, train, p) for p in (CPU, GPU)})
 
-    def plan(self, devices: int, device_gib: float, devices_per_node: int, hsdp: bool, cpu: bool | None,
-             headroom: float | None) -> MemoryPlan:  # fmt: skip
+    def plan(
+        self,
+        devices: int,
+        device_gib: float,
+        devices_per_node: int,
+        hsdp: bool,
+        cpu: bool | None,
+        headroom: float | None,
+    ) -> MemoryPlan:
         if devices < 1 or devices_per_node < 1 or device_gib <= 0 or not 0 <= (headroom or 0) < 1:
-            raise ValueError(f"need devices >= 1, devices_per_node >= 1, device memory > 0 and 0 <= headroom < 1, "
-                             f"not {devices}, {devices_per_node}, {device_gib}, {headroom}")  # fmt: skip
+            raise ValueError(
+                f"need devices >= 1, devices_per_node >= 1, device memory > 0 and 0 <= headroom < 1, "
+                f"not {devices}, {devices_per_node}, {device_gib}, {headroom}"
+            )
         train = self.train
         cpu = (train.device or "").startswith("cpu") if cpu is None else cpu
         layout = CPU if cpu else GPU
@@ -361,8 +380,15 @@ class _Counted:
         trained = sum(u.trained_shard for u in units)
         frozen = sum(u.frozen_shard for u in units)
         acts = self.activations[layout]
-        largest = max((math.ceil(rows / group) * (numel // max(rows, 1)) for _, params in self.shapes
-                       for rows, numel, trains in params if trains), default=0)  # fmt: skip
+        largest = max(
+            (
+                math.ceil(rows / group) * (numel // max(rows, 1))
+                for _, params in self.shapes
+                for rows, numel, trains in params
+                if trains
+            ),
+            default=0,
+        )
         transients = 0
         if not (cpu and devices == 1):  # one CPU process runs the model as it is, unsharded
             c, r = layout.compute, layout.reduce
@@ -370,15 +396,22 @@ class _Counted:
             in_block = 2 * widest.total * c + 2 * r * widest.trained + c * root.trained
             transients = root.total * c + max(in_block, 2 * r * root.trained)
         return MemoryPlan(
-            devices=devices, shard_group=group, device_gib=device_gib, cpu=cpu,
+            devices=devices,
+            shard_group=group,
+            device_gib=device_gib,
+            cpu=cpu,
             activation_checkpointing=train.activation_checkpointing,
-            params_total=sum(u.total for u in units), params_trained=sum(u.trained for u in units),
+            params_total=sum(u.total for u in units),
+            params_trained=sum(u.trained for u in units),
             parameters=trained * layout.master + frozen * layout.frozen,
-            gradients=trained * _F32, optimizer=2 * trained * _F32,
-            activations_ac=acts.peak(True), activations_no_ac=acts.peak(False),
-            transients=transients, optimizer_step=_F32 * (trained if not cpu else 2 * largest),
+            gradients=trained * _F32,
+            optimizer=2 * trained * _F32,
+            activations_ac=acts.peak(True),
+            activations_no_ac=acts.peak(False),
+            transients=transients,
+            optimizer_step=_F32 * (trained if not cpu else 2 * largest),
             headroom=(0.0 if cpu else 0.1) if headroom is None else headroom,
-        )  # fmt: skip
+        )
 
 
 def resolved(config: NVLMConfig, train: TrainConfig) -> TrainConfig:
@@ -391,14 +424,24 @@ def format_table(p: MemoryPlan, fit: MemoryPlan | None, label: str) -> str:
     gib = lambda b: f"{b / GIB:,.1f}"  # noqa: E731
     kind = "CPU processes" if p.cpu else "GPUs"
     count = lambda n: f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"  # noqa: E731
-    lines = [f"{label}: {count(p.params_total)} parameters ({count(p.params_trained)} trained)",
-             f"{p.devices} {kind} of {p.device_gib:g} GiB (shard group {p.shard_group}), per device:", "",
-             "| | GiB |", "|---|---|"]  # fmt: skip
+    lines = [
+        f"{label}: {count(p.params_total)} parameters ({count(p.params_trained)} trained)",
+        f"{p.devices} {kind} of {p.device_gib:g} GiB (shard group {p.shard_group}), per device:",
+        "",
+        "| | GiB |",
+        "|---|---|",
+    ]
     ac = "with" if p.activation_checkpointing else "without"
-    rows = [("parameters", p.parameters), ("gradients", p.gradients), ("optimizer (AdamW)", p.optimizer),
-            ("activations, checkpointed", p.activations_ac), ("activations, not checkpointed", p.activations_no_ac),
-            ("transients (unsharded units)", p.transients), ("optimizer step temporaries", p.optimizer_step),
-            (f"**total** ({ac} activation checkpointing)", p.total)]  # fmt: skip
+    rows = [
+        ("parameters", p.parameters),
+        ("gradients", p.gradients),
+        ("optimizer (AdamW)", p.optimizer),
+        ("activations, checkpointed", p.activations_ac),
+        ("activations, not checkpointed", p.activations_no_ac),
+        ("transients (unsharded units)", p.transients),
+        ("optimizer step temporaries", p.optimizer_step),
+        (f"**total** ({ac} activation checkpointing)", p.total),
+    ]
     lines += [f"| {name} | {gib(b)} |" for name, b in rows]
     lines.append(f"| usable ({1 - p.headroom:.0%} of the device) | {gib(p.usable)} |")
     lines += ["", f"fits: {'yes' if p.fits else 'no'}"]

@@ -55,8 +55,8 @@ def _tensors(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The flat tensor state DCP saves and loads in place (DTensors under FSDP2), and the optimiser's groups."""
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    flat = {f"model.{k}": v for k, v in get_model_state_dict(model).items() if k in trainable}
-    osd = get_optimizer_state_dict(model, optimizer)  # creates AdamW's state on a fresh optimiser
+    flat: dict[str, Any] = {f"model.{k}": v for k, v in get_model_state_dict(model).items() if k in trainable}
+    osd: Any = get_optimizer_state_dict(model, optimizer)  # creates AdamW's state on a fresh optimiser
     for name, values in osd["state"].items():
         for key, value in values.items():
             flat[f"optim.{name}.{key}"] = value
@@ -68,8 +68,16 @@ class Pending:
     made visible by ``commit``, which every rank calls before the next save and at the end of the run. The
     model, optimiser, RNG and data states are those of the step it was started at."""
 
-    def __init__(self, tmp: Path, final: Path, step: int, rank_json: dict[str, Any], state_json: dict[str, Any],
-                 keep_last: int, future: Any = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        tmp: Path,
+        final: Path,
+        step: int,
+        rank_json: dict[str, Any],
+        state_json: dict[str, Any],
+        keep_last: int,
+        future: Any = None,
+    ) -> None:
         self.tmp, self.final, self.step, self.keep_last = tmp, final, step, keep_last
         self.rank_json, self.state_json, self.future = rank_json, state_json, future
         self.done = False
@@ -100,14 +108,22 @@ class Pending:
         return self.final
 
 
-def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         rank_state: dict[str, Any], extra: dict[str, Any], keep_last: int,
-         background: Any = None) -> Pending:  # fmt: skip
+def save(
+    root: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rank_state: dict[str, Any],
+    extra: dict[str, Any],
+    keep_last: int,
+    background: Any = None,
+) -> Pending:
     """Write checkpoint ``step``; collective: every rank calls it with its own ``rank_state`` (data position).
 
-    Without ``background`` the checkpoint is complete and visible on return (committed). With ``background`` (a process group of its own, from ``background_group``), DCP's ``async_save``
-    copies this rank's tensors to CPU memory, returns, and writes them from a thread while training goes on;
-    call ``commit()`` on the result before the next save. Until then the previous checkpoint is the newest."""
+    Without ``background`` the checkpoint is complete and visible on return (committed). With ``background``
+    (a process group of its own, from ``background_group``), DCP's ``async_save`` copies this rank's tensors to
+    CPU memory, returns, and writes them from a thread while training goes on; call ``commit()`` on the result
+    before the next save. Until then the previous checkpoint is the newest."""
     rank, world = _rank_world()
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f"{final.name}.tmp"
@@ -117,16 +133,23 @@ def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.O
     _barrier()
     flat, osd = _tensors(model, optimizer)
     groups = [{k: v for k, v in g.items() if k != "params"} for g in osd["param_groups"]]
-    pending = Pending(tmp, final, step, {"rng": _rng_state(), **rank_state},
-                      {"step": step, "world_size": world, "param_groups": groups, **extra}, keep_last)  # fmt: skip
+    pending = Pending(
+        tmp,
+        final,
+        step,
+        {"rng": _rng_state(), **rank_state},
+        {"step": step, "world_size": world, "param_groups": groups, **extra},
+        keep_last,
+    )
     writer = HuggingFaceStorageWriter(str(tmp), save_distributed=True)
     with warnings.catch_warnings():  # one process: DCP says it assumes so
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
         if background is None:
             dcp.save(flat, storage_writer=writer, no_dist=world == 1)
         else:
-            pending.future = dcp.async_save(flat, storage_writer=writer, no_dist=world == 1,
-                                            process_group=None if world == 1 else background)  # fmt: skip
+            pending.future = dcp.async_save(
+                flat, storage_writer=writer, no_dist=world == 1, process_group=None if world == 1 else background
+            )
             return pending
     pending.commit()
     return pending
@@ -152,7 +175,7 @@ def load(
     for name, values in osd["state"].items():
         for key in values:
             values[key] = flat[f"optim.{name}.{key}"]
-    for group, saved in zip(osd["param_groups"], state["param_groups"]):
+    for group, saved in zip(osd["param_groups"], state["param_groups"], strict=True):
         group.update({k: tuple(v) if k == "betas" else v for k, v in saved.items()})
     set_optimizer_state_dict(model, optimizer, osd)
     with torch.no_grad():

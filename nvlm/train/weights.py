@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 from nvlm.checkpoint import VIT_ATTENTION, CheckpointError, read_config, tensor_index, unpad_vit_attention
 from nvlm.config import NVLMConfig
@@ -73,7 +74,7 @@ def starting_point(cfg: TrainConfig) -> StartingPoint:
     config = replace(config, llm=llm, image_token_id=tokenizer.token_to_id(config.image_token), torch_dtype="float32")
     if bool(cfg.vit) != bool(cfg.llm):
         raise ValueError("give both vit and llm checkpoints, or neither")
-    if not cfg.vit:
+    if not cfg.vit or not cfg.llm:
         return StartingPoint(config, tokenizer, fresh=("",), from_scratch=True)
     point = StartingPoint(config, tokenizer, fresh=("mlp1", "xattn_layers"))
     _add_tensors(point, Path(cfg.vit), "vision_model.", skip_unknown=True)  # InternViT repos carry heads etc.
@@ -130,7 +131,7 @@ def _rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
         return param.data, 0
     local, start = param.to_local(), 0
     for mesh_dim, placement in enumerate(param.placements):
-        if placement.is_shard():
+        if isinstance(placement, Shard):
             if placement.dim != 0:
                 raise NotImplementedError(f"sharding on dim {placement.dim}: only dim-0 (FSDP) shards are filled")
             chunk = math.ceil(param.shape[0] / param.device_mesh.size(mesh_dim))
@@ -152,8 +153,9 @@ def fill(model: NVLM, point: StartingPoint, seed: int) -> None:
             continue  # this rank holds no row of this parameter
         with safe_open(str(file), framework="pt", device="cpu") as f:
             if VIT_ATTENTION.match(name) and shape != tuple(params[name].shape):
-                full = unpad_vit_attention(name, f.get_tensor(key), model.config.vision.hidden_size,
-                                           model.config.vision.head_dim)  # fmt: skip
+                full = unpad_vit_attention(
+                    name, f.get_tensor(key), model.config.vision.hidden_size, model.config.vision.head_dim
+                )
                 rows = full[start : start + local.shape[0]]
             else:
                 rows = f.get_slice(key)[start : start + local.shape[0]]
@@ -166,7 +168,7 @@ def fill(model: NVLM, point: StartingPoint, seed: int) -> None:
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
 
 
-def _draw_fresh(model: NVLM, point: StartingPoint, params: dict[str, torch.Tensor], seed: int) -> None:
+def _draw_fresh(model: NVLM, point: StartingPoint, params: Mapping[str, torch.Tensor], seed: int) -> None:
     """Each fresh module's weights drawn full-size on the CPU (a meta twin of the model gives the shapes and
     each module's ``reset_parameters``), seeded by name; this rank keeps its rows."""
     with torch.device("meta"):
@@ -186,8 +188,9 @@ def _draw_fresh(model: NVLM, point: StartingPoint, params: dict[str, torch.Tenso
                 and isinstance(module, (nn.Linear, nn.Embedding))
             ):
                 nn.init.normal_(module.weight, std=0.02)  # transformers' initializer_range for Qwen2 / Llama
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+                bias = getattr(module, "bias", None)
+                if bias is not None:
+                    nn.init.zeros_(bias)
         for pname, p in module.named_parameters(recurse=False):
             done.add(id(p))
             local, start = _rows(params[f"{module_name}.{pname}"])

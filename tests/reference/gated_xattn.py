@@ -11,8 +11,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps))
 
 
-def gated_xattn_block(sd: dict, x: torch.Tensor, memory: torch.Tensor, reads: torch.Tensor,
-                      heads: int, kv_heads: int, eps: float) -> torch.Tensor:  # fmt: skip
+def gated_xattn_block(
+    sd: dict, x: torch.Tensor, memory: torch.Tensor, reads: torch.Tensor, heads: int, kv_heads: int, eps: float
+) -> torch.Tensor:
     """x (B, T, C), memory (B, M, C), reads (B, T, M) bool -> (B, T, C)."""
     b, t, c = x.shape
     d = c // heads

@@ -24,17 +24,40 @@ class Reference(nn.Module):
     def __init__(self, vocab_size: int = 512, image_size: int = 56, seed: int = 0) -> None:
         super().__init__()
         torch.manual_seed(seed)
-        self.llm = Qwen2ForCausalLM(Qwen2Config(
-            vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, rms_norm_eps=1e-6,
-            max_position_embeddings=4096, tie_word_embeddings=False, attn_implementation="eager",
-        ))  # fmt: skip
-        self.vit = InternVLVisionModel(InternVLVisionConfig(
-            hidden_size=40, num_hidden_layers=2, num_attention_heads=5, intermediate_size=80,
-            image_size=image_size, patch_size=14, norm_type="rms_norm", use_qk_norm=True, attention_bias=False,
-            layer_scale_init_value=0.1, use_absolute_position_embeddings=True, use_mean_pooling=True,
-            layer_norm_eps=1e-6, hidden_act="gelu", attn_implementation="eager",
-        ))  # fmt: skip
+        self.llm = Qwen2ForCausalLM(
+            Qwen2Config(
+                vocab_size=vocab_size,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                rope_theta=10000.0,
+                rms_norm_eps=1e-6,
+                max_position_embeddings=4096,
+                tie_word_embeddings=False,
+                attn_implementation="eager",
+            )
+        )
+        self.vit = InternVLVisionModel(
+            InternVLVisionConfig(
+                hidden_size=40,
+                num_hidden_layers=2,
+                num_attention_heads=5,
+                intermediate_size=80,
+                image_size=image_size,
+                patch_size=14,
+                norm_type="rms_norm",
+                use_qk_norm=True,
+                attention_bias=False,
+                layer_scale_init_value=0.1,
+                use_absolute_position_embeddings=True,
+                use_mean_pooling=True,
+                layer_norm_eps=1e-6,
+                hidden_act="gelu",
+                attn_implementation="eager",
+            )
+        )
         self.mlp1 = nn.Sequential(
             nn.LayerNorm(160), nn.Linear(160, 128, bias=False), nn.GELU(), nn.Linear(128, 64, bias=False)
         )
@@ -68,8 +91,13 @@ class Reference(nn.Module):
         return self.mlp1(x)
 
     @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor, image_token_id: int, pixel_values: torch.Tensor | None = None,
-               attention_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def logits(
+        self,
+        input_ids: torch.Tensor,
+        image_token_id: int,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         embeds = self.llm.get_input_embeddings()(input_ids).clone()
         if pixel_values is not None:
             feats = self.image_features(pixel_values).reshape(-1, embeds.shape[-1])
@@ -119,27 +147,67 @@ class Reference(nn.Module):
 def released_config(image_token_id: int, vocab_size: int = 512, image_size: int = 56) -> dict:
     """A config.json shaped like nvidia/NVLM-D-72B's, with tiny dimensions."""
     return {
-        "architectures": ["NVLM_D"], "model_type": "NVLM_D",
-        "auto_map": {"AutoConfig": "configuration_nvlm_d.NVLM_D_Config", "AutoModel": "modeling_nvlm_d.NVLM_D_Model",
-                     "AutoModelForCausalLM": "modeling_nvlm_d.NVLM_D_Model"},
-        "downsample_ratio": 0.5, "dynamic_image_size": True, "force_image_size": image_size,
-        "max_dynamic_patch": 6, "min_dynamic_patch": 1, "ps_version": "v2", "select_layer": -1,
-        "template": "chatml", "torch_dtype": "float32", "use_backbone_lora": 0, "use_llm_lora": 0,
-        "use_thumbnail": True, "image_token_id": image_token_id,
+        "architectures": ["NVLM_D"],
+        "model_type": "NVLM_D",
+        "auto_map": {
+            "AutoConfig": "configuration_nvlm_d.NVLM_D_Config",
+            "AutoModel": "modeling_nvlm_d.NVLM_D_Model",
+            "AutoModelForCausalLM": "modeling_nvlm_d.NVLM_D_Model",
+        },
+        "downsample_ratio": 0.5,
+        "dynamic_image_size": True,
+        "force_image_size": image_size,
+        "max_dynamic_patch": 6,
+        "min_dynamic_patch": 1,
+        "ps_version": "v2",
+        "select_layer": -1,
+        "template": "chatml",
+        "torch_dtype": "float32",
+        "use_backbone_lora": 0,
+        "use_llm_lora": 0,
+        "use_thumbnail": True,
+        "image_token_id": image_token_id,
         "llm_config": {
-            "_name_or_path": "Qwen/Qwen2-72B-Instruct", "architectures": ["Qwen2ForCausalLM"], "attention_bias": True,
-            "bos_token_id": None, "eos_token_id": None, "hidden_act": "silu", "hidden_size": 64, "intermediate_size": 128,
-            "max_position_embeddings": 4096, "model_type": "llama", "num_attention_heads": 4, "num_hidden_layers": 2,
-            "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_scaling": {"factor": 3.0, "type": "dynamic"},
-            "rope_theta": 10000.0, "tie_word_embeddings": False, "top_k": 1, "top_p": 0, "vocab_size": vocab_size,
+            "_name_or_path": "Qwen/Qwen2-72B-Instruct",
+            "architectures": ["Qwen2ForCausalLM"],
+            "attention_bias": True,
+            "bos_token_id": None,
+            "eos_token_id": None,
+            "hidden_act": "silu",
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "max_position_embeddings": 4096,
+            "model_type": "llama",
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+            "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-6,
+            "rope_scaling": {"factor": 3.0, "type": "dynamic"},
+            "rope_theta": 10000.0,
+            "tie_word_embeddings": False,
+            "top_k": 1,
+            "top_p": 0,
+            "vocab_size": vocab_size,
         },
         "vision_config": {
-            "architectures": ["InternVisionModel"], "hidden_act": "gelu", "hidden_size": 40, "image_size": image_size,
-            "initializer_factor": 0.1, "intermediate_size": 80, "layer_norm_eps": 1e-6, "model_type": "intern_vit_6b",
-            "norm_type": "rms_norm", "num_attention_heads": 5, "num_channels": 3, "num_hidden_layers": 2,
-            "patch_size": 14, "qk_normalization": True, "qkv_bias": False, "use_flash_attn": True,
+            "architectures": ["InternVisionModel"],
+            "hidden_act": "gelu",
+            "hidden_size": 40,
+            "image_size": image_size,
+            "initializer_factor": 0.1,
+            "intermediate_size": 80,
+            "layer_norm_eps": 1e-6,
+            "model_type": "intern_vit_6b",
+            "norm_type": "rms_norm",
+            "num_attention_heads": 5,
+            "num_channels": 3,
+            "num_hidden_layers": 2,
+            "patch_size": 14,
+            "qk_normalization": True,
+            "qkv_bias": False,
+            "use_flash_attn": True,
         },
-    }  # fmt: skip
+    }
 
 
 def write_nvlm_d_checkpoint(ref: Reference, path: Path, image_token_id: int, shards: int = 3) -> Path:

@@ -109,7 +109,7 @@ def cider(
         return vec, norms, sum(tf for g, tf in counts.items() if len(g) == 2)
 
     scores = []
-    for test, rs in zip(tests, refs):
+    for test, rs in zip(tests, refs, strict=True):
         vec, norm, length = vector(test)
         total = 0.0
         for ref in rs:
@@ -136,7 +136,7 @@ def bleu(predictions: list[str], references: list[list[str]], tokenizer: Tokeniz
     correct, guess = [0] * n, [0] * n
     test_len = ref_len = 0
     pred_words, all_ref_words = _tokenized(predictions, references, tokenizer)
-    for words, ref_words in zip(pred_words, all_ref_words):
+    for words, ref_words in zip(pred_words, all_ref_words, strict=True):
         counts = _ngrams(words, n)
         best: dict = {}
         for rw in ref_words:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import string
-from typing import Sequence
+from collections.abc import Sequence
 
 from ._util import check_profile
 from .vqa import normalize_vqa
@@ -28,7 +28,9 @@ def _letter(match: re.Match[str] | None) -> str | None:
 def _option_letter(text: str, letters: Sequence[str], options: Sequence[str]) -> str | None:
     """The letter of the option whose text the prediction is, or the one option whose text it contains."""
     said = text.lower().strip(_EDGE_PUNCT)
-    texts = {letter: opt.lower().strip(_EDGE_PUNCT) for letter, opt in zip(letters, options)}
+    texts = {
+        letter: opt.lower().strip(_EDGE_PUNCT) for letter, opt in zip(letters, options, strict=False)
+    }  # no letter: no match
     exact = [letter for letter, opt in texts.items() if opt and opt == said]
     if len(exact) == 1:
         return exact[0]

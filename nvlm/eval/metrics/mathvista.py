@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from ._util import check_profile, levenshtein
 from .mmmu import mmmu_parse_choice
@@ -134,7 +134,7 @@ def _megatron(
         letters = [chr(ord("A") + i) for i in range(len(choices))]
         if answer not in choices:
             return False
-        parsed = mmmu_parse_choice(prediction, letters, dict(zip(letters, choices)), rng=rng)
+        parsed = mmmu_parse_choice(prediction, letters, dict(zip(letters, choices, strict=True)), rng=rng)
         return parsed == letters[choices.index(answer)]
     try:
         return _extract_answer(_extra_processing(normalize_vqa(prediction))) == _extra_processing(normalize_vqa(answer))

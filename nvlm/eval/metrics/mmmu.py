@@ -166,6 +166,8 @@ def mmmu_correct(
     check_profile(profile)
     if question_type == "multiple-choice":
         letters = [chr(ord("A") + i) for i in range(len(options))]
-        parsed = mmmu_parse_choice(prediction, letters, dict(zip(letters, options)), rng=rng, profile=profile)
+        parsed = mmmu_parse_choice(
+            prediction, letters, dict(zip(letters, options, strict=True)), rng=rng, profile=profile
+        )
         return parsed in answer if isinstance(answer, list) else parsed == answer
     return mmmu_eval_open(answer, mmmu_parse_open(prediction))

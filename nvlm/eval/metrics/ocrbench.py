@@ -51,7 +51,7 @@ def ocrbench_totals(scores: list[int], types: list[str]) -> dict[str, int]:
     if len(scores) != len(types):
         raise ValueError(f"{len(scores)} scores but {len(types)} types")
     totals = dict.fromkeys(OCRBENCH_CATEGORIES, 0)
-    for score, kind in zip(scores, types):
+    for score, kind in zip(scores, types, strict=True):
         if kind not in totals:
             raise ValueError(f"unknown OCRBench category {kind!r}")
         totals[kind] += score

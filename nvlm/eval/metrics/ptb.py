@@ -20,7 +20,7 @@ difference). Not carried over: Java's lists of letters and digits (Python's clas
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 _LET = r"[^\W\d_\u00B2\u00B3\u00B9\u00BC-\u00BE\u2070-\u209F\u2150-\u218F\u2460-\u24FF]"  # [:letter:]
 _L = rf"(?:{_LET}|&[aeiouAEIOU](?:acute|grave|uml);|[\u00AD\u0300-\u036F])"  # LETTER (SPLET, soft hyphen, marks)
@@ -78,8 +78,15 @@ _MISC = (
 _BRACKETS = {"(": "-LRB-", ")": "-RRB-", "{": "-LCB-", "}": "-RCB-", "[": "-LSB-", "]": "-RSB-"}
 _FRACTIONS = {"\u00bc": "1/4", "\u00bd": "1/2", "\u00be": "3/4", "\u2153": "1/3", "\u2154": "2/3"}
 _CURRENCY = {"\u00a2": "cents", "\u00a3": "#", "\u0080": "$", "\u00a4": "$", "\u20a0": "$", "\u20ac": "$"}
-_LEFT_QUOTES = {"\u0091": "`", "\u2018": "`", "\u201B": "`", "\u2039": "`", "\u0093": "``", "\u201C": "``",
-                "\u00AB": "``"}  # fmt: skip
+_LEFT_QUOTES = {
+    "\u0091": "`",
+    "\u2018": "`",
+    "\u201b": "`",
+    "\u2039": "`",
+    "\u0093": "``",
+    "\u201c": "``",
+    "\u00ab": "``",
+}
 _RIGHT_QUOTES = {"\u0092": "'", "\u2019": "'", "\u203a": "'", "\u0094": "''", "\u201d": "''", "\u00bb": "''"}
 
 Action = Callable[[str], str | None]  # the matched text (trailing context excluded) -> the token, or None
@@ -162,7 +169,8 @@ _SPEC: list[tuple[str, str, Action, int]] = [
     (rf"y{_APOS}", _LET, _keep, 0),
     (r"https?://[^ \t\n\f\r\"<>|(){}]+[^ \t\n\f\r\"<>|.!?(){},-]", "", _keep, 0),
     (
-        r"(?:www\.(?:[^ \t\n\f\r\"<>|.!?(){},]+\.)+[a-zA-Z]{2,4}|(?:[^ \t\n\f\r\"`'<>|.!?(){},-_$]+\.)+(?:com|net|org|edu))"
+        r"(?:www\.(?:[^ \t\n\f\r\"<>|.!?(){},]+\.)+[a-zA-Z]{2,4}"
+        r"|(?:[^ \t\n\f\r\"`'<>|.!?(){},-_$]+\.)+(?:com|net|org|edu))"
         r"(?:/[^ \t\n\f\r\"<>|()]+[^ \t\n\f\r\"<>|.!?(){},-])?",
         "",
         _keep,
@@ -219,7 +227,8 @@ _SPEC: list[tuple[str, str, Action, int]] = [
     ),
     (rf"{_WORD}\.", _INSENTP, _keep, 0),
     (
-        r"(?:\([0-9]{2,3}\)[ \u00A0]?|(?:\+\+?)?(?:[0-9]{2,4}[- \u00A0])?[0-9]{2,4}[- \u00A0])[0-9]{3,4}[- \u00A0]?[0-9]{3,5}"
+        r"(?:\([0-9]{2,3}\)[ \u00A0]?|(?:\+\+?)?(?:[0-9]{2,4}[- \u00A0])?[0-9]{2,4}[- \u00A0])"
+        r"[0-9]{3,4}[- \u00A0]?[0-9]{3,5}"
         r"|(?:(?:\+\+?)?[0-9]{2,4}\.)?[0-9]{2,4}\.[0-9]{3,4}\.[0-9]{3,5}",
         "",
         lambda t: _parens(_nbsp(t)),

@@ -41,16 +41,100 @@ _NUMBERS = {
 _ARTICLES = frozenset({"a", "an", "the"})
 # The VQA contraction table, generated: a form with one apostrophe is keyed by its apostrophe-free spelling,
 # a form with several by each spelling that lacks exactly one of them ("couldnt've", "couldn'tve").
-_CONTRACTED = (
-    "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't he'd "
-    "he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't mightn't've might've mustn't must've "
-    "needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've shouldn't shouldn't've somebody'd've "
-    "somebody'll somebody's someone'd someone'd've someone'll someone's something'd something'd've something'll "
-    "that's there'd there'd've there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've "
-    "we've weren't what'll what're what's what've when's where'd where's where've who'd who'd've who'll who's "
-    "who've why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've "
-    "you'll you're you've"
-).split()
+_CONTRACTED = [
+    "ain't",
+    "aren't",
+    "can't",
+    "could've",
+    "couldn't",
+    "couldn't've",
+    "didn't",
+    "doesn't",
+    "don't",
+    "hadn't",
+    "hadn't've",
+    "hasn't",
+    "haven't",
+    "he'd",
+    "he'd've",
+    "he's",
+    "how'd",
+    "how'll",
+    "how's",
+    "isn't",
+    "it'd",
+    "it'd've",
+    "it'll",
+    "ma'am",
+    "mightn't",
+    "mightn't've",
+    "might've",
+    "mustn't",
+    "must've",
+    "needn't",
+    "not've",
+    "o'clock",
+    "oughtn't",
+    "'ow's'at",
+    "shan't",
+    "she'd've",
+    "should've",
+    "shouldn't",
+    "shouldn't've",
+    "somebody'd've",
+    "somebody'll",
+    "somebody's",
+    "someone'd",
+    "someone'd've",
+    "someone'll",
+    "someone's",
+    "something'd",
+    "something'd've",
+    "something'll",
+    "that's",
+    "there'd",
+    "there'd've",
+    "there're",
+    "there's",
+    "they'd",
+    "they'd've",
+    "they'll",
+    "they're",
+    "they've",
+    "'twas",
+    "wasn't",
+    "we'd've",
+    "we've",
+    "weren't",
+    "what'll",
+    "what're",
+    "what's",
+    "what've",
+    "when's",
+    "where'd",
+    "where's",
+    "where've",
+    "who'd",
+    "who'd've",
+    "who'll",
+    "who's",
+    "who've",
+    "why'll",
+    "why're",
+    "why's",
+    "won't",
+    "would've",
+    "wouldn't",
+    "wouldn't've",
+    "y'all",
+    "y'all'll",
+    "y'all'd've",
+    "you'd",
+    "you'd've",
+    "you'll",
+    "you're",
+    "you've",
+]
 
 
 def _contraction_table() -> dict[str, str]:
@@ -136,7 +220,8 @@ def vqa_accuracy(prediction: str, answers: list[str], *, profile: str = "officia
 
 
 def _evalai_normalize(text: str) -> str:
-    """MMF's ``EvalAIAnswerProcessor``: ``word_tokenize`` (lower, drop "," and "?", "'s" -> " 's") then the VQA rules."""
+    """MMF's ``EvalAIAnswerProcessor``: ``word_tokenize`` (lower, drop "," and "?", "'s" -> " 's"), then the VQA
+    rules."""
     text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
     text = _vqa_clean(text)
     return _process_digit_article(_process_punctuation(text, _EVALAI_COMMA))

@@ -11,13 +11,31 @@ from nvlm.eval.tasks.ocrbench import OCRBench
 from nvlm.eval.tasks.text import GSM8K, MATH, MMLU, HumanEval
 from nvlm.eval.tasks.vqa import ChartQA, DocVQA, TextVQA, VQAv2
 
-TASKS: dict[str, Task] = {t.name: t for t in [
-    MMMU("mmmu_val", "validation"), MMMU("mmmu_test", "test"), MathVista(), OCRBench(),
-    AI2D("ai2d", "ai2d", "lmms-lab/ai2d"), AI2D("ai2d_no_mask", "ai2d_no_mask", "lmms-lab/ai2d-no-mask"),
-    ChartQA(), DocVQA("docvqa_val", "validation"), DocVQA("docvqa_test", "test"), TextVQA(), RealWorldQA(),
-    VQAv2("vqav2_val", "validation"), VQAv2("vqav2_testdev", "testdev"), MMBench(), COCO, FLICKR30K,
-    MMLU(), GSM8K(), MATH(), HumanEval(),
-]}  # fmt: skip
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in [
+        MMMU("mmmu_val", "validation"),
+        MMMU("mmmu_test", "test"),
+        MathVista(),
+        OCRBench(),
+        AI2D("ai2d", "ai2d", "lmms-lab/ai2d"),
+        AI2D("ai2d_no_mask", "ai2d_no_mask", "lmms-lab/ai2d-no-mask"),
+        ChartQA(),
+        DocVQA("docvqa_val", "validation"),
+        DocVQA("docvqa_test", "test"),
+        TextVQA(),
+        RealWorldQA(),
+        VQAv2("vqav2_val", "validation"),
+        VQAv2("vqav2_testdev", "testdev"),
+        MMBench(),
+        COCO,
+        FLICKR30K,
+        MMLU(),
+        GSM8K(),
+        MATH(),
+        HumanEval(),
+    ]
+}
 
 
 def get_task(name: str) -> Task:
@@ -30,5 +48,15 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-__all__ = ["PROFILES", "TASKS", "DataError", "JsonlTask", "MissingData", "ParquetImage", "Prompt", "Sample",
-           "Task", "get_task"]  # fmt: skip
+__all__ = [
+    "PROFILES",
+    "TASKS",
+    "DataError",
+    "JsonlTask",
+    "MissingData",
+    "ParquetImage",
+    "Prompt",
+    "Sample",
+    "Task",
+    "get_task",
+]

@@ -18,9 +18,10 @@ import functools
 import gzip
 import json
 import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, ClassVar
 
 from nvlm.eval.metrics import first_line
 
@@ -62,7 +63,7 @@ class Task:
     dirname: str = ""  # its directory under --data (matched case-insensitively, '-' = '_')
     split: str = ""
     layout: str = ""  # the expected files, for the missing-data error and docs/EVAL.md
-    max_tokens: dict[str, int] = {"official": 32, "nvlm": 16}
+    max_tokens: ClassVar[dict[str, int]] = {"official": 32, "nvlm": 16}  # per profile
     stop: tuple[str, ...] = ()  # stop strings: generation of a row ends once one appears
     first_line: bool = True  # nvlm profile: keep the first line of the answer (Megatron's post-processing)
     main_metric: str = "accuracy"
@@ -129,7 +130,7 @@ def letters(n: int) -> str:
 
 def options_block(options: Sequence[str], fmt: str = "{}. {}") -> str:
     """``A. first\\nB. second\\n...`` (no trailing newline)."""
-    return "\n".join(fmt.format(k, o) for k, o in zip(letters(len(options)), options))
+    return "\n".join(fmt.format(k, o) for k, o in zip(letters(len(options)), options, strict=True))
 
 
 # ------------------------------------------------------------------------------------------- files

@@ -8,24 +8,44 @@ CIDEr's IDF comes from the references scored, so a ``--limit`` subset is not com
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from nvlm.eval.metrics import cider
 from nvlm.eval.tasks.base import (
-    NVLM_SYSTEM, DataError, Prompt, Sample, Task, check_unique, need, parquet_files, read_json, read_parquet,
-)  # fmt: skip
+    NVLM_SYSTEM,
+    DataError,
+    Prompt,
+    Sample,
+    Task,
+    check_unique,
+    need,
+    parquet_files,
+    read_json,
+    read_parquet,
+)
 
-PROMPTS = {"nvlm": "Provide a one-sentence caption for provided image.",
-           "official": "Give a brief description of this image in one sentence."}  # fmt: skip
+PROMPTS = {
+    "nvlm": "Provide a one-sentence caption for provided image.",
+    "official": "Give a brief description of this image in one sentence.",
+}
 
 
 class Caption(Task):
     max_tokens = {"official": 64, "nvlm": 16}
     main_metric = "CIDEr"
 
-    def __init__(self, name: str, dirname: str, split: str, karpathy: str, image_dirs: tuple[str, ...],
-                 megatron_json: str | None, hf: str, layout: str) -> None:  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        dirname: str,
+        split: str,
+        karpathy: str,
+        image_dirs: tuple[str, ...],
+        megatron_json: str | None,
+        hf: str,
+        layout: str,
+    ) -> None:
         self.name, self.dirname, self.split = name, dirname, split
         self.karpathy, self.image_dirs, self.megatron_json, self.hf = karpathy, image_dirs, megatron_json, hf
         self.layout = layout
@@ -56,8 +76,13 @@ class Caption(Task):
         for i, r in enumerate(records if isinstance(records, list) else []):
             where = f"{path}: record {i}"
             image, caps = need(r, where, "image", "caption")
-            out.append(Sample(Path(image).stem, [self._image(path.parent, image, where)],
-                              {"references": [caps] if isinstance(caps, str) else list(caps)}))  # fmt: skip
+            out.append(
+                Sample(
+                    Path(image).stem,
+                    [self._image(path.parent, image, where)],
+                    {"references": [caps] if isinstance(caps, str) else list(caps)},
+                )
+            )
         return check_unique(out, str(path))
 
     def _load_karpathy(self, path: Path) -> list[Sample]:
@@ -71,8 +96,9 @@ class Caption(Task):
                 continue
             rel = f"{im['filepath']}/{filename}" if im.get("filepath") else filename
             sid = im.get("cocoid", im.get("imgid", Path(filename).stem))
-            out.append(Sample(str(sid), [self._image(path.parent, rel, where)],
-                              {"references": [s["raw"] for s in sentences]}))  # fmt: skip
+            out.append(
+                Sample(str(sid), [self._image(path.parent, rel, where)], {"references": [s["raw"] for s in sentences]})
+            )
         return check_unique(out, str(path))
 
     def _image(self, d: Path, rel: str, where: str) -> Path:

@@ -12,14 +12,26 @@ import base64
 import csv
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from nvlm.eval.metrics import choice_correct, normalize_vqa
 from nvlm.eval.tasks.base import (
-    FOLLOW_SYSTEM, LETTER_SUFFIX, NVLM_SYSTEM, DataError, Prompt, Sample, Task, check_unique, letters, mean, need,
-    options_block, parquet_files, read_parquet,
-)  # fmt: skip
+    FOLLOW_SYSTEM,
+    LETTER_SUFFIX,
+    NVLM_SYSTEM,
+    DataError,
+    Prompt,
+    Sample,
+    Task,
+    check_unique,
+    letters,
+    mean,
+    need,
+    options_block,
+    parquet_files,
+    read_parquet,
+)
 
 
 class _Choice(Task):
@@ -36,9 +48,14 @@ class _Choice(Task):
         return Prompt(self.system(profile), f"<image>\n{text}", list(sample.images))
 
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
-        return {"accuracy": mean([float(choice_correct(p, s.fields["answer"], options=s.fields["options"],
-                                                       profile=profile))
-                                  for p, s in zip(predictions, samples)])}  # fmt: skip
+        return {
+            "accuracy": mean(
+                [
+                    float(choice_correct(p, s.fields["answer"], options=s.fields["options"], profile=profile))
+                    for p, s in zip(predictions, samples, strict=True)
+                ]
+            )
+        }
 
 
 class AI2D(_Choice):
@@ -58,8 +75,13 @@ class AI2D(_Choice):
                 letter = letters(len(options))[int(answer)]
             except (ValueError, IndexError):
                 raise DataError(f"{where}: answer {answer!r} is not an index into its {len(options)} options") from None
-            out.append(Sample(str(row.get("question_id", i)), [image],
-                              {"question": question, "options": list(options), "answer": letter}))  # fmt: skip
+            out.append(
+                Sample(
+                    str(row.get("question_id", i)),
+                    [image],
+                    {"question": question, "options": list(options), "answer": letter},
+                )
+            )
         return check_unique(out, str(d))
 
 
@@ -87,8 +109,13 @@ or VLMEvalKit's TSV:
             if list(opts) != list(letters(len(opts))) or answer not in opts:
                 raise DataError(f"{where}: options {list(opts)} with answer {answer!r}")
             hint = row.get("hint") if _present(row.get("hint")) else None
-            fields = {"question": question, "options": list(opts.values()), "answer": answer, "hint": hint,
-                      "category": row.get("category")}  # fmt: skip
+            fields = {
+                "question": question,
+                "options": list(opts.values()),
+                "answer": answer,
+                "hint": hint,
+                "category": row.get("category"),
+            }
             out.append(Sample(str(index), [image], fields))
         return check_unique(out, str(d))
 
@@ -113,7 +140,7 @@ class RealWorldQA(_Choice):
         """Letter answers as multiple choice; other answers by exact match (VQA-normalised for nvlm, as
         Megatron HEAD; lower-cased without a final '.' for official, as lmms-eval)."""
         hits = []
-        for p, s in zip(predictions, samples):
+        for p, s in zip(predictions, samples, strict=True):
             answer = s.fields["answer"]
             if re.fullmatch(r"[A-Z]", answer):
                 hits.append(float(choice_correct(p, answer, profile=profile)))

@@ -11,8 +11,8 @@ is an error naming the file and line.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from nvlm.eval.metrics import normalize_vqa, vqa_accuracy
 from nvlm.eval.tasks.base import (
@@ -79,10 +79,16 @@ class JsonlTask(Task):
         return Prompt(NVLM_SYSTEM, text, list(sample.images))
 
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
-        exact = [float(normalize_vqa(p) in {normalize_vqa(a) for a in s.fields["answers"]})
-                 for p, s in zip(predictions, samples)]  # fmt: skip
+        exact = [
+            float(normalize_vqa(p) in {normalize_vqa(a) for a in s.fields["answers"]})
+            for p, s in zip(predictions, samples, strict=True)
+        ]
         out = {"exact_match": mean(exact)}
         if all(len(s.fields["answers"]) >= 3 for s in samples):
-            out["vqa_accuracy"] = mean([vqa_accuracy(p, s.fields["answers"], profile=profile)
-                                        for p, s in zip(predictions, samples)])  # fmt: skip
+            out["vqa_accuracy"] = mean(
+                [
+                    vqa_accuracy(p, s.fields["answers"], profile=profile)
+                    for p, s in zip(predictions, samples, strict=True)
+                ]
+            )
         return out

@@ -23,14 +23,25 @@ import json
 import random
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from nvlm.eval.metrics import MMMU_DOMAINS, mathvista_correct, mmmu_correct, mmmu_parse_choice
 from nvlm.eval.tasks.base import (
-    LETTER_SUFFIX, NVLM_SYSTEM, VQA_SUFFIX, DataError, Prompt, Sample, Task, check_unique, letters, mean, need,
+    LETTER_SUFFIX,
+    NVLM_SYSTEM,
+    VQA_SUFFIX,
+    DataError,
+    Prompt,
+    Sample,
+    Task,
+    check_unique,
+    letters,
+    mean,
+    need,
     options_block,
-)  # fmt: skip
+)
 
 MATH_SYSTEM = "You are math expert. Use your math knowledge to calculate the answer."
 _TAG = re.compile(r"<image (\d+)>")
@@ -60,8 +71,13 @@ or data/validation-*.parquet, data/test-*.parquet          (HF lmms-lab/MMMU, al
             except (ValueError, SyntaxError):
                 raise DataError(f"{where}: options {options!r} is not a list literal") from None
             images = {int(k.split("_")[1]): v for k, v in row.items() if re.fullmatch(r"image_\d+", k)}
-            fields = {"question": question, "options": [str(o) for o in opts], "question_type": qtype,
-                      "answer": row.get("answer"), "subject": _subject(sid, self.prefix)}  # fmt: skip
+            fields = {
+                "question": question,
+                "options": [str(o) for o in opts],
+                "question_type": qtype,
+                "answer": row.get("answer"),
+                "subject": _subject(sid, self.prefix),
+            }
             if self.has_answers and fields["answer"] is None:
                 raise DataError(f"{where}: no answer")
             out.append(Sample(sid, [images[k] for k in sorted(images)], fields))
@@ -71,7 +87,7 @@ or data/validation-*.parquet, data/test-*.parquet          (HF lmms-lab/MMMU, al
         """MMMU's ``construct_prompt`` (llava1.5 config), ``<image k>`` tags still in."""
         f = sample.fields
         if f["question_type"] == "multiple-choice":
-            example = "".join(f"({k}) {o}\n" for k, o in zip(letters(len(f["options"])), f["options"]))
+            example = "".join(f"({k}) {o}\n" for k, o in zip(letters(len(f["options"])), f["options"], strict=True))
             return f"{f['question']}\n{example}\n{LETTER_SUFFIX}"
         return f"{f['question']}\n{VQA_SUFFIX}"
 
@@ -94,11 +110,17 @@ or data/validation-*.parquet, data/test-*.parquet          (HF lmms-lab/MMMU, al
 
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
         rng = random.Random(42)  # MMMU seeds its random fallback once, then parses in order
-        hits = [float(mmmu_correct(p, s.fields["question_type"], s.fields["answer"], s.fields["options"], rng=rng,
-                                   profile=profile)) for p, s in zip(predictions, samples)]  # fmt: skip
+        hits = [
+            float(
+                mmmu_correct(
+                    p, s.fields["question_type"], s.fields["answer"], s.fields["options"], rng=rng, profile=profile
+                )
+            )
+            for p, s in zip(predictions, samples, strict=True)
+        ]
         out = {"accuracy": mean(hits)}
         domains: dict[str, list[float]] = defaultdict(list)
-        for h, s in zip(hits, samples):
+        for h, s in zip(hits, samples, strict=True):
             domains[MMMU_DOMAINS.get(s.fields["subject"], "Other")].append(h)
         out.update({f"accuracy_{d}": mean(v) for d, v in sorted(domains.items())})
         return out
@@ -109,11 +131,13 @@ or data/validation-*.parquet, data/test-*.parquet          (HF lmms-lab/MMMU, al
             return None
 
         rng, out = random.Random(42), {}
-        for p, s in zip(predictions, samples):
+        for p, s in zip(predictions, samples, strict=True):
             opts = s.fields["options"]
             if s.fields["question_type"] == "multiple-choice":
                 choices = list(letters(len(opts)))
-                out[s.id] = mmmu_parse_choice(p, choices, dict(zip(choices, opts)), rng=rng, profile="official")
+                out[s.id] = mmmu_parse_choice(
+                    p, choices, dict(zip(choices, opts, strict=True)), rng=rng, profile="official"
+                )
             else:
                 out[s.id] = p
         return f"{self.name}_submission.json", json.dumps(out, indent=1)
@@ -145,9 +169,16 @@ class MathVista(Task):
             choices = list(row.get("choices") or [])
             if qtype == "multi_choice" and answer not in choices:
                 raise DataError(f"{where}: answer {answer!r} is not one of its choices {choices}")
-            fields = {"question": question, "query": row.get("query") or question, "question_type": qtype,
-                      "answer_type": row.get("answer_type"), "answer": answer, "choices": choices,
-                      "precision": row.get("precision"), "unit": row.get("unit")}  # fmt: skip
+            fields = {
+                "question": question,
+                "query": row.get("query") or question,
+                "question_type": qtype,
+                "answer_type": row.get("answer_type"),
+                "answer": answer,
+                "choices": choices,
+                "precision": row.get("precision"),
+                "unit": row.get("unit"),
+            }
             out.append(Sample(str(pid), [image], fields))
         return check_unique(out, str(d))
 
@@ -161,9 +192,20 @@ class MathVista(Task):
 
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
         rng, hits = random.Random(42), []  # the nvlm profile's MMMU choice parser falls back at random
-        for p, s in zip(predictions, samples):
+        for p, s in zip(predictions, samples, strict=True):
             f = s.fields
-            hits.append(float(mathvista_correct(p, question_type=f["question_type"], answer_type=f["answer_type"],
-                                                answer=f["answer"], choices=f["choices"], precision=f["precision"],
-                                                rng=rng, profile=profile)))  # fmt: skip
+            hits.append(
+                float(
+                    mathvista_correct(
+                        p,
+                        question_type=f["question_type"],
+                        answer_type=f["answer_type"],
+                        answer=f["answer"],
+                        choices=f["choices"],
+                        precision=f["precision"],
+                        rng=rng,
+                        profile=profile,
+                    )
+                )
+            )
         return {"accuracy": mean(hits)}

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from nvlm.eval.metrics import ocrbench_match, ocrbench_totals
 from nvlm.eval.tasks.base import (
-    FOLLOW_SYSTEM, NVLM_SYSTEM, DataError, Prompt, Sample, Task, check_unique, need, read_json,
-)  # fmt: skip
+    FOLLOW_SYSTEM,
+    NVLM_SYSTEM,
+    DataError,
+    Prompt,
+    Sample,
+    Task,
+    check_unique,
+    need,
+    read_json,
+)
 
 
 class OCRBench(Task):
@@ -30,8 +38,9 @@ or data/test-*.parquet                           (HF echo840/OCRBench)"""
                 raise DataError(f"{path}: expected a list of records")
             for i, r in enumerate(records):
                 where = f"{path}: record {i}"
-                image, question, answers, name, kind = need(r, where, "image_path", "question", "answers",
-                                                            "dataset_name", "type")  # fmt: skip
+                image, question, answers, name, kind = need(
+                    r, where, "image_path", "question", "answers", "dataset_name", "type"
+                )
                 candidates = [d / "OCRBench_Images" / image, d / image]
                 found = next((c for c in candidates if c.is_file()), None)
                 if found is None:
@@ -39,8 +48,9 @@ or data/test-*.parquet                           (HF echo840/OCRBench)"""
                 out.append(Sample(str(r.get("id", i)), [found], _fields(question, answers, name, kind)))
             return check_unique(out, str(path))
         for i, (where, row) in enumerate(self.parquet_rows(d, "OCRBench.json or test-*.parquet")):
-            name, question, kind, answers, image = need(row, where, "dataset", "question", "question_type",
-                                                        "answer", "image")  # fmt: skip
+            name, question, kind, answers, image = need(
+                row, where, "dataset", "question", "question_type", "answer", "image"
+            )
             out.append(Sample(str(i), [image], _fields(question, answers, name, kind)))
         return out
 
@@ -49,8 +59,10 @@ or data/test-*.parquet                           (HF echo840/OCRBench)"""
         return Prompt(system, f"<image>\n{sample.fields['question']}", list(sample.images))
 
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
-        scores = [ocrbench_match(p, s.fields["answers"], s.fields["dataset_name"], profile=profile)
-                  for p, s in zip(predictions, samples)]  # fmt: skip
+        scores = [
+            ocrbench_match(p, s.fields["answers"], s.fields["dataset_name"], profile=profile)
+            for p, s in zip(predictions, samples, strict=True)
+        ]
         return {k: float(v) for k, v in ocrbench_totals(scores, [s.fields["type"] for s in samples]).items()}
 
 

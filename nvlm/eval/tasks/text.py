@@ -13,15 +13,28 @@ and is the same for both profiles (no first-line cut; scored with the benchmarks
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from nvlm.eval.metrics import choice_correct, gsm8k_correct, math_correct
 from nvlm.eval.sandbox import evaluate_humaneval
 from nvlm.eval.tasks.base import (
-    LETTER_SUFFIX, NVLM_SYSTEM, DataError, Prompt, Sample, Task, check_unique, mean, need, options_block,
-    parquet_files, read_csv, read_json, read_jsonl, read_parquet,
-)  # fmt: skip
+    LETTER_SUFFIX,
+    NVLM_SYSTEM,
+    DataError,
+    Prompt,
+    Sample,
+    Task,
+    check_unique,
+    mean,
+    need,
+    options_block,
+    parquet_files,
+    read_csv,
+    read_json,
+    read_jsonl,
+    read_parquet,
+)
 
 BOXED = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -51,33 +64,50 @@ or all/test-*.parquet                            (HF cais/mmlu, config all: ques
                 for i, (where, row) in enumerate(read_csv(path)):
                     if len(row) != 6 or row[5].strip() not in "ABCD" or not row[5].strip():
                         raise DataError(f"{where}: expected question, 4 choices and an answer letter")
-                    out.append(Sample(f"{subject}/{i}", [], {"subject": subject, "question": row[0],
-                                                            "options": row[1:5], "answer": row[5].strip()}))  # fmt: skip
+                    out.append(
+                        Sample(
+                            f"{subject}/{i}",
+                            [],
+                            {"subject": subject, "question": row[0], "options": row[1:5], "answer": row[5].strip()},
+                        )
+                    )
             return check_unique(out, str(d))
         files = parquet_files(d / "all", self.split) if (d / "all").is_dir() else parquet_files(d, self.split)
         if not files:
             raise self.missing(d, "data/test/*_test.csv or all/test-*.parquet")
         counts: dict[str, int] = {}
-        for where, row in read_parquet(files):
-            question, subject, choices, answer = need(row, where, "question", "subject", "choices", "answer")
+        for where, record in read_parquet(files):
+            question, subject, choices, answer = need(record, where, "question", "subject", "choices", "answer")
             if len(choices) != 4 or answer not in range(4):
                 raise DataError(f"{where}: expected 4 choices and an answer index 0-3")
             n = counts[subject] = counts.get(subject, -1) + 1
-            out.append(Sample(f"{subject}/{n}", [], {"subject": subject, "question": question,
-                                                    "options": list(choices), "answer": "ABCD"[answer]}))  # fmt: skip
+            out.append(
+                Sample(
+                    f"{subject}/{n}",
+                    [],
+                    {"subject": subject, "question": question, "options": list(choices), "answer": "ABCD"[answer]},
+                )
+            )
         return check_unique(out, str(d))
 
     def prompt(self, sample: Sample, profile: str) -> Prompt:
         f = sample.fields
         subject = f["subject"].replace("_", " ")
-        text = (f"The following is a multiple choice question about {subject}.\n\n{f['question'].strip()}\n"
-                f"{options_block(f['options'])}\n{LETTER_SUFFIX}")  # fmt: skip
+        text = (
+            f"The following is a multiple choice question about {subject}.\n\n{f['question'].strip()}\n"
+            f"{options_block(f['options'])}\n{LETTER_SUFFIX}"
+        )
         return Prompt(NVLM_SYSTEM, text)
 
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
-        return {"accuracy": mean([float(choice_correct(p, s.fields["answer"], options=s.fields["options"],
-                                                       profile="official"))
-                                  for p, s in zip(predictions, samples)])}  # fmt: skip
+        return {
+            "accuracy": mean(
+                [
+                    float(choice_correct(p, s.fields["answer"], options=s.fields["options"], profile="official"))
+                    for p, s in zip(predictions, samples, strict=True)
+                ]
+            )
+        }
 
 
 class GSM8K(_Text):
@@ -89,8 +119,14 @@ or main/test-*.parquet                           (HF openai/gsm8k, config main)"
 
     def load(self, root: str | Path) -> list[Sample]:
         d = self.find_dir(root)
-        path = next((p for p in (d / "test.jsonl", d / "data" / "test.jsonl",
-                                 d / "grade_school_math" / "data" / "test.jsonl") if p.is_file()), None)  # fmt: skip
+        path = next(
+            (
+                p
+                for p in (d / "test.jsonl", d / "data" / "test.jsonl", d / "grade_school_math" / "data" / "test.jsonl")
+                if p.is_file()
+            ),
+            None,
+        )
         if path is not None:
             rows = list(read_jsonl(path))
         else:  # the HF repo also has a "socratic" config with the same questions: read "main" only
@@ -173,7 +209,9 @@ or openai_humaneval/test-*.parquet               (HF openai/openai_humaneval)"""
         return raw  # the completion's indentation matters
 
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
-        result = evaluate_humaneval([s.fields for s in samples], [(s.id, p) for p, s in zip(predictions, samples)])
+        result = evaluate_humaneval(
+            [s.fields for s in samples], [(s.id, p) for p, s in zip(predictions, samples, strict=True)]
+        )
         return {"pass@1": 100.0 * result["pass@1"]}
 
 
@@ -185,4 +223,6 @@ def _solved(
     correct: Callable[[str, str], bool], predictions: Sequence[str], samples: Sequence[Sample]
 ) -> dict[str, float]:
     """Accuracy of predictions judged against each sample's reference solution."""
-    return {"accuracy": mean([float(correct(p, s.fields["solution"])) for p, s in zip(predictions, samples)])}
+    return {
+        "accuracy": mean([float(correct(p, s.fields["solution"])) for p, s in zip(predictions, samples, strict=True)])
+    }

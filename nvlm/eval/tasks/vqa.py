@@ -11,14 +11,27 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from nvlm.eval.metrics import anls, relaxed_accuracy, textvqa_accuracy, vqa_accuracy
 from nvlm.eval.tasks.base import (
-    FOLLOW_SYSTEM, NUMBER_SUFFIX, NVLM_SYSTEM, VQA_SUFFIX, DataError, Prompt, Sample, Task, check_unique, mean,
-    need, parquet_files, read_json, read_parquet,
-)  # fmt: skip
+    FOLLOW_SYSTEM,
+    NUMBER_SUFFIX,
+    NVLM_SYSTEM,
+    VQA_SUFFIX,
+    DataError,
+    Prompt,
+    Sample,
+    Task,
+    check_unique,
+    mean,
+    need,
+    parquet_files,
+    read_json,
+    read_parquet,
+)
 
 
 class _VQA(Task):
@@ -50,10 +63,14 @@ or the official release (visualqa.org):
   v2_OpenEnded_mscoco_val2014_questions.json + v2_mscoco_val2014_annotations.json + val2014/*.jpg
   v2_OpenEnded_mscoco_test-dev2015_questions.json + test2015/*.jpg"""
     _official = {
-        "validation": ("v2_OpenEnded_mscoco_val2014_questions.json", "v2_mscoco_val2014_annotations.json",
-                       "val2014", "COCO_val2014_{:012d}.jpg"),
+        "validation": (
+            "v2_OpenEnded_mscoco_val2014_questions.json",
+            "v2_mscoco_val2014_annotations.json",
+            "val2014",
+            "COCO_val2014_{:012d}.jpg",
+        ),
         "testdev": ("v2_OpenEnded_mscoco_test-dev2015_questions.json", None, "test2015", "COCO_test2015_{:012d}.jpg"),
-    }  # fmt: skip
+    }
 
     def __init__(self, name: str, split: str) -> None:
         self.name, self.split = name, split
@@ -74,8 +91,9 @@ or the official release (visualqa.org):
             out.append(Sample(str(qid), [image], fields))
         return check_unique(out, str(d))
 
-    def _load_official(self, d: Path, questions: str, annotations: str | None, image_dir: str,
-                       image_name: str) -> list[Sample]:  # fmt: skip
+    def _load_official(
+        self, d: Path, questions: str, annotations: str | None, image_dir: str, image_name: str
+    ) -> list[Sample]:
         qs = read_json(d / questions)
         anns: dict[Any, dict] = {}
         if annotations:
@@ -96,10 +114,10 @@ or the official release (visualqa.org):
         return check_unique(out, str(d / questions))
 
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
-        acc = [vqa_accuracy(p, s.fields["answers"], profile=profile) for p, s in zip(predictions, samples)]
+        acc = [vqa_accuracy(p, s.fields["answers"], profile=profile) for p, s in zip(predictions, samples, strict=True)]
         out = {"accuracy": mean(acc)}
         by_type: dict[str, list[float]] = defaultdict(list)
-        for a, s in zip(acc, samples):
+        for a, s in zip(acc, samples, strict=True):
             if s.fields.get("answer_type"):
                 by_type[s.fields["answer_type"]].append(a)
         out.update({f"accuracy_{t}": mean(v) for t, v in sorted(by_type.items())})
@@ -139,8 +157,14 @@ or the official release (textvqa.org):
         return check_unique(out, str(d))
 
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
-        return {"accuracy": mean([textvqa_accuracy(p, s.fields["answers"], profile=profile)
-                                  for p, s in zip(predictions, samples)])}  # fmt: skip
+        return {
+            "accuracy": mean(
+                [
+                    textvqa_accuracy(p, s.fields["answers"], profile=profile)
+                    for p, s in zip(predictions, samples, strict=True)
+                ]
+            )
+        }
 
 
 # ------------------------------------------------------------------------------------------ DocVQA
@@ -194,7 +218,11 @@ or the RRC release (rrc.cvc.uab.es, Single Page DocVQA):
         return check_unique(out, str(path))
 
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
-        return {"anls": mean([anls(p, s.fields["answers"], profile=profile) for p, s in zip(predictions, samples)])}
+        return {
+            "anls": mean(
+                [anls(p, s.fields["answers"], profile=profile) for p, s in zip(predictions, samples, strict=True)]
+            )
+        }
 
     def submission(self, predictions: Sequence[str], samples: Sequence[Sample]) -> tuple[str, str] | None:
         return None if self.has_answers else _answers_file(self.name, "questionId", predictions, samples)
@@ -222,8 +250,7 @@ or the original release (github.com/vis-nlp/ChartQA):
                     where = f"{path}: record {i}"
                     imgname, query, label = need(r, where, "imgname", "query", "label")
                     image = _image_file(d / "test" / "png", imgname, where)
-                    out.append(Sample(f"{kind}_{i}", [image], {"question": query, "answer": str(label),
-                                                                "type": kind}))  # fmt: skip
+                    out.append(Sample(f"{kind}_{i}", [image], {"question": query, "answer": str(label), "type": kind}))
             return check_unique(out, str(d / "test"))
         out = []
         for i, (where, row) in enumerate(self.parquet_rows(d, "test-*.parquet or test/test_human.json")):
@@ -233,10 +260,12 @@ or the original release (github.com/vis-nlp/ChartQA):
         return out
 
     def score(self, predictions: Sequence[str], samples: Sequence[Sample], profile: str) -> dict[str, float]:
-        acc = [relaxed_accuracy(p, s.fields["answer"], profile=profile) for p, s in zip(predictions, samples)]
+        acc = [
+            relaxed_accuracy(p, s.fields["answer"], profile=profile) for p, s in zip(predictions, samples, strict=True)
+        ]
         out = {"relaxed_overall": mean(acc)}
         for kind in ("human", "augmented"):
-            part = [a for a, s in zip(acc, samples) if s.fields["type"] == kind]
+            part = [a for a, s in zip(acc, samples, strict=True) if s.fields["type"] == kind]
             if part:
                 out[f"relaxed_{kind}"] = mean(part)
         return out
@@ -251,5 +280,5 @@ def _int(x: str) -> int | str:
 
 def _answers_file(task: str, id_key: str, predictions: Sequence[str], samples: Sequence[Sample]) -> tuple[str, str]:
     """The evaluation server's submission: a JSON list of {id_key: question id, "answer": prediction}."""
-    rows = [{id_key: _int(s.id), "answer": p} for p, s in zip(predictions, samples)]
+    rows = [{id_key: _int(s.id), "answer": p} for p, s in zip(predictions, samples, strict=True)]
     return f"{task}_submission.json", json.dumps(rows)
