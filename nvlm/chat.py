@@ -37,8 +37,7 @@ class Chat:
         inputs = self.processor.apply_chat_template(messages, add_generation_prompt=True)
         params = SamplingParams(**{"eos_token_id": self.processor.eos_token_ids, **self.sampling, **sampling})
         engine = Engine(self.model, self.processor, max_batch=1)
-        # apply_chat_template has no overloads yet (tokenize=True gives BatchInputs): nvlm.processor's typing
-        (seq,) = engine.add_batch(inputs, params)  # type: ignore[arg-type]
+        (seq,) = engine.add_batch(inputs, params)
         held, started = "", False  # whitespace not yet yielded: dropped at the start, yielded if text follows
         while engine.has_work:
             for update in engine.step():

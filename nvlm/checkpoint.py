@@ -56,13 +56,21 @@ VIT_ATTENTION = re.compile(
 # ------------------------------------------------------------------------------------ dummy heads
 
 
+def _attention_kind(name: str) -> str:
+    """What a ViT attention tensor is (``qkv.weight``, ``proj.weight``, a q/k norm), from its name."""
+    m = VIT_ATTENTION.match(name)
+    if m is None:
+        raise CheckpointError(f"{name}: not a ViT attention tensor")
+    return m.group(1)
+
+
 def unpad_vit_attention(name: str, tensor: torch.Tensor, width: int, head_dim: int) -> torch.Tensor:
     """Drop dummy heads (appended after the real ones) from a padded ViT attention tensor, if padded.
 
     The dummy heads of qkv and proj must be all zero, as released: dropping non-zero ones would change the
     model's output, so that is a ``CheckpointError`` naming the tensor. The q/k-norm weights of dummy heads
     scale channels that are zero and are dropped whatever they hold."""
-    kind = VIT_ATTENTION.match(name).group(1)
+    kind = _attention_kind(name)
     if kind.startswith("qkv"):
         padded = tensor.shape[0] // 3
         if tensor.shape[0] % 3 or padded % head_dim or padded < width:
@@ -84,7 +92,7 @@ def unpad_vit_attention(name: str, tensor: torch.Tensor, width: int, head_dim: i
 
 def pad_vit_attention(name: str, tensor: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Append ``NUM_DUMMY_HEADS`` all-zero heads, as in the released checkpoint."""
-    kind = VIT_ATTENTION.match(name).group(1)
+    kind = _attention_kind(name)
     extra = NUM_DUMMY_HEADS * head_dim
     if kind.startswith("qkv"):
         parts = tensor.chunk(3, dim=0)
@@ -314,15 +322,16 @@ def init_modules(model: torch.nn.Module, name: str, device: torch.device, dtype:
     module = model.get_submodule(name)
     module.to_empty(device=device)
     for m in module.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
+        reset = getattr(m, "reset_parameters", None)
+        if callable(reset):
+            reset()
     module.to(dtype)
 
 
 def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
-    module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=module._parameters[attr].requires_grad)
+    module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=model.get_parameter(name).requires_grad)
 
 
 __all__ = [

@@ -10,7 +10,7 @@ import json
 import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 from nvlm.arch import ARCHITECTURES, Arch, Architecture, architecture
 
@@ -286,7 +286,8 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def is_number(x: Any) -> bool:
+def is_number(x: Any) -> TypeGuard[int | float]:
+    """An int or a float, not a bool."""
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 

@@ -11,12 +11,20 @@ from __future__ import annotations
 import ctypes
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
+from nvlm.config import NVLMConfig
+
 DeviceMap = dict[str, Any]  # module-name prefix -> device (int = CUDA ordinal, or str / torch.device)
 DeviceLookup = Callable[[str], torch.device]  # parameter name -> its device
+
+
+class HasConfig(Protocol):
+    """A model as placement reads it: its config (the number of decoder layers, the cross-attention blocks)."""
+
+    config: NVLMConfig
 
 
 def split_model(num_layers: int, num_gpus: int) -> DeviceMap:
@@ -49,7 +57,7 @@ def _as_device(d: Any) -> torch.device:
     return torch.device("cuda", d) if isinstance(d, int) else torch.device(d)
 
 
-def resolve_device_map(model: torch.nn.Module, device: str | torch.device | DeviceMap | None) -> DeviceLookup:
+def resolve_device_map(model: HasConfig, device: str | torch.device | DeviceMap | None) -> DeviceLookup:
     """A function from parameter name to its device.
 
     ``None``/"cpu": everything on the CPU. A device: everything there. "auto": split across all visible

@@ -144,6 +144,7 @@ def load_pretrained(
     finish(model, params, loaded, fresh, device_map, torch_dtype, path)
     if quantizer:
         quantizer.finish()
+        model.quantization = qconfig
     model.name_or_path = str(path)
     return model.eval()
 

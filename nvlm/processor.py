@@ -21,7 +21,7 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from tokenizers import normalizers
@@ -82,7 +82,11 @@ class Processor:
         """
         path = model_dir(path)
         cfg = from_json_file(path / "config.json")
-        tiling = {"max_tiles": cfg.max_tiles, "min_tiles": cfg.min_tiles, "use_thumbnail": cfg.use_thumbnail}
+        tiling: dict[str, Any] = {
+            "max_tiles": cfg.max_tiles,
+            "min_tiles": cfg.min_tiles,
+            "use_thumbnail": cfg.use_thumbnail,
+        }
         pre = path / "preprocessor_config.json"
         data: dict[str, Any] = read_json_object(pre) if pre.is_file() else {}
         if chat_template is None:
@@ -223,7 +227,7 @@ class Processor:
                 f"(the model's image token) but its images need {want}"
             )
         bos = self.tokenizer.bos_token_id
-        if self.tokenizer.add_bos_token and (not ids or ids[0] != bos):
+        if self.tokenizer.add_bos_token and bos is not None and (not ids or ids[0] != bos):
             ids, offsets = [bos, *ids], [(0, 0), *offsets]
         xmask = None
         if self.config.architecture.cross_attention:
@@ -296,9 +300,11 @@ class Processor:
             return batch
         xmask = torch.zeros(b, width, max(counts), dtype=torch.bool)
         filled = [0] * b
-        memory = [[] for _ in range(b)]  # crops row by row, as the model reads them
+        memory: list[list[torch.Tensor]] = [[] for _ in range(b)]  # crops row by row, as the model reads them
         tiles: list[list[int]] = [[] for _ in range(b)]
         for (row, start), ps, mask in zip(places, split, masks, strict=True):
+            if mask is None:  # only an architecture without cross-attention has none, and no memory crops
+                continue
             t, k = mask.shape
             xmask[row, start : start + t, filled[row] : filled[row] + k] = mask
             filled[row] += k
@@ -355,7 +361,7 @@ class Processor:
             return render(messages, "nvlm", add_generation_prompt=add_generation_prompt, reserved=self.reserved)
         if name == "checkpoint" or "{%" in name or "{{" in name:
             source = tok.chat_template if name == "checkpoint" else name
-            special = {k: _name(tok.config.get(k)) for k in ("bos_token", "eos_token", "pad_token")}
+            special: dict[str, Any] = {k: _name(tok.config.get(k)) for k in ("bos_token", "eos_token", "pad_token")}
             eot = special["eos_token"] or "<|im_end|>"
             return render(
                 messages,
@@ -367,6 +373,25 @@ class Processor:
                 **special,
             )
         raise PromptError(f"unknown chat_template {name!r}: use 'nvlm', 'checkpoint' or Jinja source")
+
+    @overload
+    def apply_chat_template(
+        self,
+        messages_or_batch: Any,
+        add_generation_prompt: bool = ...,
+        tokenize: Literal[True] = ...,
+        chat_template: str | None = ...,
+    ) -> BatchInputs: ...
+
+    @overload
+    def apply_chat_template(
+        self,
+        messages_or_batch: Any,
+        add_generation_prompt: bool = ...,
+        *,
+        tokenize: Literal[False],
+        chat_template: str | None = ...,
+    ) -> str | list[str]: ...
 
     def apply_chat_template(
         self,

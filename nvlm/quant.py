@@ -159,7 +159,7 @@ class Quantizer:
     Construction checks everything that could fail (format, torchao, dtype, each target's device) before
     any tensor is read. ``placed(name)`` after each parameter is put in place quantizes its linear once the
     weight is real; ``finish()`` quantizes what was initialised fresh rather than loaded (a converted
-    architecture's new blocks) and marks the model with ``model.quantization``.
+    architecture's new blocks); the loader then marks the model with ``model.quantization``.
 
     Memory: a kept (not quantized) CPU tensor is copied out of the shard, as a tensor read in its own dtype
     may still point into the shard's memory map and would keep the whole shard resident; and glibc is told to
@@ -205,4 +205,3 @@ class Quantizer:
     def finish(self) -> None:
         for name in list(self.targets):
             self.placed(name)
-        self.model.quantization = self.config

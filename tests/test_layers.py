@@ -34,6 +34,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "template.py",
             "sampling.py",
             "devices.py",
+            "logs.py",
         ),
     ),
     ("inputs", ("tokenizer.py", "image.py", "processor.py")),

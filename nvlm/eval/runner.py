@@ -49,7 +49,8 @@ class EvalConfig:
     """An evaluation run. The fields with help are ``nvlm eval``'s options (``nvlm.options``); ``--tasks`` is
     the comma-separated form of ``tasks``, ``--quantize`` is ``nvlm.quant``'s option."""
 
-    model: str = option(help="checkpoint directory (NVLM-D, -X or -H)")
+    # field, not option(): mypy's dataclass check knows a field without a default, not a call returning one
+    model: str = field(metadata={"help": "checkpoint directory (NVLM-D, -X or -H)"})
     tasks: list[str]  # task names, or jsonl:PATH
     data: str | None = option(None, "directory holding one folder per benchmark (not needed for jsonl:PATH)")
     out: str | None = option(None, "output directory (default runs/eval/<model name>)")

@@ -74,8 +74,8 @@ class NVLMModel(nn.Module):
         dev = self.vision_model.embeddings.patch_embedding.weight.device
         x = self.vision_model(pixel_values.to(dev))  # (N, P, C_vit)
         x = pixel_shuffle(x, self.config.downsample_ratio)  # (N, P/4, 4 C_vit)
-        x = x.to(self.mlp1[0].weight.device)
-        return self.mlp1(x.to(self.mlp1[0].weight.dtype))
+        first = next(self.mlp1.parameters())  # the projector's input norm's weight
+        return self.mlp1(x.to(first.device, first.dtype))
 
     def embed(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, feats: torch.Tensor | None = None
@@ -151,7 +151,8 @@ class NVLMModel(nn.Module):
                 position_ids = torch.arange(t, device=embeds.device).expand(b, t)
         else:
             if attention_mask is None:
-                attention_mask = torch.ones(b, cache.length + t, device=embeds.device)
+                past = cache.length if cache is not None else 0
+                attention_mask = torch.ones(b, past + t, device=embeds.device)
             attention_mask = attention_mask.to(embeds.device)
             mask = attention_mask_4d(attention_mask, t)
             if position_ids is None:
@@ -202,6 +203,7 @@ class NVLMModel(nn.Module):
     def cross_attend(self, i: int, x: torch.Tensor, memory: Memory, mask: torch.Tensor) -> torch.Tensor:
         """Block i on hidden states x (B, T, C); a generation cache keeps its keys and values of the memory."""
         block = self.xattn_layers[i]
+        assert isinstance(block, GatedCrossAttentionBlock)  # xattn_layers holds only these
         device = block.attn_norm.weight.device
         x, (k, v) = block(x.to(device), memory.embeds.to(device), mask.to(device), memory.kv.get(i))
         if memory.keep_kv:
