@@ -101,14 +101,38 @@ def _variant_outputs(model: torch.nn.Module, questions: torch.Tensor, batch: int
     return torch.cat(answers), torch.cat(logits)
 
 
+def alternative(path: str, spec: str) -> torch.nn.Module:
+    """The bf16 checkpoint with the default-quantized linears quantized by one of torchao 0.18's other CPU choices:
+    ``spec`` is "int8 g128" (per group of 128 rather than per row), "int4 gG" (group G, tinygemm's min/max
+    scales and zeros) or "int4 hqq gG" (HQQ's optimised scales and zeros), G in 32, 64, 128."""
+    from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+
+    from nvlm.models.nvlm import NVLM
+    from nvlm.quant import DEFAULT_MODULES, QuantConfig, _torchao
+
+    tq, fmt, *opts = _torchao(), *spec.split()
+    group = int(opts[-1].removeprefix("g"))
+    if fmt == "int8":
+        cfg = tq.Int8WeightOnlyConfig(granularity=tq.PerGroup(group), set_inductor_config=False)
+    else:
+        algorithm = "hqq" if "hqq" in opts else "tinygemm"
+        cfg = PrototypeInt4WeightOnlyConfig(group, int4_choose_qparams_algorithm=algorithm, set_inductor_config=False)
+    model, select = NVLM.from_pretrained(path), QuantConfig(fmt, DEFAULT_MODULES)
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and select.selects(name):
+            tq.quantize_(m, cfg)
+    return model
+
+
 def answers_child(path: str, formats: list[str], args: argparse.Namespace) -> None:
     """Compare each variant's answers and logits with bf16's on the same weights (the module docstring)."""
     from nvlm.models.nvlm import NVLM
+    from nvlm.quant import quantized_linears, storage_bytes
 
     torch.set_num_threads(args.threads)
     floor = {"batch1": ("bf16, batch 1", {}, 1), "fp32": ("fp32", {"dtype": torch.float32}, 0)}
     variants = [floor[f] for f in args.floor]
-    variants += [(f, {"quantize": f}, 0) for f in formats if f != "bf16"]
+    variants += [(f, {"quantize": f}, 0) for f in formats if f != "bf16"] + [(a, {}, 0) for a in args.alternatives]
     ref = NVLM.from_pretrained(path)
     questions = prompts(ref, args.questions, 16, torch.Generator().manual_seed(0))
     ref_answers, ref_logits = _variant_outputs(ref, questions, len(questions))
@@ -118,8 +142,16 @@ def answers_child(path: str, formats: list[str], args: argparse.Namespace) -> No
     in_stds = float((gap / ref_last.std(-1)).median())
     result = {"median_top2_gap": float(gap.median()), "median_top2_gap_in_stds": in_stds, "rows": []}
     for name, kwargs, batch in variants:
-        model = ref if batch == 1 else NVLM.from_pretrained(path, **kwargs)
+        t0 = time.perf_counter()
+        if batch == 1:
+            model = ref
+        else:
+            model = alternative(path, name) if name in args.alternatives else NVLM.from_pretrained(path, **kwargs)
+        quantize_s = time.perf_counter() - t0
         answers, logits = _variant_outputs(model, questions, batch or len(questions))
+        linears = list(quantized_linears(model).values())
+        bf16_bytes = sum(2 * m.weight.numel() for m in linears)
+        weight_bytes = sum(storage_bytes(m.weight) for m in linears) / bf16_bytes if linears else None
         del model
         last = logits[:, -1]
         result["rows"].append({
@@ -128,6 +160,8 @@ def answers_child(path: str, formats: list[str], args: argparse.Namespace) -> No
             "same_answers": float((answers == ref_answers).all(1).float().mean()),
             "logits_relative_error": float((logits - ref_logits).norm() / ref_logits.norm()),
             "median_max_error": float((last - ref_last).abs().amax(-1).median()),  # the largest logit shift
+            "bytes_x_bf16": weight_bytes,
+            "load_s": quantize_s,
         })  # fmt: skip
     print(json.dumps(result), flush=True)
 
@@ -220,9 +254,14 @@ def arithmetic() -> None:
         print("| " + " | ".join(row) + " |")
 
 
-def run_answers(path: Path, formats: list[str], floor: list[str], argv: list[str]) -> dict:
+def _ratio(x: float | None) -> str:
+    return "" if x is None else f"{x:.3f}"
+
+
+def run_answers(path: Path, formats: list[str], floor: list[str], alternatives: list[str], argv: list[str]) -> dict:
     """The ``answers`` child's comparison for the checkpoint at ``path``."""
-    cmd = [sys.executable, __file__, "--answers-child", str(path), *argv, "--formats", *formats, "--floor", *floor]
+    cmd = [sys.executable, __file__, "--answers-child", str(path), *argv, "--formats", *formats, "--floor", *floor,
+           "--alternatives", *alternatives]  # fmt: skip
     out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout
     print(f"answers of {path.name}: done", file=sys.stderr, flush=True)
     return json.loads(out.strip().splitlines()[-1])
@@ -250,6 +289,9 @@ def main() -> None:
         choices=["batch1", "fp32"],
         help="noise-floor variants of the plain model's answers (the peaked models get fp32 only)",
     )
+    ap.add_argument("--alternatives", nargs="*", default=[], metavar="SPEC",
+                    help='other torchao CPU choices for the plain model\'s answers: "int8 g128", "int4 g32", '
+                         '"int4 hqq g128" (see alternative())')  # fmt: skip
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each child (1: no waits on a busy CPU)")
     ap.add_argument("--arithmetic", action="store_true")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -284,12 +326,12 @@ def main() -> None:
         print(f"{args.preset}: {n / 1e9:.2f}B parameters, {len(shards)} bf16 shards (largest {largest:.0f} MiB); "
               f"torch {torch.__version__}, {args.threads} thread(s) per child")  # fmt: skip
         rows = [run_child(plain, fmt, argv) for fmt in args.formats]
-        compared = {"random": run_answers(plain, args.formats, args.floor, argv)}
+        compared = {"random": run_answers(plain, args.formats, args.floor, args.alternatives, argv)}
         for a in args.peaks:
-            compared[f"random, peaked a={a}"] = run_answers(Path(d) / f"peak {a}", args.formats, ["fp32"], argv)
+            compared[f"random, peaked a={a}"] = run_answers(Path(d) / f"peak {a}", args.formats, ["fp32"], [], argv)
     base = next((r for r in rows if r["format"] == "bf16" and "error" not in r), None)
-    print("| format | load peak (VmHWM - before) | loaded (VmRSS - before) | quantized layers: measured / predicted / bf16 "
-          "| decode tok/s (x bf16) |")  # fmt: skip
+    print("| format | load peak (VmHWM - before) | loaded (VmRSS - before) "
+          "| quantized layers: measured / predicted / bf16 | decode tok/s (x bf16) |")  # fmt: skip
     print("|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
@@ -298,19 +340,20 @@ def main() -> None:
         speed = f"{r['decode_tokens_per_s']:.1f}" + (
             f" ({r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x)" if base else ""
         )
-        print(f"| {r['format']} | {r['peak_mb'] - r['rss_before_mb']:.0f} MiB | {r['loaded_mb'] - r['rss_before_mb']:.0f} MiB "
-              f"| {r['measured_bytes'] / 2**20:.1f} / {r['predicted_bytes'] / 2**20:.1f} / {r['bf16_bytes'] / 2**20:.1f} MiB "
+        mib = [r[k] / 2**20 for k in ("measured_bytes", "predicted_bytes", "bf16_bytes")]
+        print(f"| {r['format']} | {r['peak_mb'] - r['rss_before_mb']:.0f} MiB "
+              f"| {r['loaded_mb'] - r['rss_before_mb']:.0f} MiB | {mib[0]:.1f} / {mib[1]:.1f} / {mib[2]:.1f} MiB "
               f"| {speed} |")  # fmt: skip
     print(f"\n{args.questions} random 16-token prompts, 8 greedy tokens; each variant against bf16 (batch "
           f"{args.questions}) on the same weights")  # fmt: skip
     print("| model (bf16's median top-2 gap: logits / logit stds) | variant | same next token | same 8-token answers "
-          "| logits rel. error | median max logit shift |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
+          "| logits rel. error | median max logit shift | quantized layers' bytes (x bf16) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for model_name, c in compared.items():
         for r in c["rows"]:
             print(f"| {model_name} ({c['median_top2_gap']:.3f} / {c['median_top2_gap_in_stds']:.2f}) | {r['variant']} "
                   f"| {r['same_next_token']:.1%} | {r['same_answers']:.1%} | {r['logits_relative_error']:.4f} "
-                  f"| {r['median_max_error']:.3f} |")  # fmt: skip
+                  f"| {r['median_max_error']:.3f} | {_ratio(r['bytes_x_bf16'])} |")  # fmt: skip
     print(json.dumps({"formats": rows, "answers": compared}))
 
 
