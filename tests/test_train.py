@@ -186,6 +186,18 @@ def test_recipes_load_with_overrides_and_paper_defaults():
         TrainConfig.load(None, ["--learning_rate", "1"])
 
 
+def test_paths_and_names_are_taken_as_written(tmp_path):
+    # `--init 300` once reached Path(300) and died in a TypeError: a directory may be named by digits.
+    cfg = TrainConfig.load(None, ["--init", "300", "--out_dir", "2024", "--tokenizer", "1e-3", "--data", "x.jsonl"])
+    assert (cfg.init, cfg.out_dir, cfg.tokenizer) == ("300", "2024", "1e-3")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("init: 300\nout_dir: 2024\ndata: x.jsonl\n")
+    assert (TrainConfig.load(recipe).init, TrainConfig.load(recipe).out_dir) == ("300", "2024")
+    recipe.write_text("init: [1, 2]\ndata: x.jsonl\n")
+    with pytest.raises(ValueError, match="init: a path or a name"):
+        TrainConfig.load(recipe)
+
+
 def test_kill_9_then_resume_follows_the_uninterrupted_curve(tiny_model_dir, tmp_path):
     data = write_colors(tmp_path / "data")
     args = [

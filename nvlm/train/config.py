@@ -122,11 +122,18 @@ class TrainConfig:
                 if following is None:
                     raise ValueError(f"{flag} needs a value")
                 value = following
-            data[key.replace("-", "_")] = yaml.safe_load(value)
+            key = key.replace("-", "_")
+            data[key] = value if key in _TEXT else yaml.safe_load(value)  # `--init 300` names a directory "300"
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown training settings: {', '.join(unknown)}")
+        for key in _TEXT & set(data):
+            value = data[key]
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                data[key] = str(value)  # a recipe's `out_dir: 2024`
+            elif value is not None and not isinstance(value, str):
+                raise ValueError(f"{key}: a path or a name, not {value!r}")
         if "data" in data and isinstance(data["data"], str):
             data["data"] = [{"path": data["data"]}]
         return cls(**data)
@@ -138,3 +145,7 @@ def _yaml():
     except ImportError:
         raise ImportError("nvlm train reads YAML recipes: pip install 'nvlm[train]' (PyYAML)") from None
     return yaml
+
+
+# The settings that hold a path or a name: an override's value is taken as written, never parsed as YAML.
+_TEXT = frozenset(f.name for f in fields(TrainConfig) if f.type in ("str", "str | None"))
