@@ -93,7 +93,9 @@ def main() -> None:
         return
     data_loader = loader(sources, num_workers=2)
     data_loader()
-    (out / "pids.json").write_text(json.dumps(descendants(os.getpid())))
+    # written whole, then renamed: the test polls for pids.json and would otherwise read it half written
+    (out / "pids.json.tmp").write_text(json.dumps(descendants(os.getpid())))
+    os.replace(out / "pids.json.tmp", out / "pids.json")
     if mode == "interrupt":  # in this thread: os.kill may hand the signal to one of torch's threads, and a
         signal.raise_signal(signal.SIGINT)  # main thread asleep for 600 s would never see it
     time.sleep(600)
