@@ -78,7 +78,10 @@ def test_min_tokens_is_cheap_on_a_huge_prompt(proc):
     text = "a" * (12 * 2**20)
     start = time.perf_counter()
     assert proc.min_tokens(text) > proc.config.llm.max_position_embeddings
-    assert time.perf_counter() - start < 0.1
+    seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    proc.tokenizer.encode(text[: 2**20])  # the baseline, in the same run: tokenizing a twelfth of it
+    assert seconds < time.perf_counter() - start  # not a wall-clock limit: the machine's load cancels out
 
 
 def _peak_rss_mb_after(fn) -> float:
