@@ -183,7 +183,8 @@ def test_cli_plans_from_a_config_json_alone(tmp_path, capsys):
 def test_measured_cpu_peak_agrees_with_the_plan(tmp_path):
     """One process, stage 2, a 40M-parameter model with Qwen2's vocabulary (its logits and the parameter
     states weigh alike): peak RSS during the steps, above the baseline after imports, within 25% of the
-    plan's total (measured: 0.94 of it)."""
+    plan's total at the data's share of supervised positions, where the loop takes logits (measured: 1.06 of
+    it; 0.66 of the plan that counts logits at every position)."""
     sys.path.insert(0, str(BENCHMARKS))
     from bench_train_memory import baseline_mib, run, write_data
 
@@ -217,7 +218,9 @@ def test_measured_cpu_peak_agrees_with_the_plan(tmp_path):
         "1000000",
     ]
     measured = run(1, args, tmp_path / "run", {**os.environ, "OMP_NUM_THREADS": "2"})["train"] - baseline_mib()
-    predicted = plan(cfg, TrainConfig.load(None, args), 1, 24).total / 2**20
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    supervised = max(s["supervised_tokens"] for s in steps) / (256 * 1)  # of seq_len x micro_batch_size positions
+    predicted = plan(cfg, TrainConfig.load(None, args), 1, 24, supervised=supervised).total / 2**20
     assert measured == pytest.approx(predicted, rel=0.25)
 
 

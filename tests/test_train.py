@@ -98,6 +98,19 @@ def test_packed_and_unpacked_losses_are_equal(arch, tiny_model_dir, tmp_path):
     assert int(packed["attention_mask"].max()) == 3
     unpacked = collate(processor, [[e] for e in examples])
     torch.testing.assert_close(loss(packed), loss(unpacked), atol=1e-4, rtol=1e-5)
+    # what the trainer computes: logits at the supervised positions only, the same values and gradients
+    packed = collate(processor, [examples[:3], examples[3:6], examples[6:]], seq_len=256)
+    targets = packed.pop("targets")
+    at = targets != IGNORE
+    assert 0 < int(at.sum()) < at.numel() // 4
+    some, full = model(**packed, logits_at=at).logits, model(**packed).logits
+    torch.testing.assert_close(some, full[at])
+    weight = model.mlp1[1].weight
+    (grad,) = torch.autograd.grad(F.cross_entropy(some, targets[at]), weight)
+    (reference,) = torch.autograd.grad(
+        F.cross_entropy(full.flatten(0, 1), targets.flatten(), ignore_index=IGNORE), weight
+    )
+    torch.testing.assert_close(grad, reference)
 
 
 EXPECTED = {

@@ -137,7 +137,8 @@ class LanguageModel(nn.Module):
         cache: KVCache | None = None,
         num_logits_to_keep: int = 0,  # 0 = logits at every position
         before_layer: Callable[[int, torch.Tensor], torch.Tensor] | None = None,  # NVLM-X/H cross-attention
-    ) -> torch.Tensor:  # (B, T or num_logits_to_keep, vocab)
+        logits_at: torch.Tensor | None = None,  # (B, T) bool: logits at these positions only, as (N, vocab)
+    ) -> torch.Tensor:  # (B, T or num_logits_to_keep, vocab), or (N, vocab) with ``logits_at``
         cfg = self.config
         x = embeds
         base = rope_base(cfg, position_ids)
@@ -153,6 +154,8 @@ class LanguageModel(nn.Module):
         x = self.model.norm(x.to(self.model.norm.weight.device))
         if num_logits_to_keep:
             x = x[:, -num_logits_to_keep:]
+        if logits_at is not None:
+            x = x[logits_at.to(x.device)]  # (N, C): training needs the supervised positions' logits only
         return self.lm_head(x.to(self.lm_head.weight.device))
 
 

@@ -128,6 +128,7 @@ class NVLMModel(nn.Module):
         memory_crops: torch.Tensor | None = None,  # X/H: (B,) memory crops per row, rows in order
         cross_attention_mask: torch.Tensor | None = None,  # X/H: (B, T, K) bool, token t reads crop k
         memory_tag_ids: torch.Tensor | None = None,  # H: (N_mem, L_tag) tag token ids, -1 = padding
+        logits_at: torch.Tensor | None = None,  # (B, T) bool: logits (N, vocab) at these positions only
     ) -> NVLMOutput:
         b, t = input_ids.shape
         arch = self.architecture
@@ -164,7 +165,7 @@ class NVLMModel(nn.Module):
                 if cross_attention_mask is None and (cache is None or mem_feats is not None):
                     raise ValueError("memory_pixel_values need a cross_attention_mask (the processor makes one)")
                 cross_attend = partial(self._before_layer, memory, memory.attention_mask(cross_attention_mask, t))
-        logits = self.language_model(embeds, position_ids, mask, cache, num_logits_to_keep, cross_attend)
+        logits = self.language_model(embeds, position_ids, mask, cache, num_logits_to_keep, cross_attend, logits_at)
         return NVLMOutput(logits=logits)
 
     # ------------------------------------------------------------------------- cross-attention (X, H)

@@ -159,11 +159,10 @@ def train(cfg: TrainConfig) -> Path:
             for batch in micro:
                 batch = batch.to(device)
                 targets = batch.pop("targets")
+                supervised_at = targets != IGNORE  # logits only there: the lm_head and softmax of the rest is waste
                 with torch.autocast(device.type, dtype=getattr(torch, cfg.dtype), enabled=use_amp):
-                    logits = model(**batch).logits
-                loss = F.cross_entropy(
-                    logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum"
-                )
+                    logits = model(**batch, logits_at=supervised_at).logits  # (N, vocab)
+                loss = F.cross_entropy(logits.float(), targets[supervised_at], reduction="sum")
                 (loss * world / supervised).backward()
                 loss_sum += float(loss.detach())
             if world > 1 and not sharded:

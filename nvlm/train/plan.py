@@ -20,7 +20,8 @@ FSDP2 pads it. Per device, with S the shard group and P_t / P_f the trained / fr
 - activations: what autograd saves, counted tensor by tensor from the modules' code (tests check the count
   against ``saved_tensors_hooks``), at ``micro_batch_size`` rows of ``seq_len`` tokens and one image per row
   of ``max_tiles`` tiles (+ thumbnail); the frozen ViT runs without saving anything, so only its forward
-  working set counts; logits count as the held (B, T, vocab) logits, the fp32 log-softmax saved for the loss
+  working set counts; logits count as held at every position (B, T, vocab), the most the loop computes (it
+  takes them at the supervised positions only, fewer in most data), with the fp32 log-softmax saved for the loss
   and its two gradients in backward. Attention on GPU is counted as PyTorch runs it for a masked GQA call,
   with the math kernel and its (B, heads, T, keys) fp32 probabilities (``Layout.masked_gqa_math``). With
   activation checkpointing: the input of each block, plus one block recomputed with its backward working set.
@@ -206,7 +207,7 @@ class Activations:
     working: tuple[int, ...]  # what each block's backward allocates while it runs
     boundaries: tuple[int, ...]  # what each block keeps when checkpointed: its inputs
     root: int  # saved outside the blocks: masks, memory, projector, final norm, lm_head input, log-softmax
-    logits: int  # the (B, T, vocab) logits the loop holds
+    logits: int  # the (N, vocab) logits the loop holds, N the supervised positions
     head_backward: int  # the log-softmax's gradients in and out, at the start of backward
     vit: int  # the frozen ViT's forward working set (nothing saved)
 
@@ -235,9 +236,10 @@ def _attention(layout: Layout, lm: Any, keys: int, out_trains: bool) -> tuple[in
     return 2 * a * c + a * keys + 4 * lm.num_heads, 2 * a * lm.num_kv_heads * lm.head_dim
 
 
-def count_activations(model: NVLM, train: TrainConfig, layout: Layout) -> Activations:
+def count_activations(model: NVLM, train: TrainConfig, layout: Layout, supervised: float = 1.0) -> Activations:
     """The activations of one micro-batch for a (meta) model with its trainable set marked and ``train``
-    resolved, counted tensor by tensor from what each module saves (see the module docstring)."""
+    resolved, counted tensor by tensor from what each module saves (see the module docstring). ``supervised``:
+    the share of positions with a target, where the loop takes logits (1.0: every position, the most)."""
     config: NVLMConfig = model.config
     a = layout.compute
     lm, v = config.llm, config.vision
@@ -293,12 +295,13 @@ def count_activations(model: NVLM, train: TrainConfig, layout: Layout) -> Activa
         root += per_token * per_crop * crops * rows
     vocab = lm.vocab_size
     head = 4 * c + a * c * (_trains(llm.model.norm) + _trains(llm.lm_head)) + 8
-    root += (head + _F32 * vocab) * tokens  # final norm, lm_head input, the fp32 log-softmax, targets
+    scored = round(supervised * tokens)  # positions with a target: the lm_head runs on these only
+    root += head * tokens + _F32 * vocab * scored  # final norm, lm_head input; the fp32 log-softmax, targets
     vit = (
         crops * rows * (v.num_patches + 1) * (a * (2 * v.intermediate_size + 4 * v.hidden_size) + _F32 * v.hidden_size)
     )
     return Activations(
-        tuple(blocks), tuple(working), tuple(boundaries), root, a * vocab * tokens, 2 * _F32 * vocab * tokens, vit
+        tuple(blocks), tuple(working), tuple(boundaries), root, a * vocab * scored, 2 * _F32 * vocab * scored, vit
     )
 
 
@@ -311,13 +314,15 @@ def plan(
     hsdp: bool = False,
     cpu: bool | None = None,
     headroom: float | None = None,
+    supervised: float = 1.0,
 ) -> MemoryPlan:
     """The per-device memory of ``train`` (its stage, trainable set, sequence, tiles, micro batch and
     checkpointing) for ``config`` on ``devices`` devices of ``device_gib`` GiB. ``hsdp`` shards within a node
     of ``devices_per_node`` and replicates across nodes; ``fsdp: false`` replicates everything. ``cpu``
-    (default: the recipe's ``device: cpu``) counts gloo's fp32 layout; ``headroom`` defaults to 10% on GPU, 0 on CPU."""
+    (default: the recipe's ``device: cpu``) counts gloo's fp32 layout; ``headroom`` defaults to 10% on GPU, 0 on CPU;
+    ``supervised``: the share of positions with a target (default 1.0, the most logits a step can take)."""
     train = resolved(config, train)
-    counted = _Counted.of(meta_model(config, train), train)
+    counted = _Counted.of(meta_model(config, train), train, supervised)
     return counted.plan(devices, device_gib, devices_per_node, hsdp, cpu, headroom)
 
 
@@ -354,8 +359,9 @@ class _Counted:
     activations: dict[Layout, Activations]
 
     @classmethod
-    def of(cls, model: NVLM, train: TrainConfig) -> _Counted:
-        return cls(train, _shapes(model), {p: count_activations(model, train, p) for p in (CPU, GPU)})
+    def of(cls, model: NVLM, train: TrainConfig, supervised: float = 1.0) -> _Counted:
+        activations = {p: count_activations(model, train, p, supervised) for p in (CPU, GPU)}
+        return cls(train, _shapes(model), activations)
 
     def plan(
         self,
