@@ -25,6 +25,14 @@ def read_losses(metrics: Path) -> list[float]:
     return [float(r["loss"]) for r in sorted(records, key=lambda r: r["step"])]
 
 
+def samples_per_s(metrics: Path) -> float:
+    """A run's training throughput in examples a second (paper Table 3's measure): all its samples over all
+    its step time, from a ``metrics.jsonl``."""
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    seconds = sum(r["samples"] / r["samples_per_s"] for r in records if r["samples_per_s"] > 0)
+    return sum(r["samples"] for r in records) / seconds if seconds else 0.0
+
+
 def _running_mean(xs: Sequence[float], window: int) -> list[float]:
     out, total = [], 0.0
     for i, x in enumerate(xs):

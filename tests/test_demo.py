@@ -8,6 +8,7 @@ import pytest
 
 from nvlm.cli import main
 from nvlm.data.synth import HELDOUT
+from nvlm.demo import STAGE1_STEPS, STAGE2_STEPS
 
 SHORT = ["--scale", "0.01", "--train", "40", "--test", "4"]
 
@@ -24,7 +25,7 @@ def test_every_stage_produced_its_files(run):
     for f in ("manifest.json", "pretrain.jsonl", "sft.jsonl", "text.jsonl", "tokenizer/tokenizer.json"):
         assert (data / f).is_file(), f
     assert {p.stem for p in (data / "heldout").glob("*.jsonl")} >= set(HELDOUT)
-    for stage, steps in (("stage1", 6), ("stage2", 10)):
+    for stage, steps in (("stage1", round(0.01 * STAGE1_STEPS)), ("stage2", round(0.01 * STAGE2_STEPS))):
         metrics = [json.loads(line) for line in (run / stage / "metrics.jsonl").read_text().splitlines()]
         assert [m["step"] for m in metrics] == list(range(1, steps + 1))
         assert (run / stage / "model" / "model.safetensors.index.json").is_file()
@@ -35,7 +36,7 @@ def test_every_stage_produced_its_files(run):
         assert f"jsonl:{skill}_blind" in results
     report = (run / "report.md").read_text()
     assert all(f"| {skill} | 4 |" in report for skill in HELDOUT)
-    assert "](loss.png)" in report and "](answers.png)" in report
+    assert "](loss.png)" in report and "](answers.png)" in report and "stage 2 " in report and " samples/s" in report
     times = json.loads((run / "times.json").read_text())
     assert set(times) == {"data", "stage1", "stage2", "eval and chat", "total"}
 

@@ -96,6 +96,7 @@ def test_packed_and_unpacked_losses_are_equal(arch, tiny_model_dir, tmp_path):
 
     packed = collate(processor, [examples[:3], examples[3:6], examples[6:]], seq_len=256)
     assert int(packed["attention_mask"].max()) == 3
+    assert int(packed["attention_mask"].amax(1).sum()) == len(examples)  # the loop's count of samples a step
     unpacked = collate(processor, [[e] for e in examples])
     torch.testing.assert_close(loss(packed), loss(unpacked), atol=1e-4, rtol=1e-5)
     # what the trainer computes: logits at the supervised positions only, the same values and gradients

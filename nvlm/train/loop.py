@@ -155,6 +155,7 @@ def train(cfg: TrainConfig) -> Path:
             micro = [loader() for _ in range(cfg.grad_accum)]
             supervised = distributed.all_sum(sum(float((b["targets"] != IGNORE).sum()) for b in micro), device)
             tokens = distributed.all_sum(sum(float(b["attention_mask"].gt(0).sum()) for b in micro), device)
+            samples = distributed.all_sum(sum(float(b["attention_mask"].amax(1).sum()) for b in micro), device)
             loss_sum = 0.0
             for batch in micro:
                 batch = batch.to(device)
@@ -180,6 +181,8 @@ def train(cfg: TrainConfig) -> Path:
                 "tokens": int(tokens),
                 "supervised_tokens": int(supervised),
                 "tokens_per_s": tokens / seconds,
+                "samples": int(samples),  # examples (a packed row numbers its examples 1, 2, ...)
+                "samples_per_s": samples / seconds,
                 "padding": sum(map(padding_fraction, micro)) / len(micro),
                 "skipped": int(distributed.all_sum(sum(loader.skipped.values()), device)),
             }
