@@ -5,6 +5,7 @@ Modes: ``interrupt`` (Ctrl-C after a batch), ``wait`` (hold the loader until kil
 torchrun after gloo's init: save this rank's first batches and state to OUT/rank{r}.pt).
 """
 
+import faulthandler
 import json
 import os
 import signal
@@ -97,6 +98,7 @@ def main() -> None:
     (out / "pids.json.tmp").write_text(json.dumps(descendants(os.getpid())))
     os.replace(out / "pids.json.tmp", out / "pids.json")
     if mode == "interrupt":  # in this thread: os.kill may hand the signal to one of torch's threads, and a
+        faulthandler.dump_traceback_later(40, exit=True)  # an exit that hangs prints where (the test shows it)
         signal.raise_signal(signal.SIGINT)  # main thread asleep for 600 s would never see it
     time.sleep(600)
 
