@@ -210,10 +210,10 @@ def test_no_process_is_left_after_ctrl_c_or_kill_9(tmp_path):
     runs = {}
     for mode in ("interrupt", "wait"):
         (tmp_path / mode).mkdir()
-        runs[mode] = subprocess.Popen(
+        runs[mode] = subprocess.Popen(  # stderr to a file: a pipe nobody reads until the end could fill
             [PY, str(HERE / "loader_data.py"), mode, str(tmp_path / mode), str(tmp_path / mode)],
             env=ENV,
-            stderr=subprocess.PIPE,
+            stderr=(tmp_path / f"{mode}.err").open("wb"),
         )
     pids = {}
     for mode, proc in runs.items():
@@ -226,7 +226,7 @@ def test_no_process_is_left_after_ctrl_c_or_kill_9(tmp_path):
     for mode, proc in runs.items():
         proc.wait(timeout=60)
         assert _gone(pids[mode]), (mode, pids[mode])
-    stderr = runs["interrupt"].stderr.read()
+    stderr = (tmp_path / "interrupt.err").read_bytes()
     assert b"KeyboardInterrupt" in stderr and b"Timeout (0:00:40)!" not in stderr, stderr.decode()[-3000:]
     assert runs["interrupt"].returncode != 0
 
