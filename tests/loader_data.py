@@ -99,6 +99,7 @@ def main() -> None:
     os.replace(out / "pids.json.tmp", out / "pids.json")
     if mode == "interrupt":  # in this thread: os.kill may hand the signal to one of torch's threads, and a
         faulthandler.dump_traceback_later(40, exit=True)  # an exit that hangs prints where (the test shows it)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, whatever the parent ignored
         signal.raise_signal(signal.SIGINT)  # main thread asleep for 600 s would never see it
     time.sleep(600)
 
