@@ -75,6 +75,18 @@ def test_a_tiny_model_learns_its_training_questions(arch, tiny_model_dir, tmp_pa
         assert processor.decode(out[0]).strip() == name
 
 
+def test_a_stage_can_train_without_tile_tags_and_keep_them_in_the_model(tiny_model_dir, tmp_path):
+    """Megatron's pretraining omits ``--use-tile-tags``: the data loses its tags, the saved model keeps them."""
+    data = write_colors(tmp_path / "data", wide=True)
+    tokens = {}
+    for tags in (True, False):
+        run = tmp_path / f"tags-{tags}"
+        final = train(_cfg(tiny_model_dir, data, run, steps=2, max_tiles=4, pack=False, seed=1, tile_tags=tags))
+        tokens[tags] = [json.loads(line)["tokens"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert NVLM.from_pretrained(final).config.tile_tag == "<tile_{}>"
+    assert all(a > b for a, b in zip(tokens[True], tokens[False], strict=True)), tokens
+
+
 @pytest.mark.parametrize("arch", "DXH")
 def test_packed_and_unpacked_losses_are_equal(arch, tiny_model_dir, tmp_path):
     data = write_colors(tmp_path, wide=True)

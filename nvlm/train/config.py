@@ -46,6 +46,9 @@ class TrainConfig:
     data: list[dict[str, Any]] = field(default_factory=list)  # [{path: x.jsonl, weight: 1.0}, ...]
     chat_template: str = "nvlm"  # the prompt format the labels are rendered in: "nvlm" or "checkpoint"
     max_tiles: int | None = None
+    # False: the images are formatted without tile tags (as Megatron's NVLM pretraining script, which omits
+    # ``--use-tile-tags``); the saved model keeps its config's tags, so a next stage and inference use them
+    tile_tags: bool = True
     seq_len: int | None = None
     pack: bool = True
     num_workers: int = 2  # data worker processes per rank (record -> image decode, tiles, tokens); 0: in the loop

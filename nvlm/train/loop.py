@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from nvlm.config import NVLMConfig
 from nvlm.data.blend import Source
 from nvlm.data.labels import IGNORE
 from nvlm.data.loader import Loader, reshard
@@ -95,6 +96,11 @@ def make_optimizer(model: NVLM, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=s.lr, betas=s.betas)
 
 
+def prompt_format(c: NVLMConfig, tile_tags: bool) -> NVLMConfig:
+    """The config the training data is formatted with: the model's, or (``tile_tags=False``) without tags."""
+    return c if tile_tags else replace(c, tile_tag="", thumbnail_tag="")
+
+
 def lr_at(step: int, s: Schedule) -> float:
     """Linear warmup to ``lr``, then cosine decay to ``min_lr`` at ``steps``."""
     if step < s.warmup_steps:
@@ -117,7 +123,7 @@ def train(cfg: TrainConfig) -> Path:
         min_tiles=min(c.min_tiles, s.max_tiles),
         use_thumbnail=c.use_thumbnail,
     )
-    processor = Processor(tokenizer, images, c, chat_template=cfg.chat_template)
+    processor = Processor(tokenizer, images, prompt_format(c, cfg.tile_tags), chat_template=cfg.chat_template)
     sharded = world > 1 and cfg.fsdp
     params = dict(model.named_parameters())
     optimizer = make_optimizer(model, cfg)
