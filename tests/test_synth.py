@@ -54,7 +54,13 @@ def test_held_out_images_are_not_training_images(synth):
 def test_records_read_as_training_conversations(synth):
     from PIL import Image
 
-    for name in ("pretrain.jsonl", "sft.jsonl", "text.jsonl"):
+    lowres = [json.loads(x) for x in (synth / "pretrain_lowres.jsonl").read_text().splitlines()]
+    everything = [json.loads(x) for x in (synth / "pretrain.jsonl").read_text().splitlines()]
+    assert 0 < len(lowres) < len(everything) and all(r in everything for r in lowres)
+    for r in everything:  # the low-resolution captions are those of every image at most 3 tiles long
+        w, h = Image.open(synth / r["image"]).size
+        assert (r in lowres) == (max(w, h) <= 3 * min(w, h))
+    for name in ("pretrain.jsonl", "pretrain_lowres.jsonl", "sft.jsonl", "text.jsonl"):
         f = JsonlFile.read(synth / name)
         for i in range(len(f)):
             msgs = f.messages(i)

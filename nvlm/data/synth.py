@@ -10,7 +10,8 @@ Three kinds of images, each drawn with Pillow from a seeded ``random.Random``:
 - **chart**: a bar chart of two to four labelled bars with values to read;
 - **shapes**: circles, squares and triangles with colours and counts.
 
-Each image gets a caption (stage 1, ``pretrain.jsonl``) and one question (stage 2, ``sft.jsonl``); a text-only
+Each image gets a caption (stage 1, ``pretrain.jsonl``; ``pretrain_lowres.jsonl`` leaves out the 4-6-tile
+numbers, illegible at the one tile of NVLM-D's and -X's stage 1) and one question (stage 2, ``sft.jsonl``); a text-only
 arithmetic set (``text.jsonl``) is blended into stage 2. Held-out splits under ``heldout/`` are drawn from
 other seeds and written to other files, so they share no image with training; they are in the eval runner's
 ``jsonl`` format (``id``, ``image``, ``question``, ``answer``), one file per skill. ``manifest.json`` records
@@ -65,7 +66,7 @@ READ_NUMBER = "What number is written in the image?"
 READ_WORD = "What word is written in the image?"
 
 
-VERSION = 2  # of what the makers draw: a data set of another version is drawn again (2: grey, one-tile numbers)
+VERSION = 3  # of what is drawn and written: another version is drawn again (2: grey, one-tile numbers; 3: lowres)
 
 
 @dataclass(frozen=True)
@@ -287,12 +288,14 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), progress: Callab
         return out
     (out / "images" / "train").mkdir(parents=True, exist_ok=True)
     rng = random.Random(cfg.seed)
-    pretrain, sft = [], []
+    pretrain, lowres, sft = [], [], []
     for i in range(cfg.train):
         item = _pick(rng)(rng, cfg)
         path = f"images/train/{i:06d}.png"
         item.image.save(out / path)
         pretrain.append({"image": path, "caption": item.caption})
+        if item.skill != "read_small":
+            lowres.append(pretrain[-1])
         sft.append(
             {
                 "messages": [
@@ -305,6 +308,7 @@ def generate(out: str | Path, cfg: SynthConfig = SynthConfig(), progress: Callab
             }
         )
     _write_jsonl(out / "pretrain.jsonl", pretrain)
+    _write_jsonl(out / "pretrain_lowres.jsonl", lowres)
     _write_jsonl(out / "sft.jsonl", sft)
     text = [dict(zip(("q", "a"), arithmetic(rng), strict=True)) for _ in range(cfg.text)]
     _write_jsonl(
