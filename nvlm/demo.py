@@ -90,7 +90,8 @@ def _stages(
     6 tiles, the model's tags and a constant learning rate. Measured on NVLM-D (docs/DEMO.md): a tagged stage 1
     leaves stage 2 at 6.5% / 5.0% (read_number / read_small), an untagged one at 16.5% / 11.0%, and with a
     constant stage-2 rate 30.0% / 25.0%. A one-tile stage 1 captions only the images legible at one tile
-    (``pretrain_lowres.jsonl``): with the 4-6-tile numbers' captions as well, 30.0% / 25.0%; without, 52.5% / 43.5%. A step is 2048 tokens (``_shape``): the (masked, block-diagonal) attention over
+    (``pretrain_lowres.jsonl``): with the 4-6-tile numbers' captions as well, 30.0% / 25.0%; without, 52.5% / 43.5%.
+    A step is 2048 tokens (``_shape``): the (masked, block-diagonal) attention over
     a packed row is the largest single cost of a step of this model. One data worker process, not two: beside
     it, ``nvlm train`` runs one compute thread on a 2-core machine (``nvlm.train.loop.cpu_threads``) instead
     of two threads fighting two workers for the cores.
