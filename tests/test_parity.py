@@ -118,3 +118,50 @@ def test_packed_row_matches_each_sample_alone(nvlm_d_dir, reference):
     ours = model(ids, pixel_values=pixels, attention_mask=mask).logits[0]
     torch.testing.assert_close(ours[: a.shape[1]], reference.logits(a, IMAGE_TOKEN_ID, pixels)[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ours[a.shape[1] : -3], reference.logits(b, IMAGE_TOKEN_ID)[0], atol=1e-4, rtol=1e-4)
+
+
+def test_packed_rows_give_each_sample_qwen2s_gradients(nvlm_d_dir, reference):
+    """Per-document attention (``Documents``) over packed and left-padded rows: logits and the LLM's
+    gradients equal transformers' Qwen2 run on each sample alone."""
+    model = NVLM.from_pretrained(nvlm_d_dir)
+    lengths = [[6, 9, 4], [3, 12], [15]]  # row 0 ends in padding, row 1 starts with it
+    samples = [[_prompt([n]) for n in row] for row in lengths]
+    t = 20
+    ids = torch.zeros(3, t, dtype=torch.long)
+    mask = torch.zeros(3, t, dtype=torch.long)
+    start = [0, 5, 5]
+    for r, row in enumerate(samples):
+        at = start[r]
+        for d, s in enumerate(row):
+            ids[r, at : at + s.shape[1]], mask[r, at : at + s.shape[1]] = s[0], d + 1
+            at += s.shape[1]
+    logits = model(ids, attention_mask=mask).logits
+    ours = logits[mask > 0].square().mean() * 100
+    ours.backward()
+    ref_logits = torch.cat([reference.logits(s, IMAGE_TOKEN_ID)[0] for row in samples for s in row])
+    torch.testing.assert_close(logits[mask > 0], ref_logits, atol=1e-4, rtol=1e-4)
+    reference.llm.zero_grad()
+    hf = torch.cat([reference.llm(s).logits[0] for row in samples for s in row])
+    (hf.square().mean() * 100).backward()
+    ref_params = dict(reference.llm.named_parameters())
+    checked = 0
+    for name, p in model.language_model.named_parameters():
+        if p.grad is not None and name in ref_params:
+            torch.testing.assert_close(p.grad, ref_params[name].grad, atol=1e-5, rtol=1e-4)
+            checked += 1
+    assert checked >= 10
+
+
+def test_a_mask_with_a_hole_matches_qwen2(nvlm_d_dir, reference):
+    """A row whose document resumes after a masked token is not split into two documents: it keeps the
+    (B, 1, T, T) mask, and reads as transformers reads such a mask."""
+    from nvlm.models.llm import documents
+
+    model = NVLM.from_pretrained(nvlm_d_dir)
+    ids = _prompt([11])
+    mask = torch.ones_like(ids)
+    mask[0, 4] = 0
+    assert documents(mask) is None
+    ours = model(ids, attention_mask=mask).logits
+    ref = reference.logits(ids, IMAGE_TOKEN_ID, attention_mask=mask)
+    torch.testing.assert_close(ours[mask.bool()], ref[mask.bool()], atol=1e-4, rtol=1e-4)

@@ -2,7 +2,7 @@
 ``nvlm.data.loader.Batcher`` as examples stream in) or one per row.
 
 A packed row numbers its examples 1, 2, ... in ``attention_mask``: each attends only to itself and its
-positions restart (``nvlm.models.llm.attention_mask_4d``), its images and cross-attention memory stay its
+positions restart (``nvlm.models.llm.documents``), its images and cross-attention memory stay its
 own, and its targets were shifted inside the example, so packing changes nothing but speed.
 """
 

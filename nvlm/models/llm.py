@@ -8,6 +8,7 @@ HF checkpoints, RMSNorm, SwiGLU. Module names follow HF's ``Qwen2ForCausalLM`` s
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,66 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotated * sin[:, None]
 
 
+Run = tuple[int, int, bool]  # [start, end) of a row, and whether it is a document (or padding)
+
+
+@dataclass(frozen=True)
+class Documents:
+    """The documents of a batch without a cache, each attended on its own: a packed row's samples, or each
+    row's real tokens. ``runs[b]`` splits row ``b`` into documents and padding, in order.
+
+    Each document is one causal ``F.scaled_dot_product_attention`` over its own tokens, in the unmasked
+    (flash) kernel: on a packed training batch ~sum(L^2) work where the block-diagonal (B, 1, T, T) mask
+    costs B * T^2 in the masked kernel (``benchmarks/bench_attention.py``; docs/BENCHMARKS.md).
+    """
+
+    runs: tuple[tuple[Run, ...], ...]
+
+    def to(self, device: torch.device | str) -> Documents:  # plain ints: the same on every device
+        return self
+
+
+def documents(attention_mask: torch.Tensor) -> Documents | None:
+    """(B, T) mask (0 = padding, k > 0 = document k of the row) -> its documents, or None when a row holds a
+    document in more than one run (a mask with holes), which only the (B, 1, T, T) mask expresses."""
+    ids = attention_mask.long()
+    b, t = ids.shape
+    change = torch.ones(b, t, dtype=torch.bool, device=ids.device)
+    change[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    starts = [s.tolist() for s in change.cpu().unbind(0)]
+    values = ids.cpu().tolist()
+    runs = []
+    for row, flags in zip(values, starts, strict=True):
+        begin = [i for i, f in enumerate(flags) if f]
+        docs = [row[i] for i in begin if row[i] > 0]
+        if len(set(docs)) != len(docs):
+            return None
+        ends = [*begin[1:], t]
+        runs.append(tuple((s, e, row[s] > 0) for s, e in zip(begin, ends, strict=True)))
+    return Documents(tuple(runs))
+
+
+@torch.compiler.disable  # its loop follows each batch's documents: under torch.compile a graph break, not a recompile
+def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents) -> torch.Tensor:
+    """Causal attention within each document: q (B, H, T, D), k and v (B, Hkv, T, D) -> (B, H, T, D), zero at
+    padding positions."""
+    gqa = q.shape[1] != k.shape[1]
+    if all(len(r) == 1 and r[0][2] for r in docs.runs):  # one document a row: plain causal attention
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    rows = []
+    for i, runs in enumerate(docs.runs):
+        pieces = [
+            F.scaled_dot_product_attention(
+                q[i : i + 1, :, s:e], k[i : i + 1, :, s:e], v[i : i + 1, :, s:e], is_causal=True, enable_gqa=gqa
+            )
+            if real
+            else q.new_zeros(1, q.shape[1], e - s, q.shape[3])
+            for s, e, real in runs
+        ]
+        rows.append(torch.cat(pieces, dim=2))
+    return torch.cat(rows)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LLMConfig, layer_idx: int) -> None:
         super().__init__()
@@ -65,7 +126,7 @@ class Attention(nn.Module):
         x: torch.Tensor,  # (B, T, C)
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,  # (B, 1, T, S) bool, True = may attend; None = plain causal
+        mask: torch.Tensor | Documents | None,  # (B, 1, T, S) bool, True = may attend; None = plain causal
         cache: KVCache | None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
@@ -75,8 +136,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D)
-        gqa = self.num_heads != self.num_kv_heads
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+        if isinstance(mask, Documents):
+            out = document_attention(q, k, v, mask)
+        else:
+            gqa = self.num_heads != self.num_kv_heads
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -133,7 +197,7 @@ class LanguageModel(nn.Module):
         self,
         embeds: torch.Tensor,  # (B, T, C)
         position_ids: torch.Tensor,  # (B, T)
-        mask: torch.Tensor | None = None,  # (B, 1, T, S) bool; None = causal without padding
+        mask: torch.Tensor | Documents | None = None,  # (B, 1, T, S) bool; None = causal without padding
         cache: KVCache | None = None,
         num_logits_to_keep: int = 0,  # 0 = logits at every position
         before_layer: Callable[[int, torch.Tensor], torch.Tensor] | None = None,  # NVLM-X/H cross-attention

@@ -20,7 +20,7 @@ from torch import nn
 from nvlm.arch import Architecture
 from nvlm.config import NVLMConfig
 from nvlm.models.cache import KVCache, Memory, assemble_memory
-from nvlm.models.llm import LanguageModel, attention_mask_4d, position_ids_from_mask
+from nvlm.models.llm import Documents, LanguageModel, attention_mask_4d, documents, position_ids_from_mask
 from nvlm.models.projector import Projector, pixel_shuffle
 from nvlm.models.vision import InternViT
 from nvlm.models.xattn import GatedCrossAttentionBlock
@@ -147,7 +147,7 @@ class NVLMModel(nn.Module):
             seq_feats, mem_feats = self.image_features(pixel_values, memory_pixel_values)
             embeds = self.embed(input_ids, feats=seq_feats)
         if attention_mask is None and cache is None:
-            mask = None  # plain causal attention
+            mask: torch.Tensor | Documents | None = None  # plain causal attention
             if position_ids is None:
                 position_ids = torch.arange(t, device=embeds.device).expand(b, t)
         else:
@@ -155,7 +155,8 @@ class NVLMModel(nn.Module):
                 past = cache.length if cache is not None else 0
                 attention_mask = torch.ones(b, past + t, device=embeds.device)
             attention_mask = attention_mask.to(embeds.device)
-            mask = attention_mask_4d(attention_mask, t)
+            docs = documents(attention_mask) if cache is None else None  # training, scoring: no cache
+            mask = docs.to(embeds.device) if docs is not None else attention_mask_4d(attention_mask, t)
             if position_ids is None:
                 position_ids = position_ids_from_mask(attention_mask)[:, -t:]
         cross_attend = None
