@@ -98,17 +98,18 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: 
     if all(len(r) == 1 and r[0][2] for r in docs.runs):  # one document a row: plain causal attention
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     rows = []
-    for i, runs in enumerate(docs.runs):
+    for runs, qr, kr, vr in zip(docs.runs, q.unbind(0), k.unbind(0), v.unbind(0), strict=True):  # (H, T, D) each
+        sizes = [e - s for s, e, _ in runs]  # split and unbind, not slices: their backward is one cat or stack
         pieces = [
-            F.scaled_dot_product_attention(
-                q[i : i + 1, :, s:e], k[i : i + 1, :, s:e], v[i : i + 1, :, s:e], is_causal=True, enable_gqa=gqa
-            )
+            F.scaled_dot_product_attention(qd[None], kd[None], vd[None], is_causal=True, enable_gqa=gqa)[0]
             if real
-            else q.new_zeros(1, q.shape[1], e - s, q.shape[3])
-            for s, e, real in runs
+            else torch.zeros_like(qd)
+            for (_, _, real), qd, kd, vd in zip(
+                runs, qr.split(sizes, 1), kr.split(sizes, 1), vr.split(sizes, 1), strict=True
+            )
         ]
-        rows.append(torch.cat(pieces, dim=2))
-    return torch.cat(rows)
+        rows.append(torch.cat(pieces, dim=1))
+    return torch.stack(rows)
 
 
 class Attention(nn.Module):
