@@ -46,7 +46,7 @@ from nvlm.train.stages import PAPER
 
 CHANCE = {"read_number": 1 / 90, "read_small": 1 / 90, "read_word": 1 / 20, "chart": 1 / 9, "shapes": 1 / 6}
 # Steps of the demo, aimed at 4 minutes on two quiet CPU cores (``--scale`` multiplies them).
-STAGE1_STEPS, STAGE2_STEPS = 600, 600
+STAGE1_STEPS, STAGE2_STEPS = 500, 1200
 
 
 def _show(argv: Sequence[str]) -> None:
@@ -73,8 +73,9 @@ def _train(out: Path, name: str, args: list[str]) -> Path:
 
 
 def _shape(max_tiles: int) -> list[str]:
-    """A step's 2048 tokens: 8 packed rows of 256 at one tile an image (half the attention work of 4 x 512;
-    examples of ~95 tokens pad 26% of it), 4 rows of 512 with tiles (8 x 256 would pad 24-34%)."""
+    """A step's 2048 tokens: 8 packed rows of 256 at one tile an image (6.7% padding over the last 50 steps of
+    stage 1; 4 x 512 pads 4.8% and ran at the same samples a second, as attention is per document), 4 rows
+    of 512 with tiles (8 x 256 would pad 24-34%)."""
     rows, length = (8, 256) if max_tiles == 1 else (4, 512)
     return ["--max_tiles", str(max_tiles), "--seq_len", str(length), "--micro_batch_size", str(rows)]
 
@@ -87,12 +88,11 @@ def _stages(
 
     Stage 1 runs at the paper's resolution for the architecture (Table 10: one tile for D and X, tiles for H)
     and without tile tags, as Megatron's NVLM pretraining script (no ``--use-tile-tags``); stage 2 with up to
-    6 tiles, the model's tags and a constant learning rate. Measured on NVLM-D (docs/DEMO.md): a tagged stage 1
-    leaves stage 2 at 6.5% / 5.0% (read_number / read_small), an untagged one at 16.5% / 11.0%, and with a
-    constant stage-2 rate 30.0% / 25.0%. A one-tile stage 1 captions only the images legible at one tile
-    (``pretrain_lowres.jsonl``): with the 4-6-tile numbers' captions as well, 30.0% / 25.0%; without, 52.5% / 43.5%.
-    A step is 2048 tokens (``_shape``): the (masked, block-diagonal) attention over
-    a packed row is the largest single cost of a step of this model. One data worker process, not two: beside
+    6 tiles, the model's tags and a constant learning rate. A one-tile stage 1 captions only the images legible
+    at one tile (``pretrain_lowres.jsonl``). What decides NVLM-D's reading is stage 2's length (docs/DEMO.md,
+    read_number / read_small after 500 stage-1 steps): 62.5% / 52.5% at 600 steps, 92.0% / 82.5% at 900,
+    97.5% / 95.5% at 1200; a stage 1 of 300 steps never starts reading, so 500 keeps a margin.
+    A step is 2048 tokens (``_shape``), most of its time the LLM's matrix products. One data worker, not two: beside
     it, ``nvlm train`` runs one compute thread on a 2-core machine (``nvlm.train.loop.cpu_threads``) instead
     of two threads fighting two workers for the cores.
     """
