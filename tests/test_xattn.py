@@ -212,3 +212,39 @@ def test_chat_streams_answers_about_an_image(arch, converted, tmp_path):
     first = chat.ask("what is this?", [str(tmp_path / "wide.png")])
     assert isinstance(first, str) and len(chat.messages) == 2
     assert isinstance(chat.ask("and now?"), str)
+
+
+def test_packed_rows_read_block_by_block_as_the_naive_reference():
+    """Per-document cross-attention (``memory_blocks``): two examples packed in a row, each reading only its
+    own crops (some of its tokens none), and a row that ends in padding: the naive reference's outputs, and
+    the full-mask path's gradients."""
+    from nvlm.models.llm import documents
+    from nvlm.models.xattn import memory_blocks
+
+    cfg = preset("tiny-x")
+    torch.manual_seed(0)
+    block = GatedCrossAttentionBlock(cfg.llm, cfg.xattn)
+    with torch.no_grad():
+        block.attn_gate.fill_(0.9)
+        block.ffn_gate.fill_(-0.4)
+    x, memory = torch.randn(2, 9, 64, requires_grad=True), torch.randn(2, 12, 64)
+    docs = torch.tensor([[1, 1, 1, 1, 2, 2, 2, 2, 2], [1, 1, 1, 1, 1, 1, 0, 0, 0]])
+    reads = torch.zeros(2, 9, 12, dtype=torch.bool)
+    reads[0, 1:4, :5] = True  # example 1's tokens after its image read its crops 0-4
+    reads[0, 6:9, 5:11] = True  # example 2's last tokens read 5-10; its first two read nothing
+    reads[0, 7, 8:11] = False
+    reads[1, 2:6, :7] = torch.rand(4, 7) > 0.3
+    blocks = memory_blocks(documents(docs), reads[:, None])
+    assert blocks is not None and blocks[0] == ((0, 4, 0, 5), (4, 9, 5, 11))
+    ours, _ = block(x, memory, reads[:, None], blocks=blocks)
+    params = {n: p.detach() for n, p in block.named_parameters()}
+    ref = gated_xattn_block(
+        params, x.detach(), memory, reads, cfg.llm.num_heads, cfg.llm.num_kv_heads, cfg.llm.rms_norm_eps
+    )
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    (g_blocks,) = torch.autograd.grad(ours.square().sum(), x)
+    (g_full,) = torch.autograd.grad(block(x, memory, reads[:, None])[0].square().sum(), x)
+    torch.testing.assert_close(g_blocks, g_full, atol=1e-5, rtol=1e-5)
+    overlap = reads.clone()
+    overlap[0, 2, 6] = True  # example 1 reads into example 2's crops: one block per row cannot say it
+    assert memory_blocks(documents(docs), overlap[:, None]) is None

@@ -23,7 +23,7 @@ from nvlm.models.cache import KVCache, Memory, assemble_memory
 from nvlm.models.llm import Documents, LanguageModel, attention_mask_4d, documents, position_ids_from_mask
 from nvlm.models.projector import Projector, pixel_shuffle
 from nvlm.models.vision import InternViT
-from nvlm.models.xattn import GatedCrossAttentionBlock
+from nvlm.models.xattn import Block, GatedCrossAttentionBlock, memory_blocks
 
 
 class ImageTokenMismatch(ValueError):
@@ -165,7 +165,9 @@ class NVLMModel(nn.Module):
             if memory is not None:
                 if cross_attention_mask is None and (cache is None or mem_feats is not None):
                     raise ValueError("memory_pixel_values need a cross_attention_mask (the processor makes one)")
-                cross_attend = partial(self._before_layer, memory, memory.attention_mask(cross_attention_mask, t))
+                xmask = memory.attention_mask(cross_attention_mask, t)
+                blocks = memory_blocks(mask, xmask) if isinstance(mask, Documents) else None
+                cross_attend = partial(self._before_layer, memory, xmask, blocks)
         logits = self.language_model(embeds, position_ids, mask, cache, num_logits_to_keep, cross_attend, logits_at)
         return NVLMOutput(logits=logits)
 
@@ -197,17 +199,31 @@ class NVLMModel(nn.Module):
             cache.memory = memory
         return memory
 
-    def _before_layer(self, memory: Memory, mask: torch.Tensor, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def _before_layer(
+        self,
+        memory: Memory,
+        mask: torch.Tensor,
+        blocks: tuple[tuple[Block, ...], ...] | None,
+        layer: int,
+        x: torch.Tensor,
+    ) -> torch.Tensor:
         """The hook the decoder calls before each layer: the cross-attention block placed there, if any."""
         i = self._block_before.get(layer)
-        return x if i is None else self.cross_attend(i, x, memory, mask)
+        return x if i is None else self.cross_attend(i, x, memory, mask, blocks)
 
-    def cross_attend(self, i: int, x: torch.Tensor, memory: Memory, mask: torch.Tensor) -> torch.Tensor:
+    def cross_attend(
+        self,
+        i: int,
+        x: torch.Tensor,
+        memory: Memory,
+        mask: torch.Tensor,
+        blocks: tuple[tuple[Block, ...], ...] | None = None,
+    ) -> torch.Tensor:
         """Block i on hidden states x (B, T, C); a generation cache keeps its keys and values of the memory."""
         block = self.xattn_layers[i]
         assert isinstance(block, GatedCrossAttentionBlock)  # xattn_layers holds only these
         device = block.attn_norm.weight.device
-        x, (k, v) = block(x.to(device), memory.embeds.to(device), mask.to(device), memory.kv.get(i))
+        x, (k, v) = block(x.to(device), memory.embeds.to(device), mask.to(device), memory.kv.get(i), blocks)
         if memory.keep_kv:
             memory.kv[i] = (k, v)
         return x

@@ -14,13 +14,62 @@ unchanged whatever the gates. Choices where the paper is silent are listed on ``
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nvlm.config import CrossAttentionConfig, LLMConfig
-from nvlm.models.llm import MLP
+from nvlm.models.llm import MLP, Documents
 from nvlm.models.vision import RMSNorm
+
+Block = tuple[int, int, int, int]  # tokens [s, e) of a row read only memory [m0, m1) of it (m0 == m1: none)
+
+
+def memory_blocks(docs: Documents, mask: torch.Tensor) -> tuple[tuple[Block, ...], ...] | None:
+    """Each document's tokens and the memory span they read, from the rows' runs and the (B, 1, T, M)
+    cross-attention mask: a packed row's examples read their own crops only, so the cross-attention of a
+    row is one small block per example instead of T x M. None where two documents' spans overlap."""
+    reads = mask[:, 0].cpu()  # (B, T, M)
+    rows = []
+    for b, runs in enumerate(docs.runs):
+        blocks = []
+        for s, e, _ in runs:
+            cols = torch.nonzero(reads[b, s:e].any(0)).squeeze(1).tolist()
+            m0, m1 = (cols[0], cols[-1] + 1) if cols else (0, 0)
+            blocks.append((s, e, m0, m1))
+        spans = sorted((m0, m1) for _, _, m0, m1 in blocks if m1 > m0)
+        if any(a[1] > c[0] for a, c in pairwise(spans)):
+            return None
+        rows.append(tuple(blocks))
+    return tuple(rows)
+
+
+@torch.compiler.disable  # its loop follows each batch's documents: under torch.compile a graph break, not a recompile
+def blockwise_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, blocks: tuple[tuple[Block, ...], ...]
+) -> torch.Tensor:
+    """Masked attention block by block: q (B, H, T, D), k and v (B, Hkv, M, D), mask (B, 1, T, M) -> (B, H, T, D),
+    zero for tokens that read no memory. Rows and memory are split (one ``cat`` in the backward), not sliced."""
+    gqa = q.shape[1] != k.shape[1]
+    m = k.shape[2]
+    rows = []
+    for row, qr, kr, vr, mr in zip(blocks, q.unbind(0), k.unbind(0), v.unbind(0), mask.unbind(0), strict=True):
+        cuts = sorted({0, m} | {x for _, _, m0, m1 in row if m1 > m0 for x in (m0, m1)})
+        sizes = [c - a for a, c in pairwise(cuts)]
+        piece = {a: i for i, a in enumerate(cuts[:-1])}
+        ks, vs = kr.split(sizes, 1), vr.split(sizes, 1)
+        out = []
+        for (s, e, m0, m1), qd in zip(row, qr.split([e - s for s, e, _, _ in row], 1), strict=True):
+            if m1 == m0:
+                out.append(torch.zeros_like(qd))
+                continue
+            j = piece[m0]
+            attn_mask = mr[:, s:e, m0:m1][None]
+            out.append(F.scaled_dot_product_attention(qd[None], ks[j][None], vs[j][None], attn_mask, enable_gqa=gqa)[0])
+        rows.append(torch.cat(out, dim=1))
+    return torch.stack(rows)
 
 
 class CrossAttention(nn.Module):
@@ -42,12 +91,21 @@ class CrossAttention(nn.Module):
         v = self.v_proj(memory).view(b, m, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return k.contiguous(), v.contiguous()  # not views: the block returns them (FSDP2 hooks its outputs)
 
-    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x (B, T, C), k/v (B, Hkv, M, D), mask (B, 1, T, M) with no all-False row -> (B, T, C)."""
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, C)
+        k: torch.Tensor,  # (B, Hkv, M, D), and v
+        v: torch.Tensor,
+        mask: torch.Tensor,  # (B, 1, T, M) with no all-False row
+        blocks: tuple[tuple[Block, ...], ...] | None = None,  # each document's block of the mask (``memory_blocks``)
+    ) -> torch.Tensor:  # (B, T, C)
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        gqa = self.num_heads != self.num_kv_heads
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        if blocks is not None:
+            out = blockwise_attention(q, k, v, mask, blocks)
+        else:
+            gqa = self.num_heads != self.num_kv_heads
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -74,6 +132,7 @@ class GatedCrossAttentionBlock(nn.Module):
         memory: torch.Tensor,  # (B, M, C) memory tokens
         mask: torch.Tensor,  # (B, 1, T, M) bool
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,  # this block's keys/values of ``memory``, if computed
+        blocks: tuple[tuple[Block, ...], ...] | None = None,  # packed rows: each document's block of ``mask``
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """-> the new hidden states (B, T, C) and the keys/values (B, Hkv, M, D), kept by a generation cache.
 
@@ -83,5 +142,5 @@ class GatedCrossAttentionBlock(nn.Module):
         reads = mask.any(-1, keepdim=True)  # (B, 1, T, 1): tokens that read some memory
         safe = mask | ~reads  # a token that reads nothing attends everything, then is zeroed (SDPA: no NaN)
         keep = reads[:, 0].to(x.dtype)  # (B, T, 1)
-        x = x + self.attn_gate.tanh().to(x.dtype) * keep * self.attn(self.attn_norm(x), k, v, safe)
+        x = x + self.attn_gate.tanh().to(x.dtype) * keep * self.attn(self.attn_norm(x), k, v, safe, blocks)
         return x + self.ffn_gate.tanh().to(x.dtype) * keep * self.ffn(self.ffn_norm(x)), (k, v)
