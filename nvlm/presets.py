@@ -38,12 +38,15 @@ def _tiny(arch: Arch, family: LLMFamily = "qwen2") -> NVLMConfig:
 
 def _demo(arch: Arch) -> NVLMConfig:
     """The CPU demo's model (~1M parameters): the tiny preset with its tiles cut into 7-px patches (16 tokens
-    per tile, fine enough to read a digit), a 64-wide ViT and a 128-wide LLM (2 layers each)."""
+    per tile, fine enough to read a digit), a 64-wide ViT and a 128-wide LLM (2 layers each). NVLM-X and -H
+    get one cross-attention block, before layer 0: the paper's one block per 8 (72B) or 6 (34B) decoder
+    layers is nearer one per 2 than the two that ``default_xattn`` gives a 2-layer LLM."""
     tiny = _tiny("D")
     vision = replace(tiny.vision, hidden_size=64, num_heads=4, intermediate_size=128, patch_size=7)
     llm = replace(tiny.llm, hidden_size=128, intermediate_size=256)
     projector = ProjectorConfig(input_size=256, hidden_size=256, output_size=128)
-    return replace(tiny, vision=vision, llm=llm, projector=projector).with_arch(arch)
+    cfg = replace(tiny, vision=vision, llm=llm, projector=projector).with_arch(arch)
+    return replace(cfg, xattn=replace(cfg.xattn, num_layers=1, interval=2)) if cfg.architecture.cross_attention else cfg
 
 
 def _nvlm_d_72b() -> NVLMConfig:
