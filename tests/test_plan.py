@@ -102,10 +102,12 @@ SMALL = dict(hidden_size=96, intermediate_size=200, num_heads=4, num_kv_heads=2,
 
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "bf16-math"])
 @pytest.mark.parametrize("arch,stage", [(a, s) for a in "DXH" for s in (1, 2)])
-def test_activation_count_matches_what_autograd_saves(arch, stage, kind):
-    """A training forward (model + loss) of 2 rows x 96 tokens, one 2-tile image per row; every tensor
+def test_activation_count_matches_what_autograd_saves(arch, stage, kind, monkeypatch):
+    """A training forward (model + loss) of 2 rows of one example each (a 2-tile image) and 4 padding slots
+    (the plan counts full rows: padding reads no memory and runs no attention); every tensor
     autograd saves, parameters aside, against the plan's count: fp32 is the CPU layout; bf16 the GPU's with
-    a fused attention kernel, bf16-math the GPU's as CUDA runs a masked GQA call (the math kernel, forced here)."""
+    a fused attention kernel, bf16-math the GPU's as CUDA runs a masked GQA call (the math kernel, forced
+    here for the calls with a mask: the decoder's per-document attention has none, and CUDA's flash takes it)."""
     dtype = torch.float32 if kind == "fp32" else torch.bfloat16
     layout = {"fp32": CPU, "bf16": replace(GPU, masked_gqa_math=False), "bf16-math": GPU}[kind]
     base = preset("tiny-d")
@@ -128,7 +130,9 @@ def test_activation_count_matches_what_autograd_saves(arch, stage, kind):
         },
         {"role": "assistant", "content": "red"},
     ]
-    batch = collate(processor, [[encode_example(processor, messages, 96)]] * 2, 96)
+    example = encode_example(processor, messages, 96)
+    t = len(example.input_ids) + 4  # rows the example fills but for a few slots, as packed rows end
+    batch = collate(processor, [[example]] * 2, t)
     targets = batch.pop("targets")
     for key in ("pixel_values", "memory_pixel_values"):
         if key in batch:
@@ -141,11 +145,19 @@ def test_activation_count_matches_what_autograd_saves(arch, stage, kind):
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    math = sdpa_kernel(SDPBackend.MATH) if kind == "bf16-math" else contextlib.nullcontext()
-    with math, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    sdpa = F.scaled_dot_product_attention
+
+    def as_cuda(*args, **kwargs):  # a masked GQA call gets the math kernel, an unmasked one a fused kernel
+        masked = (len(args) > 3 and args[3] is not None) or kwargs.get("attn_mask") is not None
+        with sdpa_kernel(SDPBackend.MATH) if masked else contextlib.nullcontext():
+            return sdpa(*args, **kwargs)
+
+    if kind == "bf16-math":
+        monkeypatch.setattr(F, "scaled_dot_product_attention", as_cuda)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         logits = model(**batch).logits
         F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-    train = resolved(cfg, TrainConfig(stage=stage, seq_len=96, micro_batch_size=2, max_tiles=2))
+    train = resolved(cfg, TrainConfig(stage=stage, seq_len=t, micro_batch_size=2, max_tiles=2))
     counted = count_activations(meta_model(cfg, train), train, layout)
     assert counted.saved == pytest.approx(sum(saved.values()), rel=0.03)
 

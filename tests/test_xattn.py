@@ -248,3 +248,5 @@ def test_packed_rows_read_block_by_block_as_the_naive_reference():
     overlap = reads.clone()
     overlap[0, 2, 6] = True  # example 1 reads into example 2's crops: one block per row cannot say it
     assert memory_blocks(documents(docs), overlap[:, None]) is None
+    # a sharded rank's blank memory, read by no token: the full mask, so that k_proj and v_proj get gradients
+    assert memory_blocks(documents(docs), torch.zeros_like(reads)[:, None]) is None

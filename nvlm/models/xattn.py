@@ -30,7 +30,9 @@ Block = tuple[int, int, int, int]  # tokens [s, e) of a row read only memory [m0
 def memory_blocks(docs: Documents, mask: torch.Tensor) -> tuple[tuple[Block, ...], ...] | None:
     """Each document's tokens and the memory span they read, from the rows' runs and the (B, 1, T, M)
     cross-attention mask: a packed row's examples read their own crops only, so the cross-attention of a
-    row is one small block per example instead of T x M. None where two documents' spans overlap."""
+    row is one small block per example instead of T x M. None where two documents' spans overlap, or where
+    no token reads any memory (a sharded rank's blank memory): the full mask then runs the block's keys and
+    values, so that every rank has their gradients to reduce."""
     reads = mask[:, 0].cpu()  # (B, T, M)
     rows = []
     for b, runs in enumerate(docs.runs):
@@ -43,6 +45,8 @@ def memory_blocks(docs: Documents, mask: torch.Tensor) -> tuple[tuple[Block, ...
         if any(a[1] > c[0] for a, c in pairwise(spans)):
             return None
         rows.append(tuple(blocks))
+    if all(m1 == m0 for row in rows for _, _, m0, m1 in row):
+        return None
     return tuple(rows)
 
 

@@ -22,8 +22,9 @@ FSDP2 pads it. Per device, with S the shard group and P_t / P_f the trained / fr
   of ``max_tiles`` tiles (+ thumbnail); the frozen ViT runs without saving anything, so only its forward
   working set counts; logits count as held at every position (B, T, vocab), the most the loop computes (it
   takes them at the supervised positions only, fewer in most data), with the fp32 log-softmax saved for the loss
-  and its two gradients in backward. Attention on GPU is counted as PyTorch runs it for a masked GQA call,
-  with the math kernel and its (B, heads, T, keys) fp32 probabilities (``Layout.masked_gqa_math``). With
+  and its two gradients in backward. The decoder's attention runs per document, causal and unmasked: a
+  fused kernel on CPU and CUDA. The cross-attention is masked, and on GPU counted as PyTorch runs a masked
+  GQA call, with the math kernel and its (B, heads, T, keys) fp32 probabilities (``Layout.masked_gqa_math``). With
   activation checkpointing: the input of each block, plus one block recomputed with its backward working set.
 
 ``fits`` leaves ``headroom`` (10% by default) of each GPU for the CUDA context, communication buffers and
@@ -227,13 +228,22 @@ class Activations:
 
 
 def _attention(layout: Layout, lm: Any, keys: int, out_trains: bool) -> tuple[int, int]:
-    """(bytes per query token, bytes per key token) one masked attention saves. Fused: q, its output (the
-    o_proj input too), the mask converted to the compute dtype, the fp32 log-sum-exp; k and v. Math (masked
-    GQA on CUDA): q, and k and v repeated per head, in fp32, the fp32 probabilities, o_proj's input."""
+    """(bytes per query token, bytes per key token) one masked cross-attention saves, taken block by block
+    (each example's tokens and crops). Fused: q, the blocks' outputs, the mask converted to the compute dtype,
+    the fp32 log-sum-exp; o_proj's input (the blocks' outputs concatenated) when it trains; k and v. Math
+    (masked GQA on CUDA): q, and k and v repeated per head, in fp32, the fp32 probabilities, o_proj's input."""
     a, c = layout.compute, lm.hidden_size
     if layout.masked_gqa_math and lm.num_heads != lm.num_kv_heads:
         return 4 * c + 4 * lm.num_heads * keys + (a * c if out_trains else 0), 8 * c
     return 2 * a * c + a * keys + 4 * lm.num_heads, 2 * a * lm.num_kv_heads * lm.head_dim
+
+
+def _self_attention(layout: Layout, lm: Any, out_trains: bool) -> tuple[int, int]:
+    """(bytes per query token, bytes per key token) the decoder's attention saves: per document, causal and
+    unmasked, a fused kernel on CPU and CUDA alike (flash takes GQA without a mask). q, each document's
+    output, the fp32 log-sum-exp, o_proj's input (the outputs concatenated) when it trains; k and v."""
+    a, c = layout.compute, lm.hidden_size
+    return 2 * a * c + 4 * lm.num_heads + (a * c if out_trains else 0), 2 * a * lm.num_kv_heads * lm.head_dim
 
 
 def count_activations(model: NVLM, train: TrainConfig, layout: Layout, supervised: float = 1.0) -> Activations:
@@ -263,7 +273,7 @@ def count_activations(model: NVLM, train: TrainConfig, layout: Layout, supervise
         else {}
     )
     blocks, working, boundaries = [], [], []
-    root = rows * t * t  # the boolean causal/document mask, built once
+    root = 0
     fx = config.xattn.intermediate_size
     memory_trains = projector_trains or any(_trains(b) for b in before.values())
     for i, layer in enumerate(llm.model.layers):
@@ -282,10 +292,10 @@ def count_activations(model: NVLM, train: TrainConfig, layout: Layout, supervise
         if flows:
             # per token: each norm's fp32 input (+ its output and the linear's input when trained), the
             # attention, RoPE's cos and sin, SwiGLU
-            query, key = _attention(layout, lm, t, w)
+            query, key = _self_attention(layout, lm, w)
             per_token = 8 * c + (4 * a * c + 4 * a * f if w else 3 * a * f) + query + key + 2 * a * d + 8
             blocks.append(per_token * tokens)
-            working.append(blocks[-1] + (4 * h * t * tokens if math else 0))
+            working.append(blocks[-1])
             boundaries.append((a * c + 2 * a * d) * tokens)  # x, cos and sin
     if before:
         root += (a * c * mem * rows if memory_trains else 0) + rows * t * mem  # memory embeddings, its boolean mask
