@@ -73,20 +73,20 @@ class Documents:
 def documents(attention_mask: torch.Tensor) -> Documents | None:
     """(B, T) mask (0 = padding, k > 0 = document k of the row) -> its documents, or None when a row holds a
     document in more than one run (a mask with holes), which only the (B, 1, T, T) mask expresses."""
-    ids = attention_mask.long()
+    ids = attention_mask.long().cpu()
     b, t = ids.shape
-    change = torch.ones(b, t, dtype=torch.bool, device=ids.device)
+    change = torch.ones(b, t, dtype=torch.bool)
     change[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    starts = [s.tolist() for s in change.cpu().unbind(0)]
-    values = ids.cpu().tolist()
     runs = []
-    for row, flags in zip(values, starts, strict=True):
-        begin = [i for i, f in enumerate(flags) if f]
-        docs = [row[i] for i in begin if row[i] > 0]
+    for r in range(b):
+        begin = torch.nonzero(change[r]).squeeze(1)  # (R) where each run of one id starts
+        values = ids[r, begin].tolist()
+        docs = [v for v in values if v > 0]
         if len(set(docs)) != len(docs):
             return None
-        ends = [*begin[1:], t]
-        runs.append(tuple((s, e, row[s] > 0) for s, e in zip(begin, ends, strict=True)))
+        starts = begin.tolist()
+        ends = [*starts[1:], t]
+        runs.append(tuple((s, e, v > 0) for s, e, v in zip(starts, ends, values, strict=True)))
     return Documents(tuple(runs))
 
 
