@@ -10,7 +10,8 @@ from PIL import Image
 from reference.gated_xattn import gated_xattn_block
 
 from nvlm import NVLM, Processor, preset
-from nvlm.models.xattn import GatedCrossAttentionBlock
+from nvlm.models.llm import documents
+from nvlm.models.xattn import GatedCrossAttentionBlock, memory_blocks
 
 WIDE = Image.new("RGB", (200, 90), (30, 90, 200))  # 2x1 tiles + thumbnail at 56 px
 SMALL = Image.new("RGB", (50, 50), (200, 10, 10))  # one crop
@@ -128,7 +129,8 @@ def test_x_tag_tokens_read_only_their_tile(converted):
     assert enc.cross_attention_mask[-1].all()
 
 
-def test_block_matches_a_naive_reference():
+def _open_block() -> tuple:
+    """tiny-x's config and a seeded cross-attention block with both gates open and a non-unit norm."""
     cfg = preset("tiny-x")
     torch.manual_seed(0)
     block = GatedCrossAttentionBlock(cfg.llm, cfg.xattn)
@@ -136,6 +138,11 @@ def test_block_matches_a_naive_reference():
         block.attn_gate.fill_(0.9)
         block.ffn_gate.fill_(-0.4)
         block.attn_norm.weight.uniform_(0.5, 1.5)
+    return cfg, block
+
+
+def test_block_matches_a_naive_reference():
+    cfg, block = _open_block()
     x, memory = torch.randn(2, 5, 64), torch.randn(2, 12, 64)
     reads = torch.rand(2, 5, 12) > 0.5
     reads[0, 0] = False  # reads nothing
@@ -218,15 +225,7 @@ def test_packed_rows_read_block_by_block_as_the_naive_reference():
     """Per-document cross-attention (``memory_blocks``): two examples packed in a row, each reading only its
     own crops (some of its tokens none), and a row that ends in padding: the naive reference's outputs, and
     the full-mask path's gradients."""
-    from nvlm.models.llm import documents
-    from nvlm.models.xattn import memory_blocks
-
-    cfg = preset("tiny-x")
-    torch.manual_seed(0)
-    block = GatedCrossAttentionBlock(cfg.llm, cfg.xattn)
-    with torch.no_grad():
-        block.attn_gate.fill_(0.9)
-        block.ffn_gate.fill_(-0.4)
+    cfg, block = _open_block()
     x, memory = torch.randn(2, 9, 64, requires_grad=True), torch.randn(2, 12, 64)
     docs = torch.tensor([[1, 1, 1, 1, 2, 2, 2, 2, 2], [1, 1, 1, 1, 1, 1, 0, 0, 0]])
     reads = torch.zeros(2, 9, 12, dtype=torch.bool)
